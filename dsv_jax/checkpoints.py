@@ -1,0 +1,162 @@
+"""Orbax checkpointing: resumable training state and final model artifacts.
+
+Two kinds of things are stored:
+  * a run's state every K steps (`CheckpointManager`, keeps the last two), so
+    an interrupted run resumes from its latest step and loses nothing;
+  * a finished classifier (`save_classifier` / `load_classifier_arrays`): its
+    parameters and non-trainable state as a plain Orbax pytree plus a JSON
+    record of how to rebuild the model (never pickled classes).
+Orbax needs absolute paths (relative ones fail from its background thread),
+so every public function resolves its path first.
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from dsv_jax.types import PyTree
+
+
+def _abs(path: str | os.PathLike) -> str:
+  return os.path.abspath(os.fspath(path))
+
+
+class RunCheckpointer:
+  """Periodic checkpoints of a run's state pytree with a JSON side record.
+
+  Args:
+    directory: where the numbered step folders go (created if missing).
+    max_to_keep: how many of the latest steps to keep.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
+    self.directory = _abs(directory)
+    self._manager = ocp.CheckpointManager(
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True
+      ),
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
+    """Saves `state` at `step` (blocking until it is on disk)."""
+    if self._manager.latest_step() == step:
+      return  # Already saved at this step (e.g. a final save after a periodic).
+    saved = self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+      ),
+    )
+    # CheckpointManager.save returns False instead of raising when it skips.
+    if not saved:
+      raise RuntimeError(
+        f"Orbax did not save step {step} in {self.directory} (existing "
+        f"steps: {self._manager.all_steps()})."
+      )
+    self._manager.wait_until_finished()
+
+  def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
+    """The JSON record saved with `step` (default: latest), or None."""
+    step = self._manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    restored = self._manager.restore(
+      step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+    )
+    return restored.meta
+
+  def restore(self, target: PyTree, step: int | None = None):
+    """Restores `(step, state, meta)` into the structure of `target`.
+
+    Returns None when there is no checkpoint yet; raises a ValueError when
+    the stored state does not have the structure of `target`.
+    """
+    step = self._manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    try:
+      restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        ),
+      )
+    except ValueError as e:
+      # Orbax's message lists whole arrays; keep only its first line.
+      first_line = str(e).splitlines()[0]
+      raise ValueError(
+        f"The checkpoint at step {step} in {self.directory} does not match "
+        f"the state of this run ({first_line}). Resume with the config that "
+        "wrote it, or delete the directory to start over."
+      ) from None
+    return step, restored.state, restored.meta
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+_META = "meta.json"
+_ARRAYS = "arrays"
+
+
+def save_classifier(
+  path: str | os.PathLike, arrays: PyTree, meta: dict[str, Any]
+) -> None:
+  """Writes a finished classifier: `arrays` (Orbax) + `meta` (JSON).
+
+  Overwrites an existing classifier at `path`, so a re-run stage replaces
+  its output instead of failing.
+  """
+  path = _abs(path)
+  os.makedirs(path, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, _ARRAYS), arrays, force=True)
+  with open(os.path.join(path, _META), "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+
+
+def load_classifier_meta(path: str | os.PathLike) -> dict[str, Any]:
+  """Reads the JSON record of a classifier saved by `save_classifier`."""
+  path = _abs(path)
+  meta_path = os.path.join(path, _META)
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(
+      f"No classifier checkpoint at {path} (missing {_META}). Run the "
+      "`train` stage for this workdir first, or point to a directory "
+      "written by dsv_jax.checkpoints.save_classifier."
+    )
+  with open(meta_path) as f:
+    return json.load(f)
+
+
+def load_classifier_arrays(path: str | os.PathLike, target: PyTree) -> PyTree:
+  """Restores a classifier's arrays into the structure of `target`.
+
+  Raises a ValueError naming the mismatch when the stored arrays do not fit
+  `target` (e.g. a checkpoint of another architecture or width).
+  """
+  path = _abs(path)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  with ocp.StandardCheckpointer() as ckptr:
+    try:
+      return ckptr.restore(os.path.join(path, _ARRAYS), abstract)
+    except (ValueError, KeyError) as e:
+      raise ValueError(
+        f"The classifier checkpoint at {path} does not match the model "
+        f"built from its config: {e}"
+      ) from e
+
+
+__all__ = [
+  "RunCheckpointer",
+  "load_classifier_arrays",
+  "load_classifier_meta",
+  "save_classifier",
+]

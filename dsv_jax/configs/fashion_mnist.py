@@ -1,0 +1,27 @@
+"""Fashion-MNIST (28x28 grey, 10 classes): the main offline experiment.
+
+Read from the IDX files of Debian's `dataset-fashion-mnist` package
+(/usr/share/datasets/fashion-mnist) when present, else from TFDS.
+"""
+
+from dsv_jax.configs import common
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg, tiny=False)
+  c = common.base_config()
+  c.data.name = "fashion_mnist"
+  # Width 32 keeps training (and later whole-training-set selection) within
+  # minutes on 2 CPU cores.
+  c.model.width = 32
+  c.model.depth = 3
+  c.train.steps = 3000
+  c.train.batch_size = 128
+  c.train.flip = True
+  c.train.max_shift = 2
+  c.train.eval_every = 1000
+  c.train.log_every = 200
+  c.train.ckpt_every = 500
+  if args.tiny:
+    common.apply_tiny(c)
+  return c

@@ -1,0 +1,163 @@
+"""Pipelines and the CLI: smoke run, stage records, SIGKILL resume, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from dsv_jax import checkpoints, configs, pipelines
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(workdir, *overrides, config="configs/digits.py:tiny", wait=True):
+  cmd = [
+    sys.executable,
+    "-m",
+    "dsv_jax.main",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    *overrides,
+  ]
+  if not wait:
+    return subprocess.Popen(
+      cmd,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+  return subprocess.run(
+    cmd, cwd=REPO, capture_output=True, text=True, timeout=300
+  )
+
+
+def _tiny(**train):
+  c = configs.get_config("digits", "tiny")
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+def test_cli_smoke_and_skip_finished_stage(tmp_path):
+  wd = tmp_path / "wd"
+  res = _cli(wd)
+  assert res.returncode == 0, res.stdout + res.stderr
+  assert "[train]" in res.stdout and "test_accuracy=" in res.stdout
+  assert os.path.exists(wd / "classifier" / "meta.json")
+  record = pipelines.stage_record(str(wd), "train")
+  assert record["config_hash"] == pipelines.config_hash(_tiny(), "train")
+  rows = [json.loads(line) for line in open(wd / "train_metrics.jsonl")]
+  assert [r["step"] for r in rows] == [2, 4, 6]
+  # Same config again: the finished stage is skipped, not re-run.
+  again = _cli(wd)
+  assert again.returncode == 0, again.stderr
+  assert "already finished; skipping" in again.stderr
+  # The classifier loads back as an apply_fn usable by DeepKKT code.
+  clf = pipelines.load_classifier(str(wd))
+  assert clf.info.name == "digits"
+  logits = clf.apply_fn(clf.params, np.zeros((2, 8, 8, 1), np.float32))
+  assert logits.shape == (2, 10)
+
+
+def test_config_change_redoes_stage(tmp_path):
+  wd = str(tmp_path / "wd")
+  pipelines.run(_tiny(), wd)
+  out = pipelines.run(_tiny(steps=4, ckpt_every=2), wd)
+  assert out["train"]["steps"] == 4
+  assert pipelines.stage_record(wd, "train")["results"]["steps"] == 4
+
+
+@pytest.mark.parametrize(
+  "override,message",
+  [
+    ("--config.train.stepz=3", "stepz"),
+    ("--config.train.steps=abc", "steps"),
+    ("--config.model.name=vgg", "model.name"),
+    ("--config.train.batch_size=0", "train.batch_size"),
+    ("--config.data.name=cifar11", "cifar11"),
+  ],
+)
+def test_cli_config_errors_name_the_key(tmp_path, override, message):
+  res = _cli(tmp_path / "wd", override)
+  assert res.returncode != 0
+  assert message in res.stdout + res.stderr
+
+
+def test_unknown_config_arg():
+  with pytest.raises(ValueError, match="Unknown config arg 'huge'"):
+    configs.get_config("digits", "huge")
+  with pytest.raises(ValueError, match="Unknown config 'imagenet'"):
+    configs.get_config("imagenet")
+
+
+def test_missing_classifier_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="Run the `train` stage"):
+    pipelines.load_classifier(str(tmp_path))
+
+
+def test_mismatched_classifier_checkpoint(tmp_path):
+  wd = str(tmp_path / "wd")
+  pipelines.run(_tiny(), wd)
+  meta_path = os.path.join(wd, "classifier", "meta.json")
+  meta = json.load(open(meta_path))
+  meta["model"]["kwargs"]["width"] = 16  # Not the architecture stored.
+  json.dump(meta, open(meta_path, "w"))
+  with pytest.raises(ValueError, match="does not match the model"):
+    pipelines.load_classifier(wd)
+
+
+def test_interrupted_run_of_other_config_is_not_silently_resumed(tmp_path):
+  wd = str(tmp_path / "wd")
+  ckptr = checkpoints.RunCheckpointer(os.path.join(wd, "ckpt", "train"))
+  ckptr.save(3, {"x": np.zeros(2)}, {"config_hash": "0123456789abcdef"})
+  ckptr.close()
+  with pytest.raises(ValueError, match="different config"):
+    pipelines.run(_tiny(), wd)
+
+
+def _latest_step(ckpt_dir):
+  if not os.path.isdir(ckpt_dir):
+    return None
+  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]
+  return max(steps) if steps else None
+
+
+def test_sigkill_resume_equals_uninterrupted(tmp_path):
+  steps = 400
+  overrides = (f"--config.train.steps={steps}", "--config.train.ckpt_every=5")
+  killed = tmp_path / "killed"
+  proc = _cli(killed, *overrides, wait=False)
+  ckpt_dir = os.path.join(killed, "ckpt", "train")
+  deadline = time.time() + 240
+  while _latest_step(ckpt_dir) is None and proc.poll() is None:
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "run finished before the kill"
+
+  res = _cli(killed, *overrides)
+  assert res.returncode == 0, res.stderr
+  resumed_from = pipelines.stage_record(str(killed), "train")["results"][
+    "resumed_from_step"
+  ]
+  assert 0 < resumed_from < steps
+  rows = [json.loads(line) for line in open(killed / "train_metrics.jsonl")]
+  logged = [r["step"] for r in rows]
+  assert logged == sorted(set(logged)) and logged[-1] == steps
+
+  clean = tmp_path / "clean"
+  res = _cli(clean, *overrides)
+  assert res.returncode == 0, res.stderr
+  a = pipelines.load_classifier(str(killed)).params
+  b = pipelines.load_classifier(str(clean)).params
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b
+  )
