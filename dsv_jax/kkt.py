@@ -1,0 +1,973 @@
+"""DeepKKT objectives of Deep Support Vectors (Lee et al., NeurIPS 2024).
+
+Every function here works for any classifier given as a pure
+``apply_fn(params, x[N, ...]) -> logits[N, C]`` (eval mode). ``params`` is the
+frozen trained theta*; only the candidates ``x`` and the multipliers
+``lambdas`` are meant to be optimised. ``targets`` are int labels ``[N]`` or
+soft targets ``float[N, C]`` (rows sum to 1). The per-sample loss ``L_i`` is
+softmax cross-entropy.
+
+The DeepKKT conditions (Eq. 6) become losses:
+
+* stationarity (Eq. 5, Eq. 8): ``D(theta*, -sum_i lambda_i grad_theta L_i)``,
+  with ``sum_i lambda_i grad_theta L_i = grad_theta sum_i lambda_i L_i``
+  computed by ONE backward pass of the lambda-weighted summed loss;
+* primal feasibility (Eq. 7): cross-entropy gated to the candidates that are
+  not yet classified as their target;
+* dual feasibility: a boolean ``active`` mask (a disqualified candidate
+  contributes nothing; shapes never change).
+
+Derivatives of the stationarity loss with respect to ``x`` and ``lambdas``
+are derivatives of a gradient. ``method="fast"`` (the default) differentiates
+it with a ``jax.custom_vjp``: with ``u = dD/dg`` taken from the forward
+residual, ``d/dx <u, g(x, lambda)>`` is the reverse-mode gradient of a
+forward-mode directional derivative of the weighted loss along the fixed
+parameter direction ``u`` (reverse-of-jvp), and the lambda-gradient is that
+directional derivative itself. It is exact and measured faster than the plain
+reverse-over-reverse formulation, which ``method="reverse"`` keeps (it also
+supports forward-mode autodiff and closures over differentiated values,
+which a ``custom_vjp`` does not). See ``benchmarks/README.md``.
+
+Stationarity over a subset of the parameters (the paper's last-layer transfer
+experiment): close over the frozen part in ``apply_fn`` and pass only the
+trainable part as ``params``::
+
+  head_apply = lambda head, x: full_apply({"body": body, "head": head}, x)
+  kkt.stationarity_loss(head_apply, head, x, targets, lambdas)
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.custom_derivatives import SymbolicZero
+
+from dsv_jax.types import ApplyFn, Params, PyTree
+
+DISTANCES = ("l1_mean", "l2_sq", "cosine")
+METHODS = ("fast", "reverse")
+
+# Soft targets are accepted when every row sums to 1 within this tolerance
+# (or 8 machine epsilons of their dtype, whichever is larger: bf16 rows).
+_SOFT_TARGET_ATOL = 1e-4
+
+
+# ----------------------------------------------------------------------------
+# Validation (shapes at trace time, values only for concrete arrays).
+
+
+def _is_concrete(a: Any) -> bool:
+  return not isinstance(a, jax.core.Tracer)
+
+
+def _check_targets_shape(targets: jax.Array, n: int | None) -> None:
+  if targets.ndim == 1:
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+      raise ValueError(
+        f"1-D targets must be integer labels, got dtype {targets.dtype}."
+      )
+  elif targets.ndim == 2:
+    if not jnp.issubdtype(targets.dtype, jnp.floating):
+      raise ValueError(
+        f"2-D (soft) targets must be floating, got dtype {targets.dtype}."
+      )
+  else:
+    raise ValueError(
+      "targets must be int labels [N] or soft targets float[N, C], got shape "
+      f"{targets.shape}."
+    )
+  if n is not None and targets.shape[0] != n:
+    raise ValueError(
+      f"targets has {targets.shape[0]} rows but x has {n} samples."
+    )
+
+
+def _check_logits_vs_targets(
+  logits_shape: Sequence[int], targets: jax.Array, what: str
+) -> int:
+  """Checks ``[N, C]`` logits against targets; returns C."""
+  if len(logits_shape) != 2:
+    raise ValueError(
+      f"{what} must be logits of shape [N, C], got shape {tuple(logits_shape)}."
+    )
+  n, c = logits_shape
+  if n != targets.shape[0]:
+    raise ValueError(f"{what} has {n} rows but targets has {targets.shape[0]}.")
+  if targets.ndim == 2 and targets.shape[1] != c:
+    raise ValueError(
+      f"soft targets have {targets.shape[1]} classes but {what} has {c}."
+    )
+  return c
+
+
+def _check_target_values(targets: jax.Array, num_classes: int) -> None:
+  """Value checks, skipped under tracing (jit, grad, vmap)."""
+  if not _is_concrete(targets):
+    return
+  # On the host: jnp reductions would be traced when a concrete array is
+  # closed over by a jitted function.
+  targets = jax.device_get(targets)
+  if targets.ndim == 1:
+    if targets.size and (
+      int(targets.min()) < 0 or int(targets.max()) >= num_classes
+    ):
+      raise ValueError(
+        f"int targets must lie in [0, {num_classes}), got values in "
+        f"[{int(targets.min())}, {int(targets.max())}]."
+      )
+  else:
+    eps = float(jnp.finfo(targets.dtype).eps)
+    atol = max(_SOFT_TARGET_ATOL, 8 * eps)
+    row_sums = targets.sum(axis=-1)
+    if (targets < 0).any() or (abs(row_sums - 1) > atol).any():
+      raise ValueError(
+        "soft targets must be non-negative rows summing to 1 (atol "
+        f"{atol:g}); row sums lie in [{float(row_sums.min()):g}, "
+        f"{float(row_sums.max()):g}] and the minimum entry is "
+        f"{float(targets.min()):g}."
+      )
+
+
+def _validate(
+  apply_fn: ApplyFn,
+  params: Params,
+  x: jax.Array,
+  targets: jax.Array,
+  lambdas: jax.Array | None = None,
+  active: jax.Array | None = None,
+) -> int:
+  """Checks every argument of a public KKT function; returns C."""
+  if x.ndim < 1:
+    raise ValueError("x must have a leading sample axis [N, ...].")
+  n = x.shape[0]
+  _check_targets_shape(targets, n)
+  if lambdas is not None:
+    if lambdas.shape != (n,):
+      raise ValueError(
+        f"lambdas must have shape [N] = ({n},), got {lambdas.shape}."
+      )
+    if not jnp.issubdtype(lambdas.dtype, jnp.floating):
+      raise ValueError(f"lambdas must be floating, got {lambdas.dtype}.")
+  if active is not None:
+    if active.shape != (n,) or active.dtype != jnp.bool_:
+      raise ValueError(
+        f"active must be bool[N] = bool[{n}], got {active.dtype}"
+        f"{list(active.shape)}."
+      )
+  # Abstract evaluation: no FLOPs, and it works on tracers too.
+  out = jax.eval_shape(apply_fn, params, x)
+  if not hasattr(out, "shape"):
+    raise ValueError(
+      f"apply_fn must return one logits array [N, C], got {type(out)}."
+    )
+  num_classes = _check_logits_vs_targets(out.shape, targets, "apply_fn output")
+  _check_target_values(targets, num_classes)
+  return num_classes
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
+
+
+def _check_chunk_size(chunk_size: int | None) -> None:
+  if chunk_size is not None and (
+    not isinstance(chunk_size, int) or chunk_size < 1
+  ):
+    raise ValueError(
+      f"chunk_size must be a positive int or None, got {chunk_size!r}."
+    )
+
+
+# ----------------------------------------------------------------------------
+# Chunking over the sample axis (memory O(P + chunk activations)).
+
+
+def _chunk_plan(n: int, chunk_size: int | None) -> tuple[int, int] | None:
+  """(chunk, padding) for a scan over chunks, or None for a single pass."""
+  if chunk_size is None or chunk_size >= n:
+    return None
+  return chunk_size, -n % chunk_size
+
+
+def _to_chunks(a: jax.Array, chunk: int, pad: int, *, zero: bool) -> jax.Array:
+  """[N, ...] -> [num_chunks, chunk, ...], padding the last chunk.
+
+  Data rows are padded by repeating the last sample (``zero=False``) so that
+  the model never sees an out-of-distribution row (which could produce
+  inf/NaN and poison a zero-weighted sum); weights are padded with zeros.
+  """
+  if pad:
+    widths = [(0, pad)] + [(0, 0)] * (a.ndim - 1)
+    a = jnp.pad(a, widths) if zero else jnp.pad(a, widths, mode="edge")
+  return a.reshape(-1, chunk, *a.shape[1:])
+
+
+def _from_chunks(a: jax.Array, n: int) -> jax.Array:
+  return a.reshape(-1, *a.shape[2:])[:n]
+
+
+def _tree_add(a: PyTree, b: PyTree) -> PyTree:
+  return jax.tree.map(jnp.add, a, b)
+
+
+# ----------------------------------------------------------------------------
+# Per-sample loss and the lambda-weighted gradient.
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-sample softmax cross-entropy ``L_i`` used by every DeepKKT term.
+
+  Args:
+    logits: ``[N, C]`` model outputs.
+    targets: int labels ``[N]`` or soft targets ``float[N, C]``.
+
+  Returns:
+    ``[N]`` losses ``-sum_c t_ic log softmax(logits_i)_c``.
+
+  References:
+    Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 5 (``L``).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from dsv_jax import kkt
+    >>> logits = jnp.zeros((2, 4))
+    >>> print(kkt.cross_entropy(logits, jnp.array([0, 3])))
+    [1.3862944 1.3862944]
+  """
+  if targets.ndim == 1:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def _weighted_grad_and_logits(
+  apply_fn: ApplyFn,
+  params: Params,
+  x: jax.Array,
+  targets: jax.Array,
+  lambdas: jax.Array,
+  chunk_size: int | None,
+) -> tuple[Params, jax.Array]:
+  """``grad_theta sum_i lambda_i L_i`` and the logits of the same forward."""
+
+  def one_pass(xc, tc, lc):
+    def weighted_loss(p):
+      logits = apply_fn(p, xc)
+      return jnp.sum(lc * cross_entropy(logits, tc)), logits
+
+    return jax.grad(weighted_loss, has_aux=True)(params)
+
+  n = x.shape[0]
+  plan = _chunk_plan(n, chunk_size)
+  if plan is None:
+    return one_pass(x, targets, lambdas)
+  chunk, pad = plan
+  xs = (
+    _to_chunks(x, chunk, pad, zero=False),
+    _to_chunks(targets, chunk, pad, zero=False),
+    _to_chunks(lambdas, chunk, pad, zero=True),
+  )
+
+  def body(acc, xs_c):
+    g, logits = one_pass(*xs_c)
+    return _tree_add(acc, g), logits
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  g, logits = jax.lax.scan(body, zeros, xs)
+  return g, _from_chunks(logits, n)
+
+
+def weighted_loss_grad(
+  apply_fn: ApplyFn,
+  params: Params,
+  x: jax.typing.ArrayLike,
+  targets: jax.typing.ArrayLike,
+  lambdas: jax.typing.ArrayLike,
+  *,
+  chunk_size: int | None = None,
+) -> Params:
+  """``sum_i lambda_i grad_theta L(apply_fn(params, x_i), targets_i)``.
+
+  Computed as ONE backward pass of the lambda-weighted summed loss
+  ``grad_theta sum_i lambda_i L_i``; no per-sample gradient is formed. With
+  ``chunk_size`` the sum streams over chunks of samples (``lax.scan``), so
+  memory is O(P + chunk_size activations) for any N. Chunk only where memory
+  requires it: on XLA:CPU a convolution inside the scanned loop body ran
+  7-15x slower than one unchunked pass (see ``benchmarks/README.md``).
+  Differentiable (by reverse-over-reverse autodiff) with respect to every
+  argument.
+
+  Args:
+    apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
+    params: the parameter pytree theta.
+    x: ``[N, ...]`` samples.
+    targets: int labels ``[N]`` or soft targets ``float[N, C]``.
+    lambdas: ``float[N]`` multipliers.
+    chunk_size: samples per backward pass; None for a single pass.
+
+  Returns:
+    A pytree like ``params``.
+
+  References:
+    Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 5 (right-hand side,
+    up to sign).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from dsv_jax import kkt
+    >>> apply_fn = lambda p, x: x @ p["w"]
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> x = jnp.ones((4, 3))
+    >>> targets = jnp.array([0, 1, 0, 1])
+    >>> g = kkt.weighted_loss_grad(apply_fn, params, x, targets, jnp.ones(4))
+    >>> print(g["w"])  # the two classes pull in opposite directions
+    [[0. 0.]
+     [0. 0.]
+     [0. 0.]]
+  """
+  x, targets, lambdas = map(jnp.asarray, (x, targets, lambdas))
+  _check_chunk_size(chunk_size)
+  _validate(apply_fn, params, x, targets, lambdas)
+  return _weighted_grad_and_logits(
+    apply_fn, params, x, targets, lambdas, chunk_size
+  )[0]
+
+
+def stationarity_residual(
+  apply_fn: ApplyFn,
+  params: Params,
+  x: jax.typing.ArrayLike,
+  targets: jax.typing.ArrayLike,
+  lambdas: jax.typing.ArrayLike,
+  *,
+  chunk_size: int | None = None,
+) -> Params:
+  """Residual of the stationarity condition, ``theta + sum_i lambda_i g_i``.
+
+  Zero exactly when ``theta = -sum_i lambda_i grad_theta L_i(theta)``.
+
+  Args:
+    apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
+    params: the trained parameter pytree theta*.
+    x: ``[N, ...]`` candidates.
+    targets: int labels ``[N]`` or soft targets ``float[N, C]``.
+    lambdas: ``float[N]`` multipliers.
+    chunk_size: samples per backward pass; None for a single pass.
+
+  Returns:
+    A pytree like ``params``.
+
+  References:
+    Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 5 and Eq. 6
+    (stationarity).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from dsv_jax import kkt
+    >>> apply_fn = lambda p, x: x @ p["w"]
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> x, targets = jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])
+    >>> r = kkt.stationarity_residual(
+    ...     apply_fn, params, x, targets, jnp.ones(4))
+    >>> print(r["w"])
+    [[1. 1.]
+     [1. 1.]
+     [1. 1.]]
+  """
+  g = weighted_loss_grad(
+    apply_fn, params, x, targets, lambdas, chunk_size=chunk_size
+  )
+  return _tree_add(params, g)
+
+
+# ----------------------------------------------------------------------------
+# Distances D(theta*, -g) between the weights and the reconstruction.
+
+
+def _num_scalars(tree: PyTree) -> int:
+  return sum(leaf.size for leaf in jax.tree.leaves(tree))
+
+
+def _l1_mean(params: Params, g: Params) -> jax.Array:
+  # Mean over all P scalars of the flattened vector, not a mean of per-leaf
+  # means (the two differ as soon as leaves differ in size).
+  sums = jax.tree.map(lambda p, q: jnp.sum(jnp.abs(p + q)), params, g)
+  return sum(jax.tree.leaves(sums)) / _num_scalars(params)
+
+
+def _l2_sq(params: Params, g: Params) -> jax.Array:
+  sums = jax.tree.map(lambda p, q: jnp.sum(jnp.square(p + q)), params, g)
+  return sum(jax.tree.leaves(sums))
+
+
+def _vdot(a: PyTree, b: PyTree) -> jax.Array:
+  return sum(jax.tree.leaves(jax.tree.map(jnp.vdot, a, b)))
+
+
+def _cosine(params: Params, g: Params) -> jax.Array:
+  # 1 - cos(theta*, -g): scale-free, 0 when -g is parallel to theta*. The
+  # floor keeps the value and the gradient finite at g = 0.
+  tiny = jnp.finfo(jnp.result_type(*jax.tree.leaves(params))).tiny
+  norms = jnp.sqrt(jnp.maximum(_vdot(params, params) * _vdot(g, g), tiny))
+  return 1.0 + _vdot(params, g) / norms
+
+
+_DISTANCE_FNS: dict[str, Callable[[Params, Params], jax.Array]] = {
+  "l1_mean": _l1_mean,
+  "l2_sq": _l2_sq,
+  "cosine": _cosine,
+}
+
+
+# ----------------------------------------------------------------------------
+# The stationarity loss and its fast derivative (custom VJP).
+
+
+class _Static(NamedTuple):
+  """Non-differentiable configuration of the custom-VJP stationarity loss."""
+
+  apply_fn: ApplyFn
+  treedef: Any
+  distance: str
+  chunk_size: int | None
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Perturbed:
+  """Which inputs are being differentiated (a leafless residual)."""
+
+  params: tuple[bool, ...]
+  x: bool
+  targets: bool
+  lambdas: bool
+
+
+def _stationarity_reverse(
+  static: _Static,
+  param_leaves: list[jax.Array],
+  x: jax.Array,
+  targets: jax.Array,
+  lambdas: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """(D(theta*, g), logits); autodiff through it is reverse-over-reverse."""
+  params = jax.tree.unflatten(static.treedef, param_leaves)
+  g, logits = _weighted_grad_and_logits(
+    static.apply_fn, params, x, targets, lambdas, static.chunk_size
+  )
+  return _DISTANCE_FNS[static.distance](params, g), logits
+
+
+_stationarity_fast = jax.custom_vjp(_stationarity_reverse, nondiff_argnums=(0,))
+
+
+def _stationarity_fast_fwd(static, param_leaves, x, targets, lambdas):
+  perturbed = _Perturbed(
+    params=tuple(leaf.perturbed for leaf in param_leaves),
+    x=x.perturbed,
+    targets=targets.perturbed,
+    lambdas=lambdas.perturbed,
+  )
+  param_leaves = [leaf.value for leaf in param_leaves]
+  x, targets, lambdas = x.value, targets.value, lambdas.value
+  params = jax.tree.unflatten(static.treedef, param_leaves)
+  g, logits = _weighted_grad_and_logits(
+    static.apply_fn, params, x, targets, lambdas, static.chunk_size
+  )
+  loss, distance_vjp = jax.vjp(_DISTANCE_FNS[static.distance], params, g)
+  # u_theta = dD/dtheta* (direct), u = dD/dg: fixed directions for the
+  # backward pass, computed once from the forward residual.
+  u_theta, u = distance_vjp(jnp.ones_like(loss))
+  if not any(perturbed.params):
+    u_theta = None
+  residuals = (param_leaves, x, targets, lambdas, u_theta, u, perturbed)
+  return (loss, logits), residuals
+
+
+def _stationarity_fast_bwd(static, residuals, cotangents):
+  param_leaves, x, targets, lambdas, u_theta, u, perturbed = residuals
+  ct_loss, ct_logits = cotangents
+  if isinstance(ct_loss, SymbolicZero):
+    ct_loss = jnp.zeros((), lambdas.dtype)
+  if isinstance(ct_logits, SymbolicZero):
+    ct_logits = None
+  num_params = len(param_leaves)
+  # Inputs of h below, in order: the parameter leaves, then x and targets.
+  # lambdas never enter h: d/dlambda_i of sum_i lambda_i d_i is d_i itself.
+  diff_idx = [i for i, p in enumerate(perturbed.params) if p]
+  if perturbed.x:
+    diff_idx.append(num_params)
+  if perturbed.targets:
+    diff_idx.append(num_params + 1)
+
+  def chunk_grads(xc, tc, lc, ctl):
+    inputs = [*param_leaves, xc, tc]
+
+    def h(diff_values):
+      # ct_loss * <u, grad_theta sum_i lambda_i L_i> + <ct_logits, logits>
+      # as a forward-mode directional derivative along u; its gradient with
+      # respect to (theta, x, targets) is the full VJP of the loss.
+      full = list(inputs)
+      for i, value in zip(diff_idx, diff_values, strict=True):
+        full[i] = value
+      params = jax.tree.unflatten(static.treedef, full[:num_params])
+      xx, tt = full[num_params:]
+
+      def per_sample_loss(p):
+        logits = static.apply_fn(p, xx)
+        return cross_entropy(logits, tt), logits
+
+      _, dots, logits = jax.jvp(per_sample_loss, (params,), (u,), has_aux=True)
+      value = ct_loss * jnp.sum(lc * dots)
+      if ctl is not None:
+        value = value + jnp.sum(ctl * logits)
+      return value, dots
+
+    if diff_idx:
+      value, h_vjp, dots = jax.vjp(
+        h, [inputs[i] for i in diff_idx], has_aux=True
+      )
+      (diff_cts,) = h_vjp(jnp.ones_like(value))
+    else:  # Only lambdas: one jvp, no reverse pass at all.
+      _, dots = h([])
+      diff_cts = []
+    return diff_cts, (ct_loss * dots).astype(lambdas.dtype)
+
+  n = x.shape[0]
+  num_diff_params = sum(perturbed.params)
+  plan = _chunk_plan(n, static.chunk_size)
+  if plan is None:
+    diff_cts, ct_lambdas = chunk_grads(x, targets, lambdas, ct_logits)
+    param_cts, data_cts = (
+      diff_cts[:num_diff_params],
+      diff_cts[num_diff_params:],
+    )
+  else:
+    chunk, pad = plan
+    xs = (
+      _to_chunks(x, chunk, pad, zero=False),
+      _to_chunks(targets, chunk, pad, zero=False),
+      _to_chunks(lambdas, chunk, pad, zero=True),
+      None
+      if ct_logits is None
+      else _to_chunks(ct_logits, chunk, pad, zero=True),
+    )
+
+    def body(acc, xs_c):
+      diff_cts, ct_l = chunk_grads(*xs_c)
+      acc = [
+        a + c for a, c in zip(acc, diff_cts[:num_diff_params], strict=True)
+      ]
+      return acc, (diff_cts[num_diff_params:], ct_l)
+
+    init = [
+      jnp.zeros_like(leaf)
+      for leaf, p in zip(param_leaves, perturbed.params, strict=True)
+      if p
+    ]
+    param_cts, (data_cts, ct_lambdas) = jax.lax.scan(body, init, xs)
+    data_cts = [_from_chunks(c, n) for c in data_cts]
+    ct_lambdas = _from_chunks(ct_lambdas, n)
+
+  out_params: list[jax.Array | None] = [None] * num_params
+  direct = None if u_theta is None else jax.tree.leaves(u_theta)
+  param_cts = iter(param_cts)
+  for i, p in enumerate(perturbed.params):
+    if p:
+      out_params[i] = next(param_cts) + ct_loss * direct[i]
+  data_cts = iter(data_cts)
+  ct_x = next(data_cts) if perturbed.x else None
+  ct_targets = next(data_cts) if perturbed.targets else None
+  ct_lambdas = ct_lambdas if perturbed.lambdas else None
+  return out_params, ct_x, ct_targets, ct_lambdas
+
+
+_stationarity_fast.defvjp(
+  _stationarity_fast_fwd, _stationarity_fast_bwd, symbolic_zeros=True
+)
+
+
+def _stationarity_and_logits(
+  apply_fn, params, x, targets, lambdas, *, distance, method, chunk_size
+):
+  # Parameters enter as a flat list of leaves: the custom VJP's symbolic-zero
+  # protocol would otherwise have to unflatten arbitrary custom pytree nodes
+  # (e.g. nnx.State) around its CustomVJPPrimal records.
+  leaves, treedef = jax.tree.flatten(params)
+  static = _Static(apply_fn, treedef, distance, chunk_size)
+  fn = _stationarity_fast if method == "fast" else _stationarity_reverse
+  return fn(static, leaves, x, targets, lambdas)
+
+
+def stationarity_loss(
+  apply_fn: ApplyFn,
+  params: Params,
+  x: jax.typing.ArrayLike,
+  targets: jax.typing.ArrayLike,
+  lambdas: jax.typing.ArrayLike,
+  *,
+  distance: str = "l1_mean",
+  method: str = "fast",
+  chunk_size: int | None = None,
+) -> jax.Array:
+  """Stationarity loss ``D(theta*, -sum_i lambda_i grad_theta L_i)``.
+
+  Distances, with ``g = sum_i lambda_i grad_theta L_i`` and ``r = theta* + g``
+  flattened to P scalars:
+
+  * ``"l1_mean"`` (the paper's): ``mean_p |r_p|`` over all P scalars;
+  * ``"l2_sq"`` (Algorithm 1): ``sum_p r_p^2``;
+  * ``"cosine"``: ``1 - cos(theta*, -g)``, in [0, 2].
+
+  Args:
+    apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
+    params: the trained parameter pytree theta*.
+    x: ``[N, ...]`` candidates.
+    targets: int labels ``[N]`` or soft targets ``float[N, C]``.
+    lambdas: ``float[N]`` multipliers.
+    distance: one of ``DISTANCES``.
+    method: ``"fast"`` (custom VJP, reverse-of-jvp; reverse mode only) or
+      ``"reverse"`` (plain reverse-over-reverse autodiff; any mode). Values
+      and gradients agree.
+    chunk_size: samples per pass; None for a single pass.
+
+  Returns:
+    A scalar.
+
+  References:
+    Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 8; Algorithm 1
+    (squared L2).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from dsv_jax import kkt
+    >>> apply_fn = lambda p, x: x @ p["w"]
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> x, targets = jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])
+    >>> lambdas = jnp.ones(4)
+    >>> print(kkt.stationarity_loss(apply_fn, params, x, targets, lambdas))
+    1.0
+    >>> gx, gl = jax.grad(kkt.stationarity_loss, argnums=(2, 4))(
+    ...     apply_fn, params, x, targets, lambdas)
+    >>> gx.shape, gl.shape
+    ((4, 3), (4,))
+  """
+  x, targets, lambdas = map(jnp.asarray, (x, targets, lambdas))
+  _check_choice("distance", distance, DISTANCES)
+  _check_choice("method", method, METHODS)
+  _check_chunk_size(chunk_size)
+  _validate(apply_fn, params, x, targets, lambdas)
+  return _stationarity_and_logits(
+    apply_fn,
+    params,
+    x,
+    targets,
+    lambdas,
+    distance=distance,
+    method=method,
+    chunk_size=chunk_size,
+  )[0]
+
+
+# ----------------------------------------------------------------------------
+# Primal feasibility and the total DeepKKT loss.
+
+
+def _target_labels(targets: jax.Array) -> jax.Array:
+  return targets if targets.ndim == 1 else jnp.argmax(targets, axis=-1)
+
+
+def _primal_loss(logits, targets, *, gated, active):
+  losses = cross_entropy(logits, targets)
+  if gated:
+    correct = jnp.argmax(logits, axis=-1) == _target_labels(targets)
+    losses = jnp.where(correct, 0.0, losses)
+  if active is None:
+    return jnp.mean(losses)
+  count = jnp.maximum(jnp.sum(active), 1)
+  return jnp.sum(jnp.where(active, losses, 0.0)) / count
+
+
+def primal_loss(
+  logits: jax.typing.ArrayLike,
+  targets: jax.typing.ArrayLike,
+  *,
+  gated: bool = True,
+  active: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  """Primal-feasibility loss: gated cross-entropy.
+
+  ``L_primal = (1/n) sum_i L_i`` with ``L_i = 0`` when candidate i is already
+  classified as its target (argmax of the logits equals the label, or the
+  argmax of a soft target) and the cross-entropy otherwise; n is the number
+  of (active) candidates. ``gated=False`` gives the plain mean cross-entropy.
+
+  Args:
+    logits: ``[N, C]`` model outputs for the candidates.
+    targets: int labels ``[N]`` or soft targets ``float[N, C]``.
+    gated: whether correctly classified candidates contribute zero.
+    active: optional ``bool[N]`` dual-feasibility mask; inactive candidates
+      contribute nothing and are not counted in n.
+
+  Returns:
+    A scalar.
+
+  References:
+    Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 7.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from dsv_jax import kkt
+    >>> logits = jnp.array([[2.0, 0.0], [2.0, 0.0]])
+    >>> targets = jnp.array([0, 1])  # the first is already correct
+    >>> print(f"{kkt.primal_loss(logits, targets):.4f}")
+    1.0635
+    >>> print(f"{kkt.primal_loss(logits, targets, gated=False):.4f}")
+    1.1269
+  """
+  logits, targets = jnp.asarray(logits), jnp.asarray(targets)
+  _check_targets_shape(targets, None)
+  num_classes = _check_logits_vs_targets(logits.shape, targets, "logits")
+  _check_target_values(targets, num_classes)
+  if active is not None:
+    active = jnp.asarray(active)
+    if active.shape != targets.shape[:1] or active.dtype != jnp.bool_:
+      raise ValueError(
+        f"active must be bool[N] = bool[{targets.shape[0]}], got "
+        f"{active.dtype}{list(active.shape)}."
+      )
+  return _primal_loss(logits, targets, gated=gated, active=active)
+
+
+def deepkkt_loss(
+  apply_fn: ApplyFn,
+  params: Params,
+  x: jax.typing.ArrayLike,
+  targets: jax.typing.ArrayLike,
+  lambdas: jax.typing.ArrayLike,
+  *,
+  active: jax.typing.ArrayLike | None = None,
+  beta_primal: float = 1.0,
+  gated: bool = True,
+  distance: str = "l1_mean",
+  method: str = "fast",
+  chunk_size: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """DeepKKT loss ``L_kkt = L_stat + beta_primal * L_primal``.
+
+  One forward pass of the candidates serves both terms. Inactive candidates
+  (``active[i]`` False, e.g. lambda went negative) get a zero multiplier in
+  the stationarity term and are left out of the primal average; their
+  gradients are zero. ``jax.grad`` with respect to ``x`` and ``lambdas``
+  takes the fast custom-VJP path when ``method="fast"``.
+
+  Args:
+    apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
+    params: the trained parameter pytree theta* (frozen).
+    x: ``[N, ...]`` candidates.
+    targets: int labels ``[N]`` or soft targets ``float[N, C]``.
+    lambdas: ``float[N]`` multipliers.
+    active: optional ``bool[N]`` dual-feasibility mask (all True if None).
+    beta_primal: weight of the primal term (beta1 in Eq. 9; the paper's
+      Appendix D uses 2e-3 for CIFAR-10 and 2e-5 for ImageNet).
+    gated: gate the primal cross-entropy (Eq. 7); False: plain mean CE.
+    distance: stationarity distance, one of ``DISTANCES``.
+    method: ``"fast"`` or ``"reverse"``, see ``stationarity_loss``.
+    chunk_size: samples per pass; None for a single pass.
+
+  Returns:
+    ``(total, aux)``: the scalar loss and a dict of non-differentiable
+    diagnostics: ``total``, ``stationarity``, ``primal`` (scalars),
+    ``loss`` (per-sample CE), ``entropy`` (predictive entropy), ``margin``
+    (target logit minus the largest other logit), ``correct`` (bool), all
+    ``[N]``, and ``num_active`` (int32 scalar).
+
+  References:
+    Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 6-9, Algorithm 1.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from dsv_jax import kkt
+    >>> apply_fn = lambda p, x: x @ p["w"]
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> x, targets = jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])
+    >>> lambdas = jnp.ones(4)
+    >>> total, aux = kkt.deepkkt_loss(apply_fn, params, x, targets, lambdas)
+    >>> # Stationarity 1.0 (g = 0) + primal: two of four candidates are wrong.
+    >>> print(f"{total:.4f} {aux['primal']:.4f}", int(aux["num_active"]))
+    1.3466 0.3466 4
+    >>> grad_fn = jax.grad(kkt.deepkkt_loss, argnums=(2, 4), has_aux=True)
+    >>> (gx, gl), aux = grad_fn(apply_fn, params, x, targets, lambdas)
+    >>> gx.shape, gl.shape
+    ((4, 3), (4,))
+  """
+  x, targets, lambdas = map(jnp.asarray, (x, targets, lambdas))
+  active = None if active is None else jnp.asarray(active)
+  _check_choice("distance", distance, DISTANCES)
+  _check_choice("method", method, METHODS)
+  _check_chunk_size(chunk_size)
+  _validate(apply_fn, params, x, targets, lambdas, active)
+  effective = lambdas if active is None else jnp.where(active, lambdas, 0.0)
+  stationarity, logits = _stationarity_and_logits(
+    apply_fn,
+    params,
+    x,
+    targets,
+    effective,
+    distance=distance,
+    method=method,
+    chunk_size=chunk_size,
+  )
+  primal = _primal_loss(logits, targets, gated=gated, active=active)
+  total = stationarity + beta_primal * primal
+
+  logits = jax.lax.stop_gradient(logits)
+  labels = _target_labels(targets)
+  log_probs = jax.nn.log_softmax(logits)
+  target_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+  others = jnp.where(jax.nn.one_hot(labels, logits.shape[-1]), -jnp.inf, logits)
+  aux = {
+    "total": jax.lax.stop_gradient(total),
+    "stationarity": jax.lax.stop_gradient(stationarity),
+    "primal": jax.lax.stop_gradient(primal),
+    "loss": cross_entropy(logits, jax.lax.stop_gradient(targets)),
+    "entropy": -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1),
+    "margin": target_logit - jnp.max(others, axis=-1),
+    "correct": jnp.argmax(logits, axis=-1) == labels,
+    "num_active": (
+      jnp.asarray(x.shape[0], jnp.int32)
+      if active is None
+      else jnp.sum(active, dtype=jnp.int32)
+    ),
+  }
+  return total, aux
+
+
+# ----------------------------------------------------------------------------
+# Per-sample gradients: explicit (reference) and matrix-free products.
+
+
+def per_sample_grads(
+  apply_fn: ApplyFn,
+  params: Params,
+  x: jax.typing.ArrayLike,
+  targets: jax.typing.ArrayLike,
+) -> Params:
+  """Explicit per-sample gradients ``grad_theta L_i`` (vmap of grad).
+
+  The obvious reference for the fast paths and a diagnostic for small
+  models: memory is O(N * P). Prefer ``weighted_loss_grad`` (``G @ lambda``)
+  and ``per_sample_grad_dots`` (``G^T @ v``) on real models.
+
+  Args:
+    apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
+    params: the parameter pytree theta.
+    x: ``[N, ...]`` samples.
+    targets: int labels ``[N]`` or soft targets ``float[N, C]``.
+
+  Returns:
+    A pytree like ``params`` with a leading ``N`` axis on every leaf.
+
+  References:
+    Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 5 (the columns
+    ``grad_theta L_i`` of the stationarity condition).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from dsv_jax import kkt
+    >>> apply_fn = lambda p, x: x @ p["w"]
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> x, targets = jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])
+    >>> kkt.per_sample_grads(apply_fn, params, x, targets)["w"].shape
+    (4, 3, 2)
+  """
+  x, targets = jnp.asarray(x), jnp.asarray(targets)
+  _validate(apply_fn, params, x, targets)
+
+  def one(xi, ti):
+    return jax.grad(
+      lambda p: cross_entropy(apply_fn(p, xi[None]), ti[None])[0]
+    )(params)
+
+  return jax.vmap(one)(x, targets)
+
+
+def per_sample_grad_dots(
+  apply_fn: ApplyFn,
+  params: Params,
+  x: jax.typing.ArrayLike,
+  targets: jax.typing.ArrayLike,
+  direction: Params,
+  *,
+  chunk_size: int | None = None,
+) -> jax.Array:
+  """All inner products ``<grad_theta L_i, direction>`` (``G^T @ v``).
+
+  One forward-mode jvp of the per-sample loss vector in parameter direction
+  ``direction``; per-sample gradients are never formed. With ``chunk_size``
+  the samples stream through ``lax.map``, so memory is O(P + chunk). With
+  ``weighted_loss_grad`` (``G @ lambda``) this gives matrix-free products
+  with the P x N per-sample-gradient matrix G.
+
+  Args:
+    apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
+    params: the parameter pytree theta.
+    x: ``[N, ...]`` samples.
+    targets: int labels ``[N]`` or soft targets ``float[N, C]``.
+    direction: a pytree like ``params``.
+    chunk_size: samples per pass; None for a single pass.
+
+  Returns:
+    ``float[N]``.
+
+  References:
+    Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 5 (``G^T r`` is the
+    lambda-gradient of ``<r, sum_i lambda_i grad_theta L_i>``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from dsv_jax import kkt
+    >>> apply_fn = lambda p, x: x @ p["w"]
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> x, targets = jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])
+    >>> v = {"w": jnp.array([[1.0, 0.0]] * 3)}
+    >>> print(kkt.per_sample_grad_dots(apply_fn, params, x, targets, v))
+    [-1.5  1.5 -1.5  1.5]
+  """
+  x, targets = jnp.asarray(x), jnp.asarray(targets)
+  _check_chunk_size(chunk_size)
+  _validate(apply_fn, params, x, targets)
+  if jax.tree.structure(direction) != jax.tree.structure(params):
+    raise ValueError("direction must be a pytree with the structure of params.")
+
+  def dots(xc, tc):
+    per_sample_loss = lambda p: cross_entropy(apply_fn(p, xc), tc)
+    return jax.jvp(per_sample_loss, (params,), (direction,))[1]
+
+  n = x.shape[0]
+  plan = _chunk_plan(n, chunk_size)
+  if plan is None:
+    return dots(x, targets)
+  chunk, pad = plan
+  xs = (
+    _to_chunks(x, chunk, pad, zero=False),
+    _to_chunks(targets, chunk, pad, zero=False),
+  )
+  return _from_chunks(jax.lax.map(lambda a: dots(*a), xs), n)
+
+
+__all__ = [
+  "DISTANCES",
+  "METHODS",
+  "cross_entropy",
+  "deepkkt_loss",
+  "per_sample_grad_dots",
+  "per_sample_grads",
+  "primal_loss",
+  "stationarity_loss",
+  "stationarity_residual",
+  "weighted_loss_grad",
+]

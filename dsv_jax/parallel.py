@@ -1,0 +1,171 @@
+"""Sharding candidates over a one-axis ``data`` mesh.
+
+The only module of dsv_jax that touches ``jax.sharding``. The layout is the
+one of STYLE.md: parameters and optimiser state are replicated (``P()``);
+candidates, targets, multipliers and masks are split along their leading
+axis over the ``data`` axis (``P("data")``). Under ``jax.jit`` XLA then turns
+the lambda-weighted gradient sum of the stationarity term into an
+all-reduce; no ``shard_map`` or ``psum`` is needed.
+
+The mesh axis uses ``AxisType.Auto`` (``jax.make_mesh`` defaults to Explicit
+axis types, which would make sharding part of every array's type).
+
+Typical use::
+
+  mesh = parallel.make_mesh()
+  x, targets, lambdas, active = parallel.pad_to_multiple(
+      (x, targets, lambdas, active), parallel.num_shards(mesh))
+  x, targets, lambdas, active = parallel.shard_batch(
+      (x, targets, lambdas, active), mesh)
+  params = parallel.replicate(params, mesh)
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from dsv_jax.types import PyTree
+
+DATA_AXIS = "data"
+
+
+def make_mesh(
+  num_devices: int | None = None,
+  *,
+  devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+  """A one-axis mesh ``("data",)`` with Auto axis type.
+
+  Args:
+    num_devices: how many devices to use (the first ones of ``devices``);
+      None for all of them.
+    devices: the devices to choose from; ``jax.devices()`` if None.
+
+  Returns:
+    A ``jax.sharding.Mesh`` with the single axis ``"data"``.
+
+  Examples:
+    >>> from dsv_jax import parallel
+    >>> mesh = parallel.make_mesh(1)
+    >>> mesh.axis_names, parallel.num_shards(mesh)
+    (('data',), 1)
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if num_devices is None:
+    num_devices = len(devices)
+  if not 1 <= num_devices <= len(devices):
+    raise ValueError(
+      f"num_devices must lie in [1, {len(devices)}] (the available devices), "
+      f"got {num_devices}."
+    )
+  return jax.make_mesh(
+    (num_devices,),
+    (DATA_AXIS,),
+    axis_types=(jax.sharding.AxisType.Auto,),
+    devices=devices[:num_devices],
+  )
+
+
+def num_shards(mesh: Mesh) -> int:
+  """Number of devices along the ``data`` axis."""
+  return mesh.shape[DATA_AXIS]
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading axis split over ``data`` (``P("data")``), e.g. for jit."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  """Fully replicated (``P()``), e.g. for parameters in jit."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_batch(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Puts every leaf with its leading axis split over ``data``.
+
+  Args:
+    tree: a pytree of arrays sharing a leading batch axis ``[N, ...]``.
+    mesh: a mesh with a ``data`` axis.
+
+  Returns:
+    The same pytree, each leaf sharded as ``P("data")``.
+
+  Raises:
+    ValueError: a leaf is a scalar, or N is not divisible by the number of
+      devices along ``data`` (pad first with ``pad_to_multiple``).
+  """
+  shards = num_shards(mesh)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    shape = jnp.shape(leaf)
+    where = jax.tree_util.keystr(path) or "the array"
+    if not shape:
+      raise ValueError(f"{where} is a scalar: it has no batch axis to shard.")
+    if shape[0] % shards:
+      raise ValueError(
+        f"{where} has batch size {shape[0]}, not divisible by the {shards} "
+        f"devices of the '{DATA_AXIS}' axis; pad it with "
+        "parallel.pad_to_multiple (and mask the padding) first."
+      )
+  return jax.device_put(tree, batch_sharding(mesh))
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Puts a full copy of every leaf on every device of ``mesh`` (``P()``)."""
+  return jax.device_put(tree, replicated_sharding(mesh))
+
+
+def pad_to_multiple(tree: PyTree, multiple: int) -> tuple[PyTree, jax.Array]:
+  """Pads the leading axis of every leaf to a multiple of ``multiple``.
+
+  Padding rows repeat the last row (so a model never sees an arbitrary
+  input); the returned ``valid`` mask is False on them. Pass it as the
+  ``active`` mask of ``kkt.deepkkt_loss`` (or ``and`` it with one), so padded
+  rows contribute nothing to any term and get zero gradients.
+
+  Args:
+    tree: a pytree of arrays sharing a leading batch axis ``[N, ...]``.
+    multiple: the granule, usually ``num_shards(mesh)``.
+
+  Returns:
+    ``(padded_tree, valid)`` with leaves ``[M, ...]``, ``M`` the smallest
+    multiple of ``multiple`` that is >= N, and ``valid`` ``bool[M]``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from dsv_jax import parallel
+    >>> (x,), valid = parallel.pad_to_multiple((jnp.arange(3.0),), 4)
+    >>> print(x, valid)
+    [0. 1. 2. 2.] [ True  True  True False]
+  """
+  if multiple < 1:
+    raise ValueError(f"multiple must be >= 1, got {multiple}.")
+  sizes = {jnp.shape(leaf)[0] for leaf in jax.tree.leaves(tree)}
+  if len(sizes) != 1:
+    raise ValueError(
+      "every leaf must share the leading batch size; got sizes "
+      f"{sorted(sizes)}."
+    )
+  (n,) = sizes
+  pad = -n % multiple
+
+  def pad_leaf(leaf):
+    widths = [(0, pad)] + [(0, 0)] * (jnp.ndim(leaf) - 1)
+    return jnp.pad(leaf, widths, mode="edge")
+
+  padded = jax.tree.map(pad_leaf, tree) if pad else tree
+  return padded, jnp.arange(n + pad) < n
+
+
+__all__ = [
+  "DATA_AXIS",
+  "batch_sharding",
+  "make_mesh",
+  "num_shards",
+  "pad_to_multiple",
+  "replicate",
+  "replicated_sharding",
+  "shard_batch",
+]
