@@ -70,6 +70,7 @@ def main(_):
         steps=steps,
         batch_size=c.train.batch_size,
         learning_rate=c.train.learning_rate,
+        lr_schedule=c.train.lr_schedule,
         weight_decay=c.train.weight_decay,
         flip=c.train.flip,
         max_shift=c.train.max_shift,

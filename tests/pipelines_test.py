@@ -51,6 +51,19 @@ def test_cli_smoke_and_skip_finished_stage(tmp_path):
   assert res.returncode == 0, res.stdout + res.stderr
   assert "[train]" in res.stdout and "test_accuracy=" in res.stdout
   assert os.path.exists(wd / "classifier" / "meta.json")
+  # `all` also ran synthesis, editing and interpolation on that classifier.
+  for stage in ("synthesize", "edit", "interpolate"):
+    assert f"[{stage}]" in res.stdout
+    assert pipelines.stage_record(str(wd), stage) is not None
+  for path in (
+    "synthesize/dsv.npz",
+    "synthesize/grid.png",
+    "synthesize/curves.png",
+    "synthesize/metrics.jsonl",
+    "edit/strip.png",
+    "interpolate/strip.png",
+  ):
+    assert os.path.getsize(wd / path) > 0, path
   record = pipelines.stage_record(str(wd), "train")
   assert record["config_hash"] == pipelines.config_hash(_tiny(), "train")
   rows = [json.loads(line) for line in open(wd / "train_metrics.jsonl")]
@@ -68,8 +81,8 @@ def test_cli_smoke_and_skip_finished_stage(tmp_path):
 
 def test_config_change_redoes_stage(tmp_path):
   wd = str(tmp_path / "wd")
-  pipelines.run(_tiny(), wd)
-  out = pipelines.run(_tiny(steps=4, ckpt_every=2), wd)
+  pipelines.run(_tiny(), wd, "train")
+  out = pipelines.run(_tiny(steps=4, ckpt_every=2), wd, "train")
   assert out["train"]["steps"] == 4
   assert pipelines.stage_record(wd, "train")["results"]["steps"] == 4
 
@@ -104,7 +117,7 @@ def test_missing_classifier_error(tmp_path):
 
 def test_mismatched_classifier_checkpoint(tmp_path):
   wd = str(tmp_path / "wd")
-  pipelines.run(_tiny(), wd)
+  pipelines.run(_tiny(), wd, "train")
   meta_path = os.path.join(wd, "classifier", "meta.json")
   meta = json.load(open(meta_path))
   meta["model"]["kwargs"]["width"] = 16  # Not the architecture stored.
@@ -122,6 +135,17 @@ def test_interrupted_run_of_other_config_is_not_silently_resumed(tmp_path):
     pipelines.run(_tiny(), wd)
 
 
+def _kill_after_first_checkpoint(proc, ckpt_dir):
+  """SIGKILLs `proc` as soon as a finished checkpoint step exists."""
+  deadline = time.time() + 240
+  while _latest_step(ckpt_dir) is None and proc.poll() is None:
+    assert time.time() < deadline, "no checkpoint appeared"
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "run finished before the kill"
+
+
 def _latest_step(ckpt_dir):
   if not os.path.isdir(ckpt_dir):
     return None
@@ -131,17 +155,15 @@ def _latest_step(ckpt_dir):
 
 def test_sigkill_resume_equals_uninterrupted(tmp_path):
   steps = 400
-  overrides = (f"--config.train.steps={steps}", "--config.train.ckpt_every=5")
+  overrides = (
+    f"--config.train.steps={steps}",
+    "--config.train.ckpt_every=5",
+    "--stage=train",
+  )
   killed = tmp_path / "killed"
   proc = _cli(killed, *overrides, wait=False)
   ckpt_dir = os.path.join(killed, "ckpt", "train")
-  deadline = time.time() + 240
-  while _latest_step(ckpt_dir) is None and proc.poll() is None:
-    assert time.time() < deadline, "no checkpoint appeared"
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL, "run finished before the kill"
+  _kill_after_first_checkpoint(proc, ckpt_dir)
 
   res = _cli(killed, *overrides)
   assert res.returncode == 0, res.stderr
@@ -161,3 +183,103 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
   jax.tree.map(
     lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b
   )
+
+
+# ----------------------------------------------------------------------------
+# Synthesis, editing and interpolation stages.
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+  """A workdir holding the tiny digits classifier of the `train` stage."""
+  wd = tmp_path_factory.mktemp("clf")
+  pipelines.run(_tiny(), str(wd), "train")
+  return wd
+
+
+def _with_classifier(tiny_classifier, wd):
+  import shutil
+
+  shutil.copytree(tiny_classifier / "classifier", wd / "classifier")
+  return wd
+
+
+def _synth_cli(workdir, *overrides, cache, wait=True):
+  env = dict(os.environ)
+  # The killed, resumed and clean runs compile the same step: share it.
+  env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  cmd = [
+    sys.executable,
+    "-m",
+    "dsv_jax.main",
+    "--config=configs/digits.py:tiny",
+    f"--workdir={workdir}",
+    "--stage=synthesize",
+    *overrides,
+  ]
+  if not wait:
+    return subprocess.Popen(
+      cmd,
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      env=env,
+    )
+  return subprocess.run(
+    cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env
+  )
+
+
+def test_synthesize_sigkill_resume_equals_uninterrupted(
+  tmp_path, tiny_classifier
+):
+  from dsv_jax import artifacts
+
+  steps = 100
+  overrides = (
+    f"--config.synth.steps={steps}",
+    "--config.synth.ckpt_every=5",
+    "--config.synth.log_every=25",
+    # Soft targets (1 - delta) y_c + delta y_{c+1} through the whole stage.
+    "--config.synth.delta=0.6",
+  )
+  cache = tmp_path / "cache"
+  killed = _with_classifier(tiny_classifier, tmp_path / "killed")
+  proc = _synth_cli(killed, *overrides, cache=cache, wait=False)
+  ckpt_dir = os.path.join(killed, "ckpt", "synthesize")
+  _kill_after_first_checkpoint(proc, ckpt_dir)
+
+  res = _synth_cli(killed, *overrides, cache=cache)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "candidate_steps_per_s=" in res.stderr  # Progress output.
+  record = pipelines.stage_record(str(killed), "synthesize")["results"]
+  assert 0 < record["resumed_from_step"] < steps
+  rows = [
+    json.loads(line) for line in open(killed / "synthesize" / "metrics.jsonl")
+  ]
+  logged = [r["step"] for r in rows]
+  assert logged == sorted(set(logged)) and logged[-1] == steps
+  for key in ("stationarity", "primal", "stationarity_aug", "entropy"):
+    assert key in rows[-1]
+  assert "num_active" in rows[-1]
+
+  clean = _with_classifier(tiny_classifier, tmp_path / "clean")
+  res = _synth_cli(clean, *overrides, cache=cache)
+  assert res.returncode == 0, res.stderr[-3000:]
+  a, meta = artifacts.load_dsv(killed / "synthesize")
+  b, _ = artifacts.load_dsv(clean / "synthesize")
+  for name in ("images", "lambdas", "active", "entropy"):
+    np.testing.assert_allclose(
+      getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6
+    )
+  # The artifact and the drawings.
+  assert a.images.shape == (20, 8, 8, 1) and a.targets.shape == (20, 10)
+  np.testing.assert_allclose(a.targets[0, :2], [0.4, 0.6], rtol=1e-6)
+  assert set(a.source) == {"noise"} and (a.source_index == -1).all()
+  assert meta["dataset"] == "digits" and meta["config_hash"]
+  orb, _ = artifacts.load_dsv(killed / "synthesize", orbax=True)
+  np.testing.assert_array_equal(orb.images, a.images)
+  for name in ("grid.png", "curves.png", "dsv.npz"):
+    assert os.path.getsize(killed / "synthesize" / name) > 0

@@ -147,3 +147,22 @@ def test_coupled_weight_decay():
   # Zero loss gradient: the whole update comes from the decay, normalised
   # by Adam to -lr * sign.
   np.testing.assert_allclose(updates["w"], [-0.1], rtol=1e-4)
+
+
+def test_schedules():
+  params = {"w": jnp.array([2.0])}
+  grads = {"w": jnp.array([1.0])}
+  tx = train.make_optimizer(
+    learning_rate=0.1, weight_decay=0.0, schedule="cosine", steps=4
+  )
+  state = tx.init(params)
+  sizes = []
+  for _ in range(4):
+    updates, state = tx.update(grads, state, params)
+    sizes.append(abs(float(updates["w"][0])))
+  # Adam's normalised step is ~lr: it follows the cosine decay to 0.
+  np.testing.assert_allclose(sizes, [0.1, 0.0854, 0.05, 0.0146], atol=2e-3)
+  with pytest.raises(ValueError, match="needs the number of steps"):
+    train.make_optimizer(schedule="cosine")
+  with pytest.raises(ValueError, match="Unknown schedule 'step'"):
+    train.make_optimizer(schedule="step")

@@ -1,0 +1,326 @@
+"""DSV synthesis: determinism, resume, sharding, soft targets, the active
+mask, editing/interpolation and clear errors on bad input.
+
+Every test uses one tiny ConvNet (width 8, depth 2) on 8x8 digits and a few
+steps; synthesizers are shared through module fixtures so each distinct
+step function compiles once.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from dsv_jax import augment, checkpoints, data, models, parallel, pipelines
+from dsv_jax import synthesize as sz
+
+SHAPE = (8, 8, 1)
+C = 10
+
+
+@pytest.fixture(scope="module")
+def model():
+  info = data.load_dataset("digits", max_train=200).info
+  net = models.build_model(
+    "convnet",
+    image_shape=SHAPE,
+    num_classes=C,
+    key=jax.random.key(0),
+    width=8,
+    depth=2,
+  )
+  apply_fn, params = models.nnx_apply_fn(net)
+  return apply_fn, params, info
+
+
+def _kwargs(info, **over):
+  kw = {
+    "x_tx": optax.adam(0.05),
+    "lambda_tx": optax.adam(0.05),
+    "eta": 1.0,
+    "beta_tv": 0.1,
+    "beta_norm": 0.01,
+    "dual": "mask",
+    "lambda_init": (0.01, 0.02),
+    "augment_fn": augment.make_augment(flip=0.0),
+    "pixel_min": info.pixel_min,
+    "pixel_max": info.pixel_max,
+  }
+  kw.update(over)
+  return kw
+
+
+@pytest.fixture(scope="module")
+def synth(model):
+  apply_fn, params, info = model
+  return sz.make_synthesizer(apply_fn, params, **_kwargs(info))
+
+
+def _x0(n, seed=0):
+  return np.asarray(sz.noise_init(jax.random.key(seed), n, SHAPE))
+
+
+LABELS = np.arange(8, dtype=np.int32) % C
+
+
+def test_determinism_and_clipping(synth, model):
+  info = model[2]
+  key = jax.random.key(1)
+  a = sz.synthesize(synth, key, _x0(8), LABELS, steps=4)
+  b = sz.synthesize(synth, key, _x0(8), LABELS, steps=4)
+  np.testing.assert_array_equal(a.x, b.x)
+  np.testing.assert_array_equal(a.lambda_param, b.lambda_param)
+  c = sz.synthesize(synth, jax.random.key(2), _x0(8), LABELS, steps=4)
+  assert not np.allclose(a.x, c.x)
+  assert int(a.step) == 4
+  x = np.asarray(a.x)
+  assert x.min() >= info.pixel_min.min() - 1e-6
+  assert x.max() <= info.pixel_max.max() + 1e-6
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(synth, tmp_path):
+  key = jax.random.key(3)
+  full = sz.synthesize(synth, key, _x0(8), LABELS, steps=6)
+  half = sz.synthesize(synth, key, _x0(8), LABELS, steps=3)
+  ckptr = checkpoints.RunCheckpointer(tmp_path / "ckpt")
+  ckptr.save(3, half, {})
+  target = synth.init_fn(jax.random.key(9), _x0(8), LABELS)
+  step, restored, _ = ckptr.restore(target)
+  ckptr.close()
+  assert step == 3
+  resumed = sz.synthesize(synth, key, _x0(8), LABELS, steps=6, state=restored)
+  jax.tree.map(
+    lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6),
+    resumed,
+    full,
+  )
+
+
+def test_active_mask_removes_candidates(synth, model):
+  apply_fn, params, info = model
+  state = synth.init_fn(jax.random.key(0), _x0(8), LABELS)
+  lam = np.array([1.0, -0.5, 1.0, -0.5, 1.0, 1.0, -0.5, 1.0], np.float32)
+  state = state._replace(lambda_param=jnp.asarray(lam))
+  step = jax.jit(synth.step_fn, donate_argnums=(0,))
+  state, _ = step(state, LABELS, jax.random.key(0))
+  expected = lam >= 0
+  np.testing.assert_array_equal(state.active, expected)
+  # Disqualified candidates are frozen from then on ...
+  x_before = np.asarray(state.x)
+  for _ in range(3):
+    state, metrics = step(state, LABELS, jax.random.key(0))
+  x_after = np.asarray(state.x)
+  np.testing.assert_array_equal(x_after[~expected], x_before[~expected])
+  assert not np.allclose(x_after[expected], x_before[expected])
+  assert int(metrics["num_active"]) == expected.sum()
+  # ... and contribute nothing: the loss equals that of the active subset.
+  plain = sz.make_synthesizer(
+    apply_fn, params, **_kwargs(info, eta=0.0, augment_fn=None)
+  )
+  k = jax.random.key(0)
+  loss = jax.jit(plain.loss_fn)
+  full, _ = loss(state.x, state.lambda_param, state.active, LABELS, k)
+  sub, _ = loss(
+    state.x[expected],
+    state.lambda_param[expected],
+    jnp.ones(expected.sum(), bool),
+    LABELS[expected],
+    k,
+  )
+  np.testing.assert_allclose(full, sub, rtol=1e-5)
+
+
+def test_soft_targets_and_softplus(model):
+  apply_fn, params, info = model
+  soft = sz.blend_targets(LABELS, (LABELS + 1) % C, 0.6, C)
+  np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(soft[0, 0], 0.4)
+  np.testing.assert_allclose(soft[0, 1], 0.6)
+  synth = sz.make_synthesizer(
+    apply_fn, params, **_kwargs(info, dual="softplus")
+  )
+  key = jax.random.key(4)
+  # One-hot soft targets are the hard labels.
+  hard = sz.synthesize(synth, key, _x0(8), LABELS, steps=3)
+  onehot = sz.synthesize(synth, key, _x0(8), sz.one_hot(LABELS, C), steps=3)
+  np.testing.assert_allclose(hard.x, onehot.x, rtol=1e-5, atol=1e-5)
+  # Soft targets move the candidates elsewhere; softplus keeps lambda > 0
+  # and never disqualifies anyone.
+  blended = sz.synthesize(synth, key, _x0(8), soft, steps=3)
+  assert not np.allclose(blended.x, onehot.x)
+  assert (np.asarray(synth.lambdas_fn(blended)) > 0).all()
+  assert np.asarray(blended.active).all()
+
+
+def test_sharded_equals_single_device(synth):
+  assert len(jax.devices()) >= 4, "conftest should provide 4 CPU devices"
+  key = jax.random.key(5)
+  out = {}
+  for devices in (1, 4):
+    state, n, _, _ = pipelines.run_synthesis_loop(
+      synth,
+      key,
+      _x0(8),
+      LABELS,
+      steps=3,
+      mesh=parallel.make_mesh(devices),
+      log_every=3,
+    )
+    assert n == 8
+    if devices == 4:
+      assert state.x.sharding.spec == P("data")
+      assert state.lambda_param.sharding.spec == P("data")
+      assert len(state.x.sharding.device_set) == 4
+    out[devices] = state
+  jax.tree.map(
+    lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5),
+    jax.device_get(out[1]),
+    jax.device_get(out[4]),
+  )
+
+
+def test_padding_rows_stay_inactive(synth):
+  state, n, _, _ = pipelines.run_synthesis_loop(
+    synth,
+    jax.random.key(6),
+    _x0(6),
+    LABELS[:6],
+    steps=2,
+    mesh=parallel.make_mesh(4),
+    log_every=2,
+  )
+  assert n == 6 and state.x.shape[0] == 8
+  assert not np.asarray(state.active)[6:].any()
+
+
+def _linear_model():
+  # Editing needs a classifier whose every class is reachable inside the
+  # pixel box; a random tiny ConvNet may not be. A random linear softmax
+  # model is, and compiles in a blink.
+  k1, k2 = jax.random.split(jax.random.key(11))
+  params = {
+    "w": jax.random.normal(k1, (64, C)) * 0.3,
+    "b": jax.random.normal(k2, (C,)) * 0.1,
+  }
+
+  def apply_fn(p, x):
+    return x.reshape(x.shape[0], -1) @ p["w"] + p["b"]
+
+  return apply_fn, params
+
+
+def test_edit_and_interpolate_reach_targets(model):
+  info = model[2]
+  apply_fn, params = _linear_model()
+  kw = _kwargs(
+    info, x_tx=optax.adam(0.1), eta=0.0, beta_tv=0.0, dual="softplus"
+  )
+  images = _x0(C, seed=7)
+  new = (np.arange(C, dtype=np.int32) + 1) % C
+  edited, lambdas, active = sz.edit(
+    apply_fn, params, images, new, jax.random.key(7), steps=40, **kw
+  )
+  assert edited.shape == images.shape and lambdas.shape == (C,)
+  pred = np.asarray(jnp.argmax(apply_fn(params, edited), -1))
+  np.testing.assert_array_equal(pred, new)
+  x, targets = sz.interpolate(
+    apply_fn,
+    params,
+    images[0],
+    2,
+    5,
+    [0.0, 0.5, 1.0],
+    jax.random.key(8),
+    steps=40,
+    num_classes=C,
+    **kw,
+  )
+  np.testing.assert_allclose(targets[1, [2, 5]], [0.5, 0.5])
+  probs = np.asarray(jax.nn.softmax(apply_fn(params, x), -1))
+  assert probs[0].argmax() == 2 and probs[-1].argmax() == 5
+  assert probs[0, 5] < probs[1, 5] < probs[2, 5]
+
+
+def test_bad_input_errors(synth):
+  key = jax.random.key(0)
+  x = _x0(8)
+  bad = x.copy()
+  bad[3, 0, 0, 0] = np.nan
+  with pytest.raises(ValueError, match="NaN or Inf in 1 image"):
+    synth.init_fn(key, bad, LABELS)
+  with pytest.raises(ValueError, match="does not fit the model"):
+    synth.init_fn(key, np.zeros((8, 28, 28, 1), np.float32), LABELS)
+  with pytest.raises(ValueError, match=r"must lie in \[0, 10\)"):
+    synth.init_fn(key, x, LABELS + 5)
+  with pytest.raises(ValueError, match="summing to 1"):
+    synth.init_fn(key, x, np.full((8, C), 0.5, np.float32))
+  with pytest.raises(ValueError, match="do not match the 8 candidates"):
+    synth.init_fn(key, x, LABELS[:7])
+  with pytest.raises(ValueError, match="delta must lie"):
+    sz.blend_targets(LABELS, LABELS, 1.5, C)
+  with pytest.raises(ValueError, match="dual must be one of"):
+    sz.make_synthesizer(lambda p, x: x, {}, dual="relu")
+
+
+def test_missing_classifier_is_a_clear_error(tmp_path):
+  config = pipelines_config()
+  with pytest.raises(FileNotFoundError, match="Run the `train` stage"):
+    pipelines.run_synthesize(config, str(tmp_path))
+
+
+def pipelines_config():
+  from dsv_jax import configs
+
+  return configs.get_config("digits", "tiny")
+
+
+def test_augmentations_are_per_sample_and_keyed():
+  x = jnp.asarray(_x0(16))
+  key = jax.random.key(0)
+  aug = augment.make_augment()
+  a, b = aug(key, x), aug(key, x)
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(aug(jax.random.key(1), x), a)
+  np.testing.assert_allclose(augment.random_crop_resize(key, x, scale=0.0), x)
+  same = jnp.broadcast_to(x[:1], x.shape)
+  cropped = augment.random_crop_resize(key, same, scale=0.5)
+  assert not np.allclose(cropped[0], cropped[1])  # Independent per image.
+  holes = augment.random_cutout(key, jnp.ones((4, 8, 8, 1)), size=0.25)
+  zeros = (np.asarray(holes) == 0).reshape(4, -1).sum(1)
+  assert (zeros >= 1).all() and (zeros <= 4).all()
+  noisy = augment.gaussian_noise(key, jnp.zeros((2, 8, 8, 1)), std=0.1)
+  assert 0.05 < float(jnp.std(noisy)) < 0.2
+  # Gradients flow through the whole augmentation.
+  g = jax.grad(lambda z: jnp.sum(aug(key, z) ** 2))(x)
+  assert np.isfinite(np.asarray(g)).all() and np.abs(g).sum() > 0
+  with pytest.raises(ValueError, match="crop"):
+    augment.make_augment(crop=1.0)
+
+
+def test_init_helpers(model):
+  info = model[2]
+  split = {
+    "image": np.arange(12 * 64, dtype=np.float32).reshape(12, 8, 8, 1),
+    "label": np.repeat(np.arange(3), 4).astype(np.int32),
+  }
+  labels = np.array([0, 0, 2, 1], np.int32)
+  imgs, idx = sz.real_init(jax.random.key(0), split, labels)
+  np.testing.assert_array_equal(split["label"][idx], labels)
+  assert len(set(idx.tolist())) == 4
+  with pytest.raises(ValueError, match="only 4 available"):
+    sz.real_init(jax.random.key(0), split, np.zeros(5, np.int32))
+  big = data.DatasetInfo(
+    "other", 3, ("a", "b", "c"), (16, 16, 3), (0.5,) * 3, (0.25,) * 3, "tfds"
+  )
+  other = np.zeros((5, 16, 16, 3), np.float32)  # Raw 0.5 everywhere.
+  x, oidx = sz.other_init(
+    jax.random.key(0), other, 3, src_info=big, dst_info=info
+  )
+  assert x.shape == (3, *SHAPE) and len(set(oidx.tolist())) == 3
+  expected = info.normalize(np.full((3, *SHAPE), 0.5, np.float32))
+  np.testing.assert_allclose(x, expected, atol=1e-5)
+  assert os.path.basename(__file__) == "synthesize_test.py"
