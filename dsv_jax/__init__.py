@@ -1,10 +1,12 @@
 """dsv_jax: Deep Support Vectors (Lee et al., NeurIPS 2024) in JAX.
 
-Modules (import them directly; `viz` needs matplotlib and is not imported
-here):
+Modules (import them directly; `viz`, `report` and `baseline` are not
+imported here):
   kkt         pure DeepKKT objectives over any `apply_fn(params, x)`
   parallel    device-mesh helpers for sharding candidates
   synthesize  DSV synthesis (optax-style init_fn/step_fn factory)
+  select      matrix-free lambda fit over a training set (`fit_lambdas`)
+  retrain     K fresh models trained together on a DSV set
   artifacts   the DSV set format (`save_dsv` / `load_dsv`)
   data, models, augment, train, checkpoints, pipelines, configs
 """
@@ -19,6 +21,8 @@ from dsv_jax import (
   models,
   parallel,
   pipelines,
+  retrain,
+  select,
   synthesize,
   train,
 )
@@ -53,6 +57,8 @@ __all__ = [
   "per_sample_grads",
   "pipelines",
   "primal_loss",
+  "retrain",
+  "select",
   "save_dsv",
   "stationarity_loss",
   "stationarity_residual",

@@ -49,7 +49,16 @@ from dsv_jax import (
 )
 from dsv_jax.types import ApplyFn, Params
 
-STAGES = ("train", "synthesize", "edit", "interpolate")
+# The order of `all`: every stage reads only what earlier ones wrote.
+STAGES = (
+  "train",
+  "select",
+  "synthesize",
+  "edit",
+  "interpolate",
+  "retrain",
+  "report",
+)
 # Config sections each stage's outputs depend on (for its completion hash).
 _TRAIN_SECTIONS = ("seed", "data", "model", "train")
 _STAGE_SECTIONS = {
@@ -57,6 +66,20 @@ _STAGE_SECTIONS = {
   "synthesize": (*_TRAIN_SECTIONS, "kkt", "synth"),
   "edit": (*_TRAIN_SECTIONS, "kkt", "synth", "edit"),
   "interpolate": (*_TRAIN_SECTIONS, "kkt", "synth", "interpolate"),
+  "select": (*_TRAIN_SECTIONS, "select"),
+  "retrain": (*_TRAIN_SECTIONS, "kkt", "synth", "select", "retrain"),
+  # The report runs its own sub-experiments and depends on everything.
+  "report": (
+    *_TRAIN_SECTIONS,
+    "kkt",
+    "synth",
+    "select",
+    "edit",
+    "interpolate",
+    "retrain",
+    "baseline",
+    "report",
+  ),
 }
 
 
@@ -821,12 +844,30 @@ def run_interpolate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-_RUNNERS = {
-  "train": run_train,
-  "synthesize": run_synthesize,
-  "edit": run_edit,
-  "interpolate": run_interpolate,
-}
+def _runner(stage: str) -> Callable[[ml_collections.ConfigDict, str], dict]:
+  """The function running `stage`.
+
+  The stages of later modules import this one for its helpers, so they are
+  imported here on demand rather than at module import (no import cycle).
+  """
+  if stage == "select":
+    from dsv_jax import select_stage
+
+    return select_stage.run_select
+  if stage == "retrain":
+    from dsv_jax import retrain_stage
+
+    return retrain_stage.run_retrain
+  if stage == "report":
+    from dsv_jax import report
+
+    return report.run_report
+  return {
+    "train": run_train,
+    "synthesize": run_synthesize,
+    "edit": run_edit,
+    "interpolate": run_interpolate,
+  }[stage]
 
 
 def run(
@@ -862,7 +903,7 @@ def run(
     elif record is not None and record["config_hash"] != digest:
       shutil.rmtree(os.path.join(workdir, "ckpt", name), ignore_errors=True)
     logging.info("Stage %s: starting in %s.", name, workdir)
-    out[name] = _RUNNERS[name](config, workdir)
+    out[name] = _runner(name)(config, workdir)
   return out
 
 

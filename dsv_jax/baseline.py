@@ -1,0 +1,391 @@
+"""The KKT reconstruction baseline of Haim et al. 2022 / Buzaglo et al. 2023.
+
+Prior work reconstructs training samples from a trained network by fitting
+samples ``x_i`` and multipliers ``lambda_i`` to the stationarity condition of
+the max-margin problem the network implicitly solves (METHOD.md section 6):
+
+  L = || theta* - sum_i lambda_i grad_theta m_i(x_i) ||^2 / ||theta*||^2
+      + beta_lambda * mean_i max(0, lambda_min - lambda_i)
+
+with the multiclass margin ``m_i = Phi_{y_i}(x_i) - max_{j != y_i}
+Phi_j(x_i)`` (Buzaglo et al.; Haim et al.'s binary ``y_i Phi(x_i)`` is its
+two-class case), the lambda_min hinge of Haim et al., and ``x`` clipped to
+the valid pixel range after every Adam step. The division by ``||theta*||^2``
+(OURS) makes the residual scale-free so that one ``beta_lambda`` suits any
+model; the minimiser is unchanged. Compared with DeepKKT there is no
+cross-entropy, no primal (classification) term, no augmentation and no image
+prior: the baseline row shows what those add.
+
+As for DeepKKT, ``sum_i lambda_i grad m_i = grad_theta sum_i lambda_i m_i``
+is ONE backward pass, and its derivative in x and lambda is grad-of-grad.
+
+`make_reconstructor` returns a `synthesize.Synthesizer` over a
+`synthesize.SynthState`, so `pipelines.run_synthesis_loop` drives it
+(sharding, checkpoints, resume). `run_baseline` runs it from the synthesize
+stage's initial candidates and writes a DSV set.
+"""
+
+import hashlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from dsv_jax import (
+  artifacts,
+  checkpoints,
+  parallel,
+  pipelines,
+  synthesize,
+  viz,
+)
+from dsv_jax.synthesize import Synthesizer, SynthState
+from dsv_jax.types import ApplyFn, Params
+
+# Config sections the baseline's outputs depend on (its checkpoint hash).
+SECTIONS = ("seed", "data", "model", "train", "synth", "baseline")
+
+
+def margins(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """``[N]`` margins ``Phi_y - max_{j != y} Phi_j`` of logits ``[N, C]``."""
+  target = jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
+  others = jnp.where(
+    jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf, logits
+  )
+  return target - jnp.max(others, axis=-1)
+
+
+def _sq_norm(tree) -> jax.Array:
+  return sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(tree))
+
+
+def reconstruction_loss(
+  apply_fn: ApplyFn,
+  params: Params,
+  x: jax.Array,
+  labels: jax.Array,
+  lambdas: jax.Array,
+  *,
+  active: jax.Array | None = None,
+  lambda_min: float = 0.05,
+  beta_lambda: float = 1.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Haim/Buzaglo reconstruction loss; ``(total, aux)``.
+
+  Args:
+    apply_fn, params: the frozen classifier theta*.
+    x: ``[N, H, W, C]`` candidates.
+    labels: int ``[N]`` their classes.
+    lambdas: ``[N]`` multipliers.
+    active: optional ``bool[N]``; inactive rows (padding) take no part.
+    lambda_min: the hinge's floor on lambda.
+    beta_lambda: weight of the hinge.
+
+  Returns:
+    ``total`` and ``aux`` with ``stationarity`` (the relative squared
+    residual), ``lambda_penalty`` and the margins ``[N]``.
+
+  References:
+    Haim et al., "Reconstructing Training Data from Trained Neural
+    Networks", NeurIPS 2022, Eq. 5-6; Buzaglo et al., "Deconstructing Data
+    Reconstruction", NeurIPS 2023 (multiclass margin).
+  """
+  weights = lambdas if active is None else jnp.where(active, lambdas, 0.0)
+
+  def weighted_margin(p):
+    m = margins(apply_fn(p, x), labels)
+    return jnp.sum(weights * m), m
+
+  g, m = jax.grad(weighted_margin, has_aux=True)(params)
+  residual = jax.tree.map(lambda t, gi: t - gi, params, g)
+  stationarity = _sq_norm(residual) / _sq_norm(params)
+  hinge = jnp.maximum(lambda_min - lambdas, 0.0)
+  if active is None:
+    penalty = jnp.mean(hinge)
+  else:
+    penalty = jnp.sum(jnp.where(active, hinge, 0.0)) / jnp.maximum(
+      jnp.sum(active), 1
+    )
+  total = stationarity + beta_lambda * penalty
+  return total, {
+    "stationarity": stationarity,
+    "lambda_penalty": penalty,
+    "margin": m,
+  }
+
+
+def make_reconstructor(
+  apply_fn: ApplyFn,
+  params: Params,
+  *,
+  x_tx: optax.GradientTransformation | None = None,
+  lambda_tx: optax.GradientTransformation | None = None,
+  lambda_min: float = 0.05,
+  beta_lambda: float = 1.0,
+  lambda_init: tuple[float, float] = (0.5, 1.0),
+  pixel_min: jax.typing.ArrayLike | None = None,
+  pixel_max: jax.typing.ArrayLike | None = None,
+) -> Synthesizer:
+  """The reconstruction baseline as a `synthesize.Synthesizer`.
+
+  Args:
+    apply_fn, params: the frozen classifier (eval mode).
+    x_tx: optimiser of x (default ``optax.adam(0.01)``).
+    lambda_tx: optimiser of lambda (default ``optax.adam(0.05)``).
+    lambda_min, beta_lambda: see `reconstruction_loss`.
+    lambda_init: initial lambdas ~ U[low, high].
+    pixel_min, pixel_max: bounds x is clipped to after every step.
+
+  Returns:
+    A `Synthesizer` whose ``init_fn(key, x0, labels, active=None)`` and
+    ``step_fn(state, labels, key)`` match DeepKKT synthesis (``labels``
+    int ``[N]``; soft targets are reduced to their argmax). lambda is a
+    free variable (``lambda_param`` is lambda) held near ``>= lambda_min``
+    by the hinge; no candidate is ever deactivated.
+  """
+  if lambda_min < 0 or beta_lambda < 0:
+    raise ValueError(
+      f"lambda_min and beta_lambda must be >= 0, got {lambda_min}, "
+      f"{beta_lambda}."
+    )
+  low, high = map(float, lambda_init)
+  if not low <= high:
+    raise ValueError(f"lambda_init must be (low, high), got {lambda_init}.")
+  x_tx = optax.adam(0.01) if x_tx is None else x_tx
+  lambda_tx = optax.adam(0.05) if lambda_tx is None else lambda_tx
+  lo = None if pixel_min is None else jnp.asarray(pixel_min, jnp.float32)
+  hi = None if pixel_max is None else jnp.asarray(pixel_max, jnp.float32)
+
+  def clip(x):
+    if lo is None and hi is None:
+      return x
+    return jnp.clip(x, lo, hi)
+
+  def init_fn(key, x0, targets, active=None) -> SynthState:
+    x0 = jnp.asarray(x0)
+    synthesize.check_images(x0)
+    labels = synthesize.target_labels(targets)
+    try:
+      out = jax.eval_shape(apply_fn, params, x0)
+    except Exception as e:  # noqa: BLE001 -- any model error means misfit.
+      first = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise ValueError(
+        f"x0 of shape {x0.shape} does not fit the model ({first})."
+      ) from None
+    if labels.shape != (x0.shape[0],):
+      raise ValueError(
+        f"targets of shape {jnp.shape(targets)} do not match the "
+        f"{x0.shape[0]} candidates."
+      )
+    num_classes = out.shape[-1]
+    if not isinstance(labels, jax.core.Tracer):
+      lab = np.asarray(labels)
+      if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
+        raise ValueError(
+          f"labels must lie in [0, {num_classes}), got [{lab.min()}, "
+          f"{lab.max()}]."
+        )
+    n = x0.shape[0]
+    lam = jax.random.uniform(key, (n,), jnp.float32, low, high)
+    x = clip(x0.astype(jnp.float32))
+    return SynthState(
+      step=jnp.zeros((), jnp.int32),
+      x=x,
+      lambda_param=lam,
+      active=(
+        jnp.ones((n,), jnp.bool_)
+        if active is None
+        else jnp.asarray(active, jnp.bool_)
+      ),
+      opt_x=x_tx.init(x),
+      opt_lambda=lambda_tx.init(lam),
+    )
+
+  def loss_fn(x, lambda_param, active, targets, key):
+    del key  # The baseline has no augmentation.
+    labels = synthesize.target_labels(targets)
+    total, aux = reconstruction_loss(
+      apply_fn,
+      params,
+      x,
+      labels,
+      lambda_param,
+      active=active,
+      lambda_min=lambda_min,
+      beta_lambda=beta_lambda,
+    )
+    desc = synthesize.describe_logits(apply_fn(params, x), labels)
+    act = active.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(act), 1.0)
+    correct = (desc["prediction"] == labels).astype(jnp.float32)
+    metrics = {
+      "total": total,
+      "stationarity": aux["stationarity"],
+      "lambda_penalty": aux["lambda_penalty"],
+      "margin": jnp.sum(aux["margin"] * act) / count,
+      "entropy": jnp.sum(desc["entropy"] * act) / count,
+      "accuracy": jnp.sum(correct * act) / count,
+    }
+    return total, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+  def step_fn(state: SynthState, targets, key):
+    grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (gx, gl), metrics = grad_fn(
+      state.x, state.lambda_param, state.active, jnp.asarray(targets), key
+    )
+    ux, opt_x = x_tx.update(gx, state.opt_x, state.x)
+    ul, opt_lambda = lambda_tx.update(gl, state.opt_lambda, state.lambda_param)
+    x = clip(state.x + ux)
+    lam = state.lambda_param + ul
+    act = state.active
+    n_active = jnp.sum(act, dtype=jnp.int32)
+    metrics.update(
+      num_active=n_active,
+      survival=n_active / act.shape[0],
+      lambda_mean=jnp.sum(jnp.where(act, lam, 0.0)) / jnp.maximum(n_active, 1),
+      lambda_min=jnp.min(jnp.where(act, lam, jnp.inf)),
+    )
+    new = SynthState(state.step + 1, x, lam, act, opt_x, opt_lambda)
+    return new, metrics
+
+  def lambdas_fn(state: SynthState) -> jax.Array:
+    return state.lambda_param
+
+  return Synthesizer(init_fn, step_fn, lambdas_fn, loss_fn)
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """A short hash of the config sections in `SECTIONS`."""
+  d = config.to_dict()
+  relevant = {k: d.get(k) for k in SECTIONS}
+  blob = json.dumps(relevant, sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_baseline(
+  config: ml_collections.ConfigDict, workdir: str, out_dir: str
+) -> dict:
+  """Runs the reconstruction baseline and writes its DSV set to `out_dir`.
+
+  Starts from the very candidates the synthesize stage starts from
+  (`pipelines._initial_candidates`, same key; soft targets reduced to
+  their argmax), with `config.baseline`'s optimisation settings, resuming
+  from ``workdir/ckpt/baseline`` if interrupted.
+
+  Returns:
+    A dict with the fraction of candidates the source model classifies as
+    their target, their mean entropy and margin, the final stationarity
+    residual, timing and steps.
+  """
+  pipelines.validate_config(config)
+  workdir, out_dir = os.path.abspath(workdir), os.path.abspath(out_dir)
+  bl = config.baseline
+  for key in ("steps", "log_every"):
+    if bl[key] < 1:
+      raise ValueError(f"Config key baseline.{key}: must be >= 1.")
+  for key in ("lr_x", "lr_lambda"):
+    if bl[key] <= 0:
+      raise ValueError(f"Config key baseline.{key}: must be > 0.")
+  digest = config_hash(config)
+  clf = pipelines._classifier_for(config, workdir)
+  info = clf.info
+  key = jax.random.fold_in(jax.random.key(config.seed), 3)
+  x0, targets, source, index = pipelines._initial_candidates(config, clf, key)
+  labels = np.asarray(synthesize.target_labels(targets), np.int32)
+  recon = make_reconstructor(
+    clf.apply_fn,
+    clf.params,
+    x_tx=optax.adam(bl.lr_x),
+    lambda_tx=optax.adam(bl.lr_lambda),
+    lambda_min=bl.lambda_min,
+    beta_lambda=bl.beta_lambda,
+    lambda_init=(bl.lambda_low, bl.lambda_high),
+    pixel_min=info.pixel_min,
+    pixel_max=info.pixel_max,
+  )
+  ckpt_dir = os.path.join(workdir, "ckpt", "baseline")
+  ckptr = checkpoints.RunCheckpointer(ckpt_dir)
+  pipelines._check_resumable(ckptr, ckpt_dir, digest, "baseline")
+  mesh = parallel.make_mesh(config.synth.num_devices or None)
+  t0 = time.perf_counter()
+  state, n, resumed, rows = pipelines.run_synthesis_loop(
+    recon,
+    key,
+    x0,
+    labels,
+    steps=bl.steps,
+    mesh=mesh,
+    checkpointer=ckptr,
+    ckpt_every=bl.ckpt_every,
+    ckpt_meta={"config_hash": digest},
+    log_every=bl.log_every,
+    name="baseline",
+  )
+  ckptr.close()
+  wall = time.perf_counter() - t0
+  x = np.asarray(state.x)[:n]
+  active = np.asarray(state.active)[:n]
+  desc = jax.tree.map(
+    np.asarray, synthesize.describe(clf.apply_fn, clf.params, x, labels)
+  )
+  artifacts.save_dsv(
+    out_dir,
+    artifacts.DSVSet(
+      images=x,
+      targets=labels,
+      lambdas=np.asarray(recon.lambdas_fn(state))[:n],
+      active=active,
+      source=source,
+      source_index=index,
+      confidence=desc["confidence"],
+      entropy=desc["entropy"],
+      margin=desc["margin"],
+    ),
+    dataset=info.name,
+    mean=info.mean,
+    std=info.std,
+    config_hash=digest,
+    extra={
+      "seed": config.seed,
+      "init": config.synth.init,
+      "steps": bl.steps,
+      "method": "haim_buzaglo_margin",
+    },
+  )
+  viz.class_grid(
+    os.path.join(out_dir, "grid.png"),
+    x,
+    labels,
+    info,
+    max_per_class=min(config.synth.num_per_class, 10),
+    title=f"Haim/Buzaglo reconstruction ({config.synth.init} init, "
+    f"{bl.steps} steps)",
+  )
+  results = {
+    "num_candidates": n,
+    "steps": bl.steps,
+    "resumed_from_step": resumed,
+    "target_fraction": float(np.mean(desc["prediction"] == labels)),
+    "entropy_mean": float(desc["entropy"].mean()),
+    "margin_mean": float(desc["margin"].mean()),
+    "stationarity_last": rows[-1]["stationarity"] if rows else float("nan"),
+    "time_s": wall,
+  }
+  logging.info("Baseline reconstruction done: %s", results)
+  return results
+
+
+__all__ = [
+  "SECTIONS",
+  "config_hash",
+  "make_reconstructor",
+  "margins",
+  "reconstruction_loss",
+  "run_baseline",
+]

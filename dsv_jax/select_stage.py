@@ -1,0 +1,304 @@
+"""The `select` stage: DSVs selected from the classifier's training set.
+
+`run_select(config, workdir)` fits lambda over every training sample with
+`select.fit_lambdas` (resuming from `ckpt/select`), ranks the samples per
+class by their contribution and writes into `workdir/select/`:
+
+  lambdas.npz    lambda, score and ||p - y|| of every training sample, its
+                 label, and the per-class ranking (`order`: indices sorted
+                 by class, then by score; `class_start`: where each class
+                 begins in `order`; `rank_in_class` per sample)
+  dsv.npz, dsv_orbax/  the top `num_per_class` per class as a DSV set
+                 (METHOD.md 4b; source "train", source_index = training
+                 index)
+  grid.png       the top selected images, one row per class
+  metrics.jsonl  one row per logged solver iteration
+
+and records per-class sums of lambda and of the contribution, and the mean
+entropy and margin of the selected samples against random samples of the
+same class (the paper's "closer to the boundary" claim) in
+`stages/select.json`.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from dsv_jax import artifacts, checkpoints, parallel, select, synthesize, viz
+from dsv_jax.pipelines import (
+  _check_resumable,
+  _jsonl_writer,
+  _mark_done,
+  config_hash,
+  load_classifier,
+  load_data,
+  validate_config,
+)
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, naming the key, on select values no run could use."""
+  if "select" not in config:
+    raise ValueError("Config key select: missing section.")
+  s = config.select
+
+  def need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+      raise ValueError(f"Config key select.{key}: {msg}")
+
+  need(
+    s.distance in select.DISTANCES, "distance", f"not in {select.DISTANCES}."
+  )
+  need(s.init in select.INITS, "init", f"not in {select.INITS}.")
+  need(s.score in select.SCORES, "score", f"not in {select.SCORES}.")
+  need(s.slackness >= 0, "slackness", "must be >= 0.")
+  need(
+    not (s.distance == "cosine" and s.slackness > 0),
+    "slackness",
+    "must be 0 with distance 'cosine' (scale-invariant: unbounded).",
+  )
+  for key in ("num_per_class", "chunk_size", "log_every"):
+    need(s[key] >= 1, key, "must be >= 1.")
+  for key in ("max_iters", "num_random_per_class", "ckpt_every", "num_devices"):
+    need(s[key] >= 0, key, "must be >= 0.")
+  need(s.tol >= 0, "tol", "must be >= 0.")
+  need(s.l1_smoothing > 0, "l1_smoothing", "must be > 0.")
+
+
+def _check_class_counts(labels: np.ndarray, num_classes: int, k: int) -> None:
+  counts = np.bincount(labels, minlength=num_classes)
+  for c, count in enumerate(counts):
+    if count == 0:
+      raise ValueError(
+        f"class {c} has no training samples: nothing to select from."
+      )
+    if count < k:
+      raise ValueError(
+        f"class {c} has {count} training samples, fewer than the {k} per "
+        "class to select or draw (select.num_per_class, "
+        "select.num_random_per_class)."
+      )
+
+
+def _state_target(params, n: int) -> select.SolverState:
+  """A zero `SolverState` with the structure a checkpoint restores into."""
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  vec = jnp.zeros(n, jnp.float32)
+  one = jnp.float32(0)
+  return select.SolverState(
+    step=jnp.int32(0),
+    contributions=vec,
+    contributions_prev=vec,
+    g=zeros,
+    g_prev=zeros,
+    momentum=one,
+    lipschitz=one,
+    objective=one,
+    max_step=one,
+  )
+
+
+def _ranking(scores: np.ndarray, labels: np.ndarray, num_classes: int):
+  """(order, class_start, rank_in_class) of the per-class ranking."""
+  per_class = select.rank_per_class(scores, labels, num_classes)
+  order = np.concatenate(per_class).astype(np.int32)
+  class_start = np.cumsum([0] + [len(i) for i in per_class]).astype(np.int32)
+  rank = np.empty(len(labels), np.int32)
+  for idx in per_class:
+    rank[idx] = np.arange(len(idx))
+  return order, class_start, rank
+
+
+def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Selects DSVs from the training set (METHOD.md section 4, Selection).
+
+  Uses the classifier of the `train` stage in `workdir` (or the path in
+  `config.select.classifier`) and the training split of `config.data`;
+  resumes an interrupted fit from `ckpt/select`.
+
+  Returns:
+    A dict with the fit's residual, iterations and timing, the per-class
+    sums of lambda and contribution, and the mean entropy and margin of the
+    selected samples against random ones of the same classes.
+
+  Raises:
+    ValueError: a bad `select` config value, a class with no or too few
+      training samples, a classifier of another dataset, or a checkpoint of
+      another config.
+  """
+  validate_config(config)
+  _validate(config)
+  s = config.select
+  workdir = os.path.abspath(workdir)
+  digest = config_hash(config, "select")
+  clf = load_classifier(s.classifier or workdir)
+  info = clf.info
+  ds = load_data(config)
+  if ds.info.name != info.name or ds.info.num_classes != info.num_classes:
+    raise ValueError(
+      f"The classifier was trained on {info.name!r} ({info.num_classes} "
+      f"classes) but config.data names {ds.info.name!r}."
+    )
+  x, labels = ds.train["image"], np.asarray(ds.train["label"], np.int32)
+  n, c = len(labels), info.num_classes
+  _check_class_counts(labels, c, max(s.num_per_class, s.num_random_per_class))
+
+  mesh = parallel.make_mesh(s.num_devices or None)
+  out_dir = os.path.join(workdir, "select")
+  os.makedirs(out_dir, exist_ok=True)
+  ckpt_dir = os.path.join(workdir, "ckpt", "select")
+  ckptr = checkpoints.RunCheckpointer(ckpt_dir)
+  _check_resumable(ckptr, ckpt_dir, digest, "selection")
+  state = None
+  resumed = 0
+  restored = ckptr.restore(_state_target(clf.params, n))
+  if restored is not None:
+    resumed, state, _ = restored
+    logging.info(
+      "Resumed selection from iteration %d of %d.", resumed, s.max_iters
+    )
+  on_metrics = _jsonl_writer(
+    os.path.join(out_dir, "metrics.jsonl"), keep_through_step=resumed
+  )
+  meta = {"config_hash": digest}
+  logging.info(
+    "Selecting from %d training samples (%s, slackness %g, chunk %d) on %d "
+    "device(s).",
+    n,
+    s.distance,
+    s.slackness,
+    s.chunk_size,
+    parallel.num_shards(mesh),
+  )
+
+  def callback(st, row):
+    step = row["step"]
+    if step % s.log_every == 0 or step == s.max_iters:
+      logging.info(
+        "select iteration %d/%d: residual %.4g, objective %.6g, "
+        "contribution %.4g, nonzero %d, %.2f s/iter",
+        step,
+        s.max_iters,
+        row["residual"],
+        row["objective"],
+        row["contribution"],
+        row["nonzero"],
+        row["s_per_iter"],
+      )
+      on_metrics(row)
+    if s.ckpt_every and step % s.ckpt_every == 0:
+      ckptr.save(step, st, meta)
+
+  lambdas, fit = select.fit_lambdas(
+    clf.apply_fn,
+    clf.params,
+    x,
+    labels,
+    distance=s.distance,
+    slackness=s.slackness,
+    init=s.init,
+    max_iters=s.max_iters,
+    tol=s.tol,
+    chunk_size=s.chunk_size,
+    l1_smoothing=s.l1_smoothing,
+    mesh=mesh,
+    state=state,
+    callback=callback,
+  )
+  ckptr.save(fit.iterations, fit.state, meta)
+  ckptr.close()
+
+  scores = select.scores(lambdas, fit.weights, score=s.score)
+  order, class_start, rank = _ranking(scores, labels, c)
+  np.savez(
+    os.path.join(out_dir, "lambdas.npz"),
+    lambdas=lambdas,
+    scores=scores,
+    weights=fit.weights,
+    labels=labels,
+    order=order,
+    class_start=class_start,
+    rank_in_class=rank,
+  )
+  top = select.top_per_class(scores, labels, c, s.num_per_class)
+  desc = jax.tree.map(
+    np.asarray,
+    synthesize.describe(clf.apply_fn, clf.params, x[top], labels[top]),
+  )
+  dsv = artifacts.DSVSet(
+    images=x[top],
+    targets=labels[top],
+    lambdas=lambdas[top],
+    active=np.ones(len(top), bool),
+    source=np.full(len(top), "train"),
+    source_index=top.astype(np.int32),
+    confidence=desc["confidence"],
+    entropy=desc["entropy"],
+    margin=desc["margin"],
+  )
+  artifacts.save_dsv(
+    out_dir,
+    dsv,
+    dataset=info.name,
+    mean=info.mean,
+    std=info.std,
+    config_hash=digest,
+    extra={
+      "seed": config.seed,
+      "distance": s.distance,
+      "slackness": s.slackness,
+      "score": s.score,
+      "residual": fit.residual,
+      "iterations": fit.iterations,
+    },
+  )
+  viz.class_grid(
+    os.path.join(out_dir, "grid.png"),
+    x[top],
+    labels[top],
+    info,
+    max_per_class=min(s.num_per_class, 10),
+    title=f"selected DSVs (top {s.score} per class, {s.distance})",
+  )
+
+  stats = {"selected": desc}
+  if s.num_random_per_class:
+    key = jax.random.fold_in(jax.random.key(config.seed), 6)
+    rand = select.random_per_class(key, labels, c, s.num_random_per_class)
+    stats["random"] = jax.tree.map(
+      np.asarray,
+      synthesize.describe(clf.apply_fn, clf.params, x[rand], labels[rand]),
+    )
+  this_run = [r["s_per_iter"] for r in fit.history]
+  results = {
+    "num_train": n,
+    "residual": fit.residual,
+    "distance": fit.distance,
+    "objective": fit.objective,
+    "iterations": fit.iterations,
+    "converged": fit.converged,
+    "excluded_pushing_away": fit.excluded,
+    "resumed_from_iteration": resumed,
+    "select_time_s": fit.time_s,
+    "s_per_iter": float(np.median(this_run)) if this_run else None,
+    "num_devices": parallel.num_shards(mesh),
+    "lambda_sum_per_class": select.per_class_sums(lambdas, labels, c).tolist(),
+    "contribution_sum_per_class": select.per_class_sums(
+      lambdas * fit.weights, labels, c
+    ).tolist(),
+    "nonzero_lambdas": int(np.count_nonzero(lambdas)),
+  }
+  for name, d in stats.items():
+    for key in ("entropy", "margin", "confidence"):
+      results[f"{name}_{key}_mean"] = float(np.mean(d[key]))
+  logging.info("Selection done: %s", json.dumps(results))
+  _mark_done(workdir, "select", digest, results)
+  return results
+
+
+__all__ = ["run_select"]

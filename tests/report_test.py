@@ -1,0 +1,138 @@
+"""The report stage and `all`: every section from a tiny config, resume."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dsv_jax import configs, pipelines, report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = (
+  "## 1. Few-shot distillation",
+  "## 2. Coreset selection",
+  "## 3. Boundary evidence",
+  "## 4. Per-class sum of lambda",
+  "## 5. Decision criteria",
+  "## 6. Loss ablation",
+  "## 7. Editing and soft-label interpolation",
+)
+
+
+def _cli(workdir, *overrides, wait=True):
+  cmd = [
+    sys.executable,
+    "-m",
+    "dsv_jax.main",
+    "--config=configs/digits.py:tiny",
+    f"--workdir={workdir}",
+    *overrides,
+  ]
+  kw = {"cwd": REPO, "text": True}
+  if not wait:
+    return subprocess.Popen(
+      cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kw
+    )
+  return subprocess.run(cmd, capture_output=True, timeout=600, **kw)
+
+
+def test_all_interrupted_resumes_without_redoing_finished_stages(tmp_path):
+  wd = tmp_path / "wd"
+  proc = _cli(wd, wait=False)
+  # Kill once train and select have finished, i.e. in a later stage.
+  deadline = time.time() + 400
+  while pipelines.stage_record(str(wd), "select") is None:
+    assert proc.poll() is None, "`all` ended before the kill"
+    assert time.time() < deadline, "select never finished"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  before = {s: pipelines.stage_record(str(wd), s) for s in pipelines.STAGES}
+  assert before["report"] is None
+
+  res = _cli(wd)
+  assert res.returncode == 0, res.stderr[-3000:]
+  for stage in pipelines.STAGES:
+    after = pipelines.stage_record(str(wd), stage)
+    assert after is not None, stage
+    if before[stage] is not None:  # Finished before the kill: not redone.
+      assert after["finished"] == before[stage]["finished"], stage
+      assert f"Stage {stage} already finished; skipping" in res.stderr
+
+  text = open(wd / "report" / "report.md").read()
+  for header in SECTIONS:
+    assert header in text, header
+  # Every table cell that should hold a measured number does.
+  assert not re.search(r"\bnan\b", text), text
+  assert "has not run" not in text
+  for path in ("dsv.npz", "grid.png", "curves.png", "metrics.jsonl"):
+    assert os.path.getsize(wd / "synthesize" / path) > 0, path
+  for path in ("dsv.npz", "grid.png", "lambdas.npz"):
+    assert os.path.getsize(wd / "select" / path) > 0, path
+  for png in (
+    "entropy_curve.png",
+    "lambda_vs_accuracy.png",
+    "ablation_full.png",
+    "ablation_primal_only.png",
+    "edit_strip.png",
+    "interpolate_strip.png",
+  ):
+    assert os.path.getsize(wd / "report" / png) > 0, png
+  results = json.load(open(wd / "report" / "results.json"))
+  tiny = configs.get_config("digits", "tiny")
+  rows_per_k = 4 if tiny.report.baseline else 3
+  assert len(results["few_shot"]) == len(tiny.report.ipc) * rows_per_k
+  for row in results["few_shot"].values():
+    assert len(row["accuracies"]) == tiny.retrain.num_models
+    assert 0.0 <= row["mean"] <= 1.0
+  assert -1.0 <= results["lambda_accuracy"]["pearson"] <= 1.0
+  summary = pipelines.stage_record(str(wd), "report")["results"]
+  assert summary["report"].endswith("report.md")
+
+  # The report again: every sub-run and retraining row comes from its
+  # cache (a retraining would change the recorded wall times).
+  again = report.run_report(tiny, str(wd))
+  assert (
+    json.load(open(wd / "report" / "results.json"))["few_shot"]
+    == (results["few_shot"])
+  )
+  assert again["lambda_accuracy_pearson"] == summary["lambda_accuracy_pearson"]
+
+
+def test_flip_rates_known_answer():
+  # A linear model that predicts the class of the larger of two pixels.
+  apply_fn = lambda p, x: x.reshape(len(x), -1) @ p
+  params = np.eye(2, dtype=np.float32)
+  images = np.array([[[[1.0]], [[0.0]]]], np.float32).reshape(1, 2, 1, 1)
+  images = np.concatenate([images, images])  # Class 0, twice.
+  labels = np.zeros(2, np.int32)
+  added = np.array([[[[0.0]], [[1.0]]]], np.float32).reshape(1, 2, 1, 1)
+  rates = report.flip_rates(
+    apply_fn,
+    params,
+    added,
+    np.array([1]),
+    images,
+    labels,
+    (0.5, 2.0),
+    pixel_min=-10.0,
+    pixel_max=10.0,
+  )
+  # x + r * a: pixel 1 = r beats pixel 0 = 1 only for r > 1.
+  assert rates == {0.5: 0.0, 2.0: 1.0}
+
+
+def test_report_config_and_missing_stage_errors(tmp_path):
+  c = configs.get_config("digits", "tiny")
+  c.report.zero_shot_init = "moon"
+  with pytest.raises(ValueError, match="report.zero_shot_init"):
+    report.run_report(c, str(tmp_path))
+  c = configs.get_config("digits", "tiny")
+  with pytest.raises(FileNotFoundError, match="'train' stage"):
+    report.run_report(c, str(tmp_path))

@@ -1,0 +1,326 @@
+"""Selection: the matrix-free solver, the SVM property, the select stage."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import nnls
+from sklearn.svm import SVC
+
+from dsv_jax import (
+  artifacts,
+  configs,
+  kkt,
+  parallel,
+  pipelines,
+  select,
+  select_stage,
+)
+
+
+def _linear(p, x):
+  return x @ p["w"] + p["b"]
+
+
+def _mlp(p, x):
+  return jnp.tanh(x @ p["w1"]) @ p["w2"] + p["b"]
+
+
+def _mlp_problem(n=40, seed=0):
+  k = jax.random.split(jax.random.key(seed), 4)
+  params = {
+    "w1": jax.random.normal(k[0], (4, 3)),
+    "w2": jax.random.normal(k[1], (3, 3)),
+    "b": 0.1 * jax.random.normal(k[2], (3,)),
+  }
+  x = np.asarray(jax.random.normal(k[3], (n, 4)))
+  labels = np.arange(n, dtype=np.int32) % 3
+  return params, x, labels
+
+
+def _flat(tree, n):
+  leaves = jax.tree.leaves(tree)
+  return np.concatenate([np.asarray(a).reshape(n, -1) for a in leaves], 1).T
+
+
+def _linear_problem(n=40):
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {
+    "w": jax.random.normal(k[0], (6, 3)),
+    "b": 0.1 * jax.random.normal(k[1], (3,)),
+  }
+  x = np.asarray(jax.random.normal(k[2], (n, 6)))
+  return params, x, np.arange(n, dtype=np.int32) % 3
+
+
+def test_matches_dense_nnls_and_lambda_nonnegative():
+  # A linear softmax model with logits small enough that the reference's
+  # autodiff per-sample gradients do not round (1 - p_y stays >> 1e-7).
+  params, x, labels = _linear_problem()
+  gmat = _flat(kkt.per_sample_grads(_linear, params, x, labels), len(x))
+  theta = np.concatenate([np.ravel(a) for a in jax.tree.leaves(params)])
+  lam_ref, _ = nnls(gmat.astype(np.float64), -theta.astype(np.float64))
+  ref = np.linalg.norm(gmat @ lam_ref + theta) / np.linalg.norm(theta)
+  lam, info = select.fit_lambdas(
+    _linear,
+    params,
+    x,
+    labels,
+    distance="l2_sq",
+    init="zero",
+    max_iters=150,
+    tol=1e-7,
+    chunk_size=40,
+    mesh=parallel.make_mesh(1),
+  )
+  assert (lam >= 0).all()
+  assert 0.05 < ref < 0.99  # A problem where the cone constraint binds.
+  np.testing.assert_allclose(info.residual, ref, rtol=1e-3)
+  # The reported residual is that of the returned lambda.
+  mine = np.linalg.norm(gmat @ lam + theta) / np.linalg.norm(theta)
+  np.testing.assert_allclose(mine, info.residual, rtol=1e-3)
+  assert info.iterations == len(info.history) <= 150
+
+
+def _plane(seed, n=160):
+  """2-D points around a random line, with a gap: linearly separable.
+
+  benchmarks/svm_sanity.py's "plane2" data set.
+  """
+  rng = np.random.default_rng(seed)
+  w = rng.normal(size=2)
+  w /= np.linalg.norm(w)
+  b = rng.uniform(-0.3, 0.3)
+  x = np.zeros((0, 2))
+  while len(x) < n:
+    cand = rng.uniform(-1.5, 1.5, size=(4 * n, 2))
+    cand = cand[np.abs(cand @ w + b) > 0.15]
+    x = np.concatenate([x, cand])[:n]
+  return x.astype(np.float32), (x @ w + b > 0).astype(np.int32)
+
+
+def test_svm_sanity_top_contributions_are_support_vectors():
+  x, y = _plane(0)
+  truth = SVC(kernel="linear", C=1e6).fit(x, y).support_
+
+  def loss(p):
+    return jnp.mean(kkt.cross_entropy(_linear(p, x), y))
+
+  # Normalised gradient descent from zero to a tiny loss: the direction
+  # approaches the max-margin one.
+  @jax.jit
+  def train(p):
+    def body(carry):
+      i, p, val = carry
+      g = jax.grad(loss)(p)
+      p = jax.tree.map(lambda a, b: a - 0.5 * b / val, p, g)
+      return i + 1, p, loss(p)
+
+    carry = (0, p, loss(p))
+    return jax.lax.while_loop(lambda c: c[2] > 1e-5, body, carry)[1]
+
+  params = train({"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)})
+  lam, info = select.fit_lambdas(
+    _linear,
+    params,
+    x,
+    y,
+    distance="l2_sq",
+    slackness=0.1,
+    max_iters=300,
+    chunk_size=len(x),
+    mesh=parallel.make_mesh(1),
+  )
+  scores = select.scores(lam, info.weights)
+  precision, recall = select.precision_recall_at_k(scores, truth)
+  assert precision == recall == 1.0
+  assert info.residual < 0.1
+
+
+def test_sharded_equals_single_device():
+  assert jax.device_count() >= 4  # tests/conftest.py
+  params, x, labels = _linear_problem(n=30)  # Not a multiple of 4: padding.
+  kwargs = {"distance": "l1_mean", "max_iters": 4, "chunk_size": 8}
+  single, a = select.fit_lambdas(
+    _linear, params, x, labels, mesh=parallel.make_mesh(1), **kwargs
+  )
+  sharded, b = select.fit_lambdas(
+    _linear, params, x, labels, mesh=parallel.make_mesh(4), **kwargs
+  )
+  assert a.iterations == b.iterations == 4
+  np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(b.residual, a.residual, rtol=1e-4)
+
+
+def test_resume_state_continues_exactly():
+  params, x, labels = _linear_problem()
+  kwargs = {
+    "distance": "l1_mean",
+    "chunk_size": 16,
+    "tol": 0.0,
+    "mesh": parallel.make_mesh(1),
+  }
+  full, _ = select.fit_lambdas(
+    _linear, params, x, labels, max_iters=6, **kwargs
+  )
+  _, half = select.fit_lambdas(
+    _linear, params, x, labels, max_iters=3, **kwargs
+  )
+  resumed, info = select.fit_lambdas(
+    _linear, params, x, labels, max_iters=6, state=half.state, **kwargs
+  )
+  assert info.iterations == 6 and len(info.history) == 3
+  np.testing.assert_array_equal(resumed, full)
+  with pytest.raises(ValueError, match="another problem"):
+    select.fit_lambdas(
+      _linear, params, x[:20], labels[:20], state=half.state, **kwargs
+    )
+
+
+def test_slackness_support_excludes_samples_pushing_away():
+  # Random weights: some samples push away from theta*; they keep lambda 0,
+  # which keeps the contribution term bounded.
+  params, x, labels = _mlp_problem()
+  gmat = _flat(kkt.per_sample_grads(_mlp, params, x, labels), len(x))
+  theta = np.concatenate([np.ravel(a) for a in jax.tree.leaves(params)])
+  away = gmat.T @ theta >= 0
+  assert 0 < away.sum() < len(x)
+  lam, info = select.fit_lambdas(
+    _mlp, params, x, labels, distance="l2_sq", slackness=0.1, max_iters=50
+  )
+  assert info.excluded == away.sum()
+  assert (lam[away] == 0).all() and np.isfinite(lam).all()
+  # The solver's cached G lambda is that of the returned lambda.
+  mine = np.linalg.norm(gmat @ lam + theta) / np.linalg.norm(theta)
+  np.testing.assert_allclose(mine, info.residual, rtol=1e-3)
+  assert info.history[-1]["backtracks"] < 5
+  # Every sample pushing away (labels = the least likely class): no support.
+  params, x, _ = _linear_problem()
+  worst = np.asarray(jnp.argmin(_linear(params, x), -1), np.int32)
+  with pytest.raises(ValueError, match="ill-defined; use slackness=0"):
+    select.fit_lambdas(_linear, params, x, worst, slackness=0.1)
+
+
+@pytest.mark.parametrize(
+  "kwargs,message",
+  [
+    ({"distance": "l3"}, "distance must be one of"),
+    ({"distance": "cosine", "slackness": 0.1}, "scale of lambda"),
+    ({"slackness": -1.0}, "slackness must be >= 0"),
+    ({"chunk_size": 0}, "chunk_size"),
+  ],
+)
+def test_bad_arguments(kwargs, message):
+  params, x, labels = _mlp_problem(n=8)
+  with pytest.raises(ValueError, match=message):
+    select.fit_lambdas(_mlp, params, x, labels, **kwargs)
+
+
+def test_bad_inputs():
+  params, x, labels = _mlp_problem(n=8)
+  bad = x.copy()
+  bad[3, 1] = np.nan
+  with pytest.raises(ValueError, match="x contains NaN"):
+    select.fit_lambdas(_mlp, params, bad, labels)
+  with pytest.raises(ValueError, match=r"int targets must lie in \[0, 3\)"):
+    select.fit_lambdas(_mlp, params, x, labels + 3)
+  scores = np.arange(6.0)
+  with pytest.raises(ValueError, match="class 2 has no samples"):
+    select.top_per_class(scores, np.array([0, 1, 0, 1, 0, 1]), 3, 1)
+  with pytest.raises(ValueError, match="class 1 has 1 samples, fewer than"):
+    select.top_per_class(scores, np.array([0, 1, 0, 0, 0, 0]), 2, 2)
+  top = select.top_per_class(scores, np.array([0, 1, 0, 1, 0, 1]), 2, 2)
+  np.testing.assert_array_equal(top, [4, 2, 5, 3])
+
+
+# ----------------------------------------------------------------------------
+# The select stage.
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("clf")
+  pipelines.run(configs.get_config("digits", "tiny"), str(wd), "train")
+  return wd
+
+
+def _workdir(classifier_dir, path):
+  shutil.copytree(classifier_dir / "classifier", path / "classifier")
+  return str(path)
+
+
+def _config(**select_overrides):
+  c = configs.get_config("digits", "tiny")
+  c.select.ckpt_every = 2
+  for k, v in select_overrides.items():
+    c.select[k] = v
+  return c
+
+
+def test_stage_outputs_resume_and_mismatch(
+  classifier_dir, tmp_path, monkeypatch
+):
+  # An interrupted run (after the checkpoint of iteration 4) and its resume.
+  killed = _workdir(classifier_dir, tmp_path / "killed")
+  fit = select.fit_lambdas
+
+  def interrupted(*args, callback, **kwargs):
+    def stop_after_4(state, row):
+      callback(state, row)
+      if row["step"] == 4:
+        raise KeyboardInterrupt
+
+    return fit(*args, callback=stop_after_4, **kwargs)
+
+  monkeypatch.setattr(select, "fit_lambdas", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    select_stage.run_select(_config(), killed)
+  monkeypatch.setattr(select, "fit_lambdas", fit)
+  res = select_stage.run_select(_config(), killed)
+  assert res["resumed_from_iteration"] == 4 and res["iterations"] == 6
+
+  clean = _workdir(classifier_dir, tmp_path / "clean")
+  clean_res = select_stage.run_select(_config(), clean)
+  a = np.load(os.path.join(killed, "select", "lambdas.npz"))
+  b = np.load(os.path.join(clean, "select", "lambdas.npz"))
+  np.testing.assert_array_equal(a["lambdas"], b["lambdas"])
+  assert res["residual"] == clean_res["residual"]
+
+  # Outputs.
+  assert (a["lambdas"] >= 0).all() and len(a["lambdas"]) == 200
+  n_cls = 10
+  assert len(a["class_start"]) == n_cls + 1 and a["class_start"][-1] == 200
+  dsv, meta = artifacts.load_dsv(os.path.join(clean, "select"))
+  assert len(dsv.images) == 2 * n_cls and set(dsv.source) == {"train"}
+  np.testing.assert_array_equal(dsv.targets, a["labels"][dsv.source_index])
+  np.testing.assert_array_equal(
+    dsv.source_index[::2], a["order"][a["class_start"][:-1]]
+  )
+  assert meta["config_hash"] == pipelines.config_hash(_config(), "select")
+  for name in ("grid.png", "metrics.jsonl", "dsv.npz"):
+    assert os.path.getsize(os.path.join(clean, "select", name)) > 0
+  rows = [
+    int(line.split('"step": ')[1].split(",")[0])
+    for line in open(os.path.join(killed, "select", "metrics.jsonl"))
+  ]
+  assert rows == [2, 4, 6]
+  assert len(res["lambda_sum_per_class"]) == n_cls
+  for key in ("selected_entropy_mean", "random_entropy_mean"):
+    assert np.isfinite(res[key])
+  record = pipelines.stage_record(clean, "select")
+  assert record["results"]["iterations"] == 6
+
+  # A checkpoint of another config is not silently resumed.
+  with pytest.raises(ValueError, match="different config"):
+    select_stage.run_select(_config(slackness=0.5), clean)
+
+
+def test_stage_rejects_too_few_samples_per_class(classifier_dir, tmp_path):
+  wd = _workdir(classifier_dir, tmp_path / "wd")
+  with pytest.raises(ValueError, match="fewer than the 50 per class"):
+    select_stage.run_select(_config(num_per_class=50), wd)
+  with pytest.raises(ValueError, match="select.distance"):
+    select_stage.run_select(_config(distance="l3"), wd)
