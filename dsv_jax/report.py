@@ -20,6 +20,7 @@ Fairness rules, enforced by construction:
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -81,8 +82,6 @@ def _run_stage_once(
   if record is not None and record["config_hash"] == digest:
     return record["results"]
   if record is not None:
-    import shutil
-
     shutil.rmtree(os.path.join(sub_workdir, "ckpt", stage), ignore_errors=True)
   os.makedirs(sub_workdir, exist_ok=True)
   logging.info("Report: running %s in %s.", stage, sub_workdir)
@@ -119,6 +118,21 @@ def synth_run(
   )
   dsv, _ = artifacts.load_dsv(os.path.join(sub_dir, "synthesize"))
   return dsv, results, sub_dir
+
+
+def shot_run(
+  config: ml_collections.ConfigDict, workdir: str, init: str, k: int
+) -> tuple[artifacts.DSVSet, dict, str]:
+  """`synth_run` of k candidates per class from `init`, named `<init>_k<k>`.
+
+  The few-shot, boundary and ablation sections share these sub-runs.
+  """
+  return synth_run(
+    config,
+    workdir,
+    f"{init}_k{k}",
+    **{"synth.init": init, "synth.num_per_class": k},
+  )
 
 
 def baseline_run(
@@ -240,18 +254,8 @@ def few_shot_section(config, workdir, rows: RetrainRows) -> tuple[str, dict]:
   )
   lines.append("|---|---|---|---|")
   for k in rc.ipc:
-    dsv_real, _, _ = synth_run(
-      config,
-      workdir,
-      f"real_k{k}",
-      **{"synth.init": "real", "synth.num_per_class": k},
-    )
-    dsv_zero, _, _ = synth_run(
-      config,
-      workdir,
-      f"{zero}_k{k}",
-      **{"synth.init": zero, "synth.num_per_class": k},
-    )
+    dsv_real, _, _ = shot_run(config, workdir, "real", k)
+    dsv_zero, _, _ = shot_run(config, workdir, zero, k)
     # The baseline trains on exactly the real images the k-shot DSVs
     # started from.
     idx = dsv_real.source_index
@@ -351,12 +355,7 @@ def boundary_section(
   curves = {}
   for init in ("real", zero):
     # Finished sub-runs of the few-shot section: read back, not re-run.
-    _, _, run_dir = synth_run(
-      config,
-      workdir,
-      f"{init}_k{k}",
-      **{"synth.init": init, "synth.num_per_class": k},
-    )
+    _, _, run_dir = shot_run(config, workdir, init, k)
     with open(os.path.join(run_dir, "synthesize", "metrics.jsonl")) as f:
       curves[f"{init} init, k={k}"] = [json.loads(line) for line in f]
   fig, ax = plt.subplots(figsize=(4.5, 3))
@@ -571,12 +570,7 @@ def ablation_section(config, workdir, clf, rows: RetrainRows, out_dir: str):
   """Primal-only synthesis against the full DeepKKT loss."""
   k = max(config.report.ipc)
   zero = config.report.zero_shot_init
-  full, _, full_dir = synth_run(
-    config,
-    workdir,
-    f"{zero}_k{k}",
-    **{"synth.init": zero, "synth.num_per_class": k},
-  )
+  full, _, full_dir = shot_run(config, workdir, zero, k)
   primal, _, primal_dir = synth_run(
     config,
     workdir,
@@ -609,8 +603,7 @@ def ablation_section(config, workdir, clf, rows: RetrainRows, out_dir: str):
   for name, d in (("full", full_dir), ("primal_only", primal_dir)):
     src = os.path.join(d, "synthesize", "grid.png")
     dst = os.path.join(out_dir, f"ablation_{name}.png")
-    with open(src, "rb") as f_in, open(dst, "wb") as f_out:
-      f_out.write(f_in.read())
+    shutil.copyfile(src, dst)
   md = (
     "## 6. Loss ablation: primal-only vs full DeepKKT\n\n"
     f"{k} candidates per class from {zero} init. Agreement: fraction of "
@@ -648,8 +641,7 @@ def strips_section(workdir: str, out_dir: str) -> tuple[str, dict]:
       parts.append(f"{title}: the `{stage}` stage has not run.\n")
       continue
     dst = os.path.join(out_dir, f"{stage}_strip.png")
-    with open(src, "rb") as f_in, open(dst, "wb") as f_out:
-      f_out.write(f_in.read())
+    shutil.copyfile(src, dst)
     res[stage] = record["results"]
     summary = ", ".join(
       f"{k}={_short(v)}" for k, v in record["results"].items()
@@ -764,6 +756,7 @@ __all__ = [
   "lambda_accuracy_section",
   "load_selection",
   "run_report",
+  "shot_run",
   "strips_section",
   "synth_run",
 ]
