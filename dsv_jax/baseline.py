@@ -38,7 +38,6 @@ import optax
 from absl import logging
 
 from dsv_jax import (
-  artifacts,
   checkpoints,
   parallel,
   pipelines,
@@ -168,43 +167,14 @@ def make_reconstructor(
     return jnp.clip(x, lo, hi)
 
   def init_fn(key, x0, targets, active=None) -> SynthState:
-    x0 = jnp.asarray(x0)
-    synthesize.check_images(x0)
-    labels = synthesize.target_labels(targets)
-    try:
-      out = jax.eval_shape(apply_fn, params, x0)
-    except Exception as e:  # noqa: BLE001 -- any model error means misfit.
-      first = str(e).splitlines()[0] if str(e) else type(e).__name__
-      raise ValueError(
-        f"x0 of shape {x0.shape} does not fit the model ({first})."
-      ) from None
-    if labels.shape != (x0.shape[0],):
-      raise ValueError(
-        f"targets of shape {jnp.shape(targets)} do not match the "
-        f"{x0.shape[0]} candidates."
-      )
-    num_classes = out.shape[-1]
-    if not isinstance(labels, jax.core.Tracer):
-      lab = np.asarray(labels)
-      if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
-        raise ValueError(
-          f"labels must lie in [0, {num_classes}), got [{lab.min()}, "
-          f"{lab.max()}]."
-        )
-    n = x0.shape[0]
-    lam = jax.random.uniform(key, (n,), jnp.float32, low, high)
-    x = clip(x0.astype(jnp.float32))
-    return SynthState(
-      step=jnp.zeros((), jnp.int32),
-      x=x,
-      lambda_param=lam,
-      active=(
-        jnp.ones((n,), jnp.bool_)
-        if active is None
-        else jnp.asarray(active, jnp.bool_)
-      ),
-      opt_x=x_tx.init(x),
-      opt_lambda=lambda_tx.init(lam),
+    synthesize.check_candidates(apply_fn, params, x0, targets)
+    lam = jax.random.uniform(key, (x0.shape[0],), jnp.float32, low, high)
+    return synthesize.initial_state(
+      clip(jnp.asarray(x0, jnp.float32)),
+      lam,
+      active,
+      x_tx=x_tx,
+      lambda_tx=lambda_tx,
     )
 
   def loss_fn(x, lambda_param, active, targets, key):
@@ -331,25 +301,15 @@ def run_baseline(
   wall = time.perf_counter() - t0
   x = np.asarray(state.x)[:n]
   active = np.asarray(state.active)[:n]
-  desc = jax.tree.map(
-    np.asarray, synthesize.describe(clf.apply_fn, clf.params, x, labels)
-  )
-  artifacts.save_dsv(
+  desc = pipelines.save_described_dsv(
     out_dir,
-    artifacts.DSVSet(
-      images=x,
-      targets=labels,
-      lambdas=np.asarray(recon.lambdas_fn(state))[:n],
-      active=active,
-      source=source,
-      source_index=index,
-      confidence=desc["confidence"],
-      entropy=desc["entropy"],
-      margin=desc["margin"],
-    ),
-    dataset=info.name,
-    mean=info.mean,
-    std=info.std,
+    clf,
+    images=x,
+    targets=labels,
+    lambdas=np.asarray(recon.lambdas_fn(state))[:n],
+    active=active,
+    source=source,
+    source_index=index,
     config_hash=digest,
     extra={
       "seed": config.seed,

@@ -600,27 +600,16 @@ def run_synthesize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   x = np.asarray(state.x)[:n]
   active = np.asarray(state.active)[:n]
   lambdas = np.asarray(synth.lambdas_fn(state))[:n]
-  desc = jax.tree.map(
-    np.asarray, synthesize.describe(clf.apply_fn, clf.params, x, targets)
-  )
   labels = np.asarray(synthesize.target_labels(targets))
-  dsv = artifacts.DSVSet(
+  desc = save_described_dsv(
+    out_dir,
+    clf,
     images=x,
     targets=targets,
     lambdas=lambdas,
     active=active,
     source=source,
     source_index=index,
-    confidence=desc["confidence"],
-    entropy=desc["entropy"],
-    margin=desc["margin"],
-  )
-  artifacts.save_dsv(
-    out_dir,
-    dsv,
-    dataset=info.name,
-    mean=info.mean,
-    std=info.std,
     config_hash=digest,
     extra={"seed": config.seed, "init": sy.init, "steps": sy.steps},
   )
@@ -679,6 +668,52 @@ def run_synthesize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("Synthesis done: %s", results)
   _mark_done(workdir, "synthesize", digest, results)
   return results
+
+
+def save_described_dsv(
+  out_dir: str,
+  clf: "Classifier",
+  *,
+  images: np.ndarray,
+  targets: np.ndarray,
+  lambdas: np.ndarray,
+  source: np.ndarray | str,
+  source_index: np.ndarray,
+  config_hash: str,
+  active: np.ndarray | None = None,
+  extra: dict[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+  """Writes a stage's DSV set with the classifier's diagnostics of each row.
+
+  Synthesis, selection and the baseline all save their sets this way, so
+  confidence/entropy/margin always come from the classifier that produced
+  them. Returns those diagnostics (`synthesize.describe`, as numpy).
+  """
+  desc = jax.tree.map(
+    np.asarray, synthesize.describe(clf.apply_fn, clf.params, images, targets)
+  )
+  n = len(images)
+  dsv = artifacts.DSVSet(
+    images=images,
+    targets=targets,
+    lambdas=lambdas,
+    active=np.ones(n, bool) if active is None else active,
+    source=np.full(n, source) if isinstance(source, str) else source,
+    source_index=source_index,
+    confidence=desc["confidence"],
+    entropy=desc["entropy"],
+    margin=desc["margin"],
+  )
+  artifacts.save_dsv(
+    out_dir,
+    dsv,
+    dataset=clf.info.name,
+    mean=clf.info.mean,
+    std=clf.info.std,
+    config_hash=config_hash,
+    extra=extra,
+  )
+  return desc
 
 
 def _check_resumable(ckptr, ckpt_dir, digest, what):

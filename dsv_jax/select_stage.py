@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dsv_jax import artifacts, checkpoints, parallel, select, synthesize, viz
+from dsv_jax import checkpoints, parallel, select, synthesize, viz
 from dsv_jax.pipelines import (
   _check_resumable,
   _jsonl_writer,
@@ -37,6 +37,7 @@ from dsv_jax.pipelines import (
   config_hash,
   load_classifier,
   load_data,
+  save_described_dsv,
   validate_config,
 )
 
@@ -226,27 +227,14 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rank_in_class=rank,
   )
   top = select.top_per_class(scores, labels, c, s.num_per_class)
-  desc = jax.tree.map(
-    np.asarray,
-    synthesize.describe(clf.apply_fn, clf.params, x[top], labels[top]),
-  )
-  dsv = artifacts.DSVSet(
+  desc = save_described_dsv(
+    out_dir,
+    clf,
     images=x[top],
     targets=labels[top],
     lambdas=lambdas[top],
-    active=np.ones(len(top), bool),
-    source=np.full(len(top), "train"),
+    source="train",
     source_index=top.astype(np.int32),
-    confidence=desc["confidence"],
-    entropy=desc["entropy"],
-    margin=desc["margin"],
-  )
-  artifacts.save_dsv(
-    out_dir,
-    dsv,
-    dataset=info.name,
-    mean=info.mean,
-    std=info.std,
     config_hash=digest,
     extra={
       "seed": config.seed,

@@ -276,6 +276,59 @@ def other_init(
   return out.astype(np.float32), idx.astype(np.int32)
 
 
+def check_candidates(
+  apply_fn: ApplyFn, params: Params, x0: jax.Array, targets: jax.Array
+) -> None:
+  """Raises ValueError unless candidates fit the model and their targets.
+
+  ``x0`` must be images ``[N, H, W, C]`` the model accepts; ``targets``
+  int labels ``[N]`` or soft targets ``float[N, C]`` matching the logits
+  (label range and soft-row sums checked when concrete).
+  """
+  x0 = jnp.asarray(x0)
+  targets = jnp.asarray(targets)
+  check_images(x0)
+  if x0.ndim != 4:
+    raise ValueError(f"x0 must be images [N, H, W, C], got {x0.shape}.")
+  try:
+    out = jax.eval_shape(apply_fn, params, x0)
+  except Exception as e:  # noqa: BLE001 -- any model error means misfit.
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ValueError(
+      f"x0 of shape {x0.shape} does not fit the model ({first})."
+    ) from None
+  if targets.ndim not in (1, 2) or targets.shape[0] != x0.shape[0]:
+    raise ValueError(
+      f"targets of shape {targets.shape} do not match the {x0.shape[0]} "
+      "candidates of x0 (need int [N] or soft float [N, C])."
+    )
+  kkt.primal_loss(jnp.zeros(out.shape, jnp.float32), targets)
+
+
+def initial_state(
+  x: jax.Array,
+  lambda_param: jax.Array,
+  active: jax.Array | None,
+  *,
+  x_tx: optax.GradientTransformation,
+  lambda_tx: optax.GradientTransformation,
+) -> SynthState:
+  """A step-0 `SynthState` (all candidates active unless ``active``)."""
+  n = x.shape[0]
+  return SynthState(
+    step=jnp.zeros((), jnp.int32),
+    x=x,
+    lambda_param=lambda_param,
+    active=(
+      jnp.ones((n,), jnp.bool_)
+      if active is None
+      else jnp.asarray(active, jnp.bool_)
+    ),
+    opt_x=x_tx.init(x),
+    opt_lambda=lambda_tx.init(lambda_param),
+  )
+
+
 def describe(
   apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array
 ) -> dict[str, jax.Array]:
@@ -426,41 +479,14 @@ def make_synthesizer(
     return jnp.clip(x, lo, hi)
 
   def init_fn(key, x0, targets, active=None) -> SynthState:
-    x0 = jnp.asarray(x0)
-    targets = jnp.asarray(targets)
-    check_images(x0)
-    if x0.ndim != 4:
-      raise ValueError(f"x0 must be images [N, H, W, C], got {x0.shape}.")
-    try:
-      out = jax.eval_shape(apply_fn, params, x0)
-    except Exception as e:  # noqa: BLE001 -- any model error means misfit.
-      first = str(e).splitlines()[0] if str(e) else type(e).__name__
-      raise ValueError(
-        f"x0 of shape {x0.shape} does not fit the model ({first})."
-      ) from None
-    if targets.ndim not in (1, 2) or targets.shape[0] != x0.shape[0]:
-      raise ValueError(
-        f"targets of shape {targets.shape} do not match the {x0.shape[0]} "
-        "candidates of x0 (need int [N] or soft float [N, C])."
-      )
-    # Targets vs the logits: shapes always, values (label range, soft rows
-    # summing to 1) when concrete.
-    kkt.primal_loss(jnp.zeros(out.shape, jnp.float32), targets)
-    n = x0.shape[0]
-    lam = jax.random.uniform(key, (n,), jnp.float32, low, high)
-    x = clip(x0.astype(jnp.float32))
-    lambda_param = from_lambda(lam)
-    return SynthState(
-      step=jnp.zeros((), jnp.int32),
-      x=x,
-      lambda_param=lambda_param,
-      active=(
-        jnp.ones((n,), jnp.bool_)
-        if active is None
-        else jnp.asarray(active, jnp.bool_)
-      ),
-      opt_x=x_tx.init(x),
-      opt_lambda=lambda_tx.init(lambda_param),
+    check_candidates(apply_fn, params, x0, targets)
+    lam = jax.random.uniform(key, (x0.shape[0],), jnp.float32, low, high)
+    return initial_state(
+      clip(jnp.asarray(x0, jnp.float32)),
+      from_lambda(lam),
+      active,
+      x_tx=x_tx,
+      lambda_tx=lambda_tx,
     )
 
   def kkt_term(x, lam, active, targets):
