@@ -94,6 +94,20 @@ def test_unknown_config_arg():
     configs.get_config("imagenet")
 
 
+@pytest.mark.parametrize("name", configs.CONFIGS)
+@pytest.mark.parametrize("arg", [None, "tiny"])
+def test_every_packaged_config_passes_every_stage_check(name, arg):
+  # A config only the long runs use (fashion_mnist, cifar) must not fail
+  # its validation hours into `all`.
+  from dsv_jax import report, retrain_stage, select_stage
+
+  c = configs.get_config(name, arg)
+  pipelines.validate_config(c)
+  select_stage._validate(c)
+  retrain_stage.validate_retrain_config(c)
+  report.validate_report_config(c)
+
+
 def test_missing_classifier_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="Run the `train` stage"):
     pipelines.load_classifier(str(tmp_path))

@@ -24,7 +24,8 @@ def get_config(arg: str | None = None):
   # saw flipped digits); the other strengths are METHOD.md's.
   c.synth.aug_flip = 0.0
   # Retraining recipe, chosen on the validation split (10 noise-init DSVs
-  # vs 10 random real images per class, 5 seeds; benchmarks/README.md):
+  # vs 10 random real images per class, 5 seeds; benchmarks/README.md,
+  # retrain_sweep):
   # Adam lr 1e-3 with batch 32 for 400 steps reaches 0.864 / 0.952, the
   # paper's lr 1e-4 full-batch for 1000 steps 0.733 / 0.884 at 5x the time.
   c.retrain.learning_rate = 1e-3
