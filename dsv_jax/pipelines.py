@@ -83,10 +83,23 @@ _STAGE_SECTIONS = {
 }
 
 
+# Keys that change only progress output and checkpoint frequency, never a
+# result: left out of the hashes, so changing them neither redoes a finished
+# stage under `all` nor discards an interrupted stage's checkpoint.
+_PROGRESS_KEYS = ("log_every", "ckpt_every", "eval_every")
+
+
 def config_hash(config: ml_collections.ConfigDict, stage: str) -> str:
   """A short hash of the config sections that `stage` depends on."""
   d = config.to_dict()
-  relevant = {k: d.get(k) for k in _STAGE_SECTIONS[stage]}
+  relevant = {
+    k: (
+      {kk: v for kk, v in d[k].items() if kk not in _PROGRESS_KEYS}
+      if isinstance(d.get(k), dict)
+      else d.get(k)
+    )
+    for k in _STAGE_SECTIONS[stage]
+  }
   blob = json.dumps(relevant, sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -71,6 +71,19 @@ def test_config_change_redoes_stage(tmp_path):
   assert pipelines.stage_record(wd, "train")["results"]["steps"] == 4
 
 
+def test_progress_keys_do_not_change_the_stage_hashes():
+  base = configs.get_config("digits")
+  for stage in pipelines.STAGES:
+    c = configs.get_config("digits")
+    for section in ("train", "synth", "select", "retrain", "baseline"):
+      for key in ("log_every", "ckpt_every", "eval_every"):
+        if key in c[section]:
+          c[section][key] += 7
+    assert pipelines.config_hash(c, stage) == pipelines.config_hash(base, stage)
+    c.train.steps += 1  # Every stage depends on the classifier's recipe.
+    assert pipelines.config_hash(c, stage) != pipelines.config_hash(base, stage)
+
+
 @pytest.mark.parametrize(
   "override,message",
   [
