@@ -240,12 +240,16 @@ class FunctionalModel(NamedTuple):
     train_apply: `(params, state, x) -> (logits, new_state)` in training
       mode (batch statistics from the batch, running averages updated).
     eval_apply: `(params, state, x) -> logits` in evaluation mode.
+    graph: hashable identity of the architecture (the NNX graph
+      definitions): equal for two models that differ only in their values
+      (e.g. their init seed), so compiled functions can be reused.
   """
 
   params: Params
   state: PyTree
   train_apply: Callable[[Params, PyTree, jax.Array], tuple[jax.Array, PyTree]]
   eval_apply: Callable[[Params, PyTree, jax.Array], jax.Array]
+  graph: Any = None
 
 
 def functional(model: nnx.Module, *, wrt=nnx.Param) -> FunctionalModel:
@@ -269,7 +273,11 @@ def functional(model: nnx.Module, *, wrt=nnx.Param) -> FunctionalModel:
     return nnx.merge(eval_def, p, s)(x)
 
   return FunctionalModel(
-    nnx.to_pure_dict(params), nnx.to_pure_dict(state), train_apply, eval_apply
+    nnx.to_pure_dict(params),
+    nnx.to_pure_dict(state),
+    train_apply,
+    eval_apply,
+    graph=(train_def, eval_def),
   )
 
 

@@ -102,6 +102,22 @@ def test_shapes_and_seed_determinism():
   assert float(jnp.max(jnp.abs(w[0] - w[1]))) > 1e-3
 
 
+def test_reused_compiled_step_equals_a_fresh_one():
+  # Rows of a report share one compiled step per architecture and recipe;
+  # a second set (other data, other seeds' models) must train exactly as
+  # with a freshly built step.
+  x2, y2 = _set(seed=5)
+  retrain.retrain(_mlp, X, Y, EX, EY, num_models=2, seed=0, **RECIPE)
+  reused = retrain.retrain(_mlp, x2, y2, EX, EY, num_models=2, seed=3, **RECIPE)
+  assert any(k[1] == _mlp(0).graph for k in retrain._REUSED)
+  retrain._REUSED.clear()
+  fresh = retrain.retrain(_mlp, x2, y2, EX, EY, num_models=2, seed=3, **RECIPE)
+  np.testing.assert_array_equal(reused.final_losses, fresh.final_losses)
+  jax.tree.map(np.testing.assert_array_equal, reused.params, fresh.params)
+  # Another architecture with the same recipe never gets the MLP's step.
+  assert _bn_convnet(0).graph != _mlp(0).graph
+
+
 def _reference(
   model_fn,
   x,
