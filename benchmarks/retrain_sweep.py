@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from dsv_jax import artifacts, configs, pipelines, retrain, retrain_stage
+from dsv_jax import artifacts, configs, pipelines, retrain_stage
 
 SET_DIRS = {"dsv": "synthesize", "select": "select"}
 
@@ -119,7 +119,10 @@ def main():
   ds = pipelines.load_data(config)
   sets = load_sets(args, config, ds, clf.info.num_classes)
   val = ds.split("validation")
-  model_fn = retrain_stage.model_fn_of(clf)
+  # Each grid point is the config's recipe with the swept keys replaced, run
+  # by the retrain stage's own `retrain_sets` on the validation split.
+  config.seed = args.seed
+  r.update(eval_split="validation", num_models=args.num_models, weight_decay=wd)
   print(
     f"config {args.config}, classifier {args.workdir}, "
     f"validation n={len(val['label'])}, K={args.num_models}, wd={wd:g}, "
@@ -136,27 +139,15 @@ def main():
     args.max_shift,
   )
   for lr, bs, steps, flip, shift in grid:
-    for name, (images, labels) in sets.items():
-      res = retrain.retrain(
-        model_fn,
-        images,
-        labels,
-        val["image"],
-        val["label"],
-        num_models=args.num_models,
-        steps=steps,
-        learning_rate=lr,
-        batch_size=bs,
-        weight_decay=wd,
-        flip=flip,
-        max_shift=shift,
-        seed=args.seed + r.seed_offset,
-        vectorize=r.vectorize,
-      )
+    r.update(
+      learning_rate=lr, batch_size=bs, steps=steps, flip=flip, max_shift=shift
+    )
+    rows = retrain_stage.retrain_sets(config, clf, ds, sets)
+    for name, row in rows.items():
       print(
-        f"| {name} | {len(labels)} | {lr:g} | {bs} | {steps} | {flip} | "
-        f"{shift} | {100 * res.mean:.1f} +- {100 * res.std:.1f} | "
-        f"{res.time_s:.0f} s |",
+        f"| {name} | {row['num_images']} | {lr:g} | {bs} | {steps} | {flip} | "
+        f"{shift} | {100 * row['mean']:.1f} +- {100 * row['std']:.1f} | "
+        f"{row['time_s']:.0f} s |",
         flush=True,
       )
   print(f"total {time.perf_counter() - t_all:.0f} s")

@@ -25,7 +25,7 @@ import time
 import ml_collections
 import numpy as np
 
-from dsv_jax import artifacts, configs, pipelines, retrain_stage
+from dsv_jax import artifacts, configs, pipelines, report, retrain_stage
 
 
 def parse_grid(items: list[str], config: ml_collections.ConfigDict):
@@ -44,12 +44,15 @@ def parse_grid(items: list[str], config: ml_collections.ConfigDict):
   return grid
 
 
-def synthesize(config, workdir, out_dir):
-  """Runs (or reuses) a real-init synthesis sub-run; returns its DSV set."""
-  digest = pipelines.config_hash(config, "synthesize")
-  record = pipelines.stage_record(out_dir, "synthesize")
-  if record is None or record["config_hash"] != digest:
-    pipelines.run(config, out_dir, "synthesize")
+def synthesize(config, out_dir):
+  """Runs (or reuses) a real-init synthesis sub-run; returns its DSV set.
+
+  The report's own sub-run runner: a finished run with the same settings is
+  reused, an interrupted one resumes.
+  """
+  report._run_stage_once(
+    pipelines.run_synthesize, config, out_dir, "synthesize"
+  )
   dsv, _ = artifacts.load_dsv(os.path.join(out_dir, "synthesize"))
   return dsv
 
@@ -99,7 +102,7 @@ def main():
       for key, value in settings:
         sub.synth[key.split(".")[1]] = value
       name = "_".join([f"k{k}", *(f"{a}{b}" for a, b in settings)])
-      dsv = synthesize(sub, args.workdir, os.path.join(args.out, name))
+      dsv = synthesize(sub, os.path.join(args.out, name))
       sets = {"dsv": retrain_stage.set_rows(dsv, soft=False)}
       idx = np.asarray(dsv.source_index)
       if k not in real_rows:
