@@ -108,10 +108,14 @@ class ConvNet(nnx.Module):
     self.pool = pool
     self.head = nnx.Linear(h * w * width, num_classes, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def features(self, x: jax.Array) -> jax.Array:
+    """Penultimate features ``[B, F]``: the dense head's input."""
     for conv, norm in zip(self.convs, self.norms, strict=True):
       x = _pool(self.pool, jax.nn.relu(norm(conv(x))))
-    return self.head(x.reshape(x.shape[0], -1))
+    return x.reshape(x.shape[0], -1)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.head(self.features(x))
 
 
 class MLP(nnx.Module):
@@ -130,11 +134,15 @@ class MLP(nnx.Module):
     self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in pairs])
     self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def features(self, x: jax.Array) -> jax.Array:
+    """Penultimate features ``[B, F]``: the dense head's input."""
     x = x.reshape(x.shape[0], -1)
     for layer in self.layers:
       x = jax.nn.relu(layer(x))
-    return self.head(x)
+    return x
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.head(self.features(x))
 
 
 class _BasicBlock(nnx.Module):
@@ -196,11 +204,15 @@ class ResNet18(nnx.Module):
     self.blocks = nnx.List(blocks)
     self.head = nnx.Linear(cin, num_classes, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def features(self, x: jax.Array) -> jax.Array:
+    """Penultimate features ``[B, F]``: globally pooled, the head's input."""
     x = jax.nn.relu(self.stem_norm(self.stem(x)))
     for block in self.blocks:
       x = block(x)
-    return self.head(x.mean(axis=(1, 2)))
+    return x.mean(axis=(1, 2))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.head(self.features(x))
 
 
 MODELS = ("convnet", "resnet18", "mlp")
@@ -243,6 +255,9 @@ class FunctionalModel(NamedTuple):
     graph: hashable identity of the architecture (the NNX graph
       definitions): equal for two models that differ only in their values
       (e.g. their init seed), so compiled functions can be reused.
+    eval_features: `(params, state, x) -> features [B, F]` in evaluation
+      mode, the penultimate layer (the model's `features` method), or None
+      when the model has none.
   """
 
   params: Params
@@ -250,6 +265,7 @@ class FunctionalModel(NamedTuple):
   train_apply: Callable[[Params, PyTree, jax.Array], tuple[jax.Array, PyTree]]
   eval_apply: Callable[[Params, PyTree, jax.Array], jax.Array]
   graph: Any = None
+  eval_features: Callable[[Params, PyTree, jax.Array], jax.Array] | None = None
 
 
 def functional(model: nnx.Module, *, wrt=nnx.Param) -> FunctionalModel:
@@ -272,12 +288,16 @@ def functional(model: nnx.Module, *, wrt=nnx.Param) -> FunctionalModel:
   def eval_apply(p, s, x):
     return nnx.merge(eval_def, p, s)(x)
 
+  def eval_features(p, s, x):
+    return nnx.merge(eval_def, p, s).features(x)
+
   return FunctionalModel(
     nnx.to_pure_dict(params),
     nnx.to_pure_dict(state),
     train_apply,
     eval_apply,
     graph=(train_def, eval_def),
+    eval_features=eval_features if hasattr(model, "features") else None,
   )
 
 

@@ -43,6 +43,7 @@ from dsv_jax import (
   data,
   models,
   parallel,
+  select,
   synthesize,
   train,
   viz,
@@ -141,6 +142,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(config.train[key] >= 0, f"train.{key}", "must be >= 0.")
   need(config.train.learning_rate > 0, "train.learning_rate", "must be > 0.")
   need(config.train.weight_decay >= 0, "train.weight_decay", "must be >= 0.")
+  need(config.train.finish_steps >= 0, "train.finish_steps", "must be >= 0.")
+  need(config.train.finish_tol >= 0, "train.finish_tol", "must be >= 0.")
+  need(
+    not (config.train.finish_steps and config.train.weight_decay == 0),
+    "train.finish_steps",
+    "needs train.weight_decay > 0 (no stationary point without it).",
+  )
   need(
     config.train.lr_schedule in train.SCHEDULES,
     "train.lr_schedule",
@@ -307,21 +315,30 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     on_metrics=on_metrics,
   )
   ckptr.close()
+  finish = _finish(config, workdir, digest, fm, state, ds)
+  state = state._replace(params=finish.pop("params"))
   train_time = time.perf_counter() - t0
   evaluate = train.make_eval_fn(fm)
-  val = evaluate(state.params, state.model_state, ds.validation)
-  test = evaluate(state.params, state.model_state, ds.test)
+  splits = {"train": ds.train, "val": ds.validation, "test": ds.test}
+  evals = {
+    name: evaluate(state.params, state.model_state, split)
+    for name, split in splits.items()
+  }
   results = {
     "steps": config.train.steps,
     "resumed_from_step": resume_step or 0,
     "train_time_s": train_time,
     "train_accuracy_last_batch": last.get("accuracy"),
-    "val_accuracy": val["accuracy"],
-    "val_loss": val["loss"],
-    "test_accuracy": test["accuracy"],
-    "test_loss": test["loss"],
     "num_params": models.num_params(state.params),
+    "max_entropy": float(np.log(ds.info.num_classes)),
+    **finish,
   }
+  # Accuracy and loss of every split, and the classifier's health (mean
+  # entropy, margin and logit scale) on its own training images, the
+  # validation and the test split.
+  for name, ev in evals.items():
+    for key, value in ev.items():
+      results[f"{name}_{key}"] = value
   checkpoints.save_classifier(
     os.path.join(workdir, "classifier"),
     {"params": state.params, "model_state": state.model_state},
@@ -330,17 +347,88 @@ def run_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "seed": config.seed,
       "dataset": ds.info.to_dict(),
       "config_hash": digest,
+      # The recipe the stationarity anchors of selection need.
+      "train": {
+        "weight_decay": config.train.weight_decay,
+        "num_train": len(ds.train["label"]),
+      },
       "results": results,
     },
   )
   logging.info(
-    "Trained in %.1f s: validation accuracy %.4f, test accuracy %.4f.",
+    "Trained in %.1f s: validation accuracy %.4f, test accuracy %.4f; "
+    "health on training images: entropy %.3f (max %.3f), margin %.3f, "
+    "logit std %.3f.",
     train_time,
-    val["accuracy"],
-    test["accuracy"],
+    results["val_accuracy"],
+    results["test_accuracy"],
+    results["train_entropy"],
+    results["max_entropy"],
+    results["train_margin"],
+    results["train_logit_std"],
   )
+  warning = train.health_warning(results["train_entropy"], ds.info.num_classes)
+  if warning:
+    logging.warning("%s", warning)
   _mark_done(workdir, "train", digest, results)
   return results
+
+
+def _finish(config, workdir, digest, fm, state, ds) -> dict[str, Any]:
+  """The train stage's finishing phase (`train.finish_full_batch`).
+
+  Optimises the leaves a lambda can represent (`select.represented_leaves`:
+  scale-invariant ones have no stationary point under weight decay) to a
+  stationary point of the un-augmented training objective. Returns the
+  finished ``params`` and the record entries (prefixed ``finish_``).
+  """
+  t = config.train
+
+  def apply_fn(p, x):
+    return fm.eval_apply(p, state.model_state, x)
+
+  rep = select.represented_leaves(
+    apply_fn,
+    state.params,
+    ds.train["image"],
+    ds.train["label"],
+  )
+  out = {
+    "params": state.params,
+    "represented_excluded": list(rep.groups),
+    "represented_excluded_share": rep.excluded_share,
+  }
+  if not t.finish_steps:
+    return out
+  ckpt_dir = os.path.join(workdir, "ckpt", "train_finish")
+  ckptr = checkpoints.RunCheckpointer(ckpt_dir)
+  _check_resumable(ckptr, ckpt_dir, digest, "finishing")
+  logging.info(
+    "Finishing phase: full-batch L-BFGS on %d training images over every "
+    "leaf but %s (up to %d iterations, target relative gradient %g).",
+    len(ds.train["label"]),
+    list(rep.groups) or "none",
+    t.finish_steps,
+    t.finish_tol,
+  )
+  params, info = train.finish_full_batch(
+    apply_fn,
+    state.params,
+    ds.train["image"],
+    ds.train["label"],
+    weight_decay=t.weight_decay,
+    steps=t.finish_steps,
+    mask=rep.mask,
+    tol=t.finish_tol,
+    checkpointer=ckptr,
+    ckpt_every=t.ckpt_every and max(1, t.ckpt_every // 10),
+    ckpt_meta={"config_hash": digest},
+    log_every=max(1, t.log_every // 10),
+  )
+  ckptr.close()
+  out["params"] = params
+  out.update({f"finish_{k}": v for k, v in info.items()})
+  return out
 
 
 class Classifier(NamedTuple):
@@ -918,6 +1006,15 @@ def _runner(stage: str) -> Callable[[ml_collections.ConfigDict, str], dict]:
   }[stage]
 
 
+# Checkpoint folders (under ckpt/) of each stage, where not just its name.
+_STAGE_CKPTS = {"train": ("train", "train_finish")}
+
+
+def _clear_checkpoints(workdir: str, stage: str) -> None:
+  for name in _STAGE_CKPTS.get(stage, (stage,)):
+    shutil.rmtree(os.path.join(workdir, "ckpt", name), ignore_errors=True)
+
+
 def run(
   config: ml_collections.ConfigDict, workdir: str, stage: str | None = None
 ) -> dict[str, dict]:
@@ -947,9 +1044,9 @@ def run(
         out[name] = record["results"]
         continue
       logging.info("Config of stage %s changed: redoing it.", name)
-      shutil.rmtree(os.path.join(workdir, "ckpt", name), ignore_errors=True)
+      _clear_checkpoints(workdir, name)
     elif record is not None and record["config_hash"] != digest:
-      shutil.rmtree(os.path.join(workdir, "ckpt", name), ignore_errors=True)
+      _clear_checkpoints(workdir, name)
     logging.info("Stage %s: starting in %s.", name, workdir)
     out[name] = _runner(name)(config, workdir)
   return out

@@ -308,29 +308,137 @@ def load_selection(workdir: str) -> dict[str, Any]:
   return out
 
 
+def _welch_p(a: Sequence[float], b: Sequence[float]) -> float:
+  """Two-sided Welch t-test p-value of ``mean(a) != mean(b)``."""
+  from scipy import stats
+
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if np.std(a) == 0 and np.std(b) == 0:
+    return 1.0 if np.mean(a) == np.mean(b) else 0.0
+  return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def el2n_run(config, workdir, clf, ds) -> np.ndarray:
+  """EL2N scores of the training split, cached in `report/runs/el2n.npz`.
+
+  K = `report.el2n_models` fresh models of the classifier's architecture
+  trained for `report.el2n_steps` steps of the classifier's own recipe
+  (`config.train`) on the whole training split (`coreset.el2n_scores`).
+  """
+  from dsv_jax import coreset, retrain_stage
+
+  t, rc = config.train, config.report
+  path = os.path.join(workdir, "report", "runs", "el2n.npz")
+  digest = _digest(
+    ds.train["label"],
+    extra={
+      "train": pipelines.config_hash(config, "train"),
+      "el2n": [rc.el2n_models, rc.el2n_steps],
+    },
+  )
+  if os.path.exists(path):
+    with np.load(path) as z:
+      if str(z["digest"]) == digest:
+        return z["scores"]
+  logging.info(
+    "Report: EL2N scores from %d models x %d steps.",
+    rc.el2n_models,
+    rc.el2n_steps,
+  )
+  scores = coreset.el2n_scores(
+    retrain_stage.model_fn_of(clf),
+    ds.train["image"],
+    ds.train["label"],
+    num_models=rc.el2n_models,
+    steps=rc.el2n_steps,
+    learning_rate=t.learning_rate,
+    batch_size=t.batch_size,
+    weight_decay=t.weight_decay,
+    flip=t.flip,
+    max_shift=t.max_shift,
+    seed=config.seed + 2,
+  )
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.savez(path, scores=scores, digest=digest)
+  return scores
+
+
 def coreset_section(config, workdir, rows: RetrainRows) -> tuple[str, dict]:
-  """Table 1 analogue: top-lambda training images vs random ones."""
-  ds, c = rows.ds, rows.clf.info.num_classes
+  """Table 1 analogue: selected training images against coreset baselines.
+
+  For every k in `report.coreset_ipc`: random images (K different draws,
+  model k trained on draw k), herding in the classifier's penultimate
+  features, the highest EL2N scores, and the selection's top-k by its score
+  (contribution) and by lambda (the paper's ranking); the same retraining
+  recipe and K model seeds for every row, and a Welch p-value of selection
+  against random.
+  """
+  from dsv_jax import coreset
+
+  ds, clf = rows.ds, rows.clf
+  c = clf.info.num_classes
   sel = load_selection(workdir)
-  labels = ds.train["label"]
+  x, labels = ds.train["image"], ds.train["label"]
   key = jax.random.fold_in(jax.random.key(config.seed), 77)
+  fm = clf.functional
+  feats = coreset.features_of(
+    lambda p, xx: fm.eval_features(p, fm.state, xx), clf.params, x
+  )
+  el2n = el2n_run(config, workdir, clf, ds)
+  num_models = config.retrain.num_models
   lines = [
-    "| img/cls | random | highest score (selection) |",
-    "|---|---|---|",
+    "| img/cls | random | herding | EL2N (highest) | DSV selection "
+    "(contribution) | DSV selection (lambda) | p vs random: contribution "
+    "/ lambda |",
+    "|---|---|---|---|---|---|---|",
   ]
   results = {}
-  for k in config.report.ipc:
-    top = np.concatenate([sel["ranking"][c_][:k] for c_ in range(c)])
-    rnd = select.random_per_class(jax.random.fold_in(key, k), labels, c, k)
-    r_top = rows(f"selected top k={k}", ds.train["image"][top], labels[top])
-    r_rnd = rows(f"random k={k}", ds.train["image"][rnd], labels[rnd])
-    lines.append(f"| {k} | {_pct(r_rnd)} | {_pct(r_top)} |")
-    results[f"k{k}"] = {"random": r_rnd, "selected": r_top}
+  for k in config.report.coreset_ipc:
+    draws = [
+      select.random_per_class(
+        jax.random.fold_in(key, 1000 * k + m), labels, c, k
+      )
+      for m in range(num_models)
+    ]
+    picks = {
+      "herding": coreset.herding(feats, labels, c, k),
+      "el2n": select.top_per_class(el2n, labels, c, k),
+      "selected": np.concatenate([sel["ranking"][j][:k] for j in range(c)]),
+      "selected_lambda": select.top_per_class(sel["lambdas"], labels, c, k),
+    }
+    res = {
+      "random": rows(
+        f"random k={k} ({num_models} draws)",
+        np.stack([x[d] for d in draws]),
+        np.stack([labels[d] for d in draws]),
+      )
+    }
+    for name, idx in picks.items():
+      res[name] = rows(f"{name} k={k}", x[idx], labels[idx])
+    rand = res["random"]["accuracies"]
+    p = _welch_p(res["selected"]["accuracies"], rand)
+    p_lam = _welch_p(res["selected_lambda"]["accuracies"], rand)
+    res["p_selected_vs_random"] = p
+    res["p_selected_lambda_vs_random"] = p_lam
+    cells = [
+      _pct(res[n])
+      for n in ("random", "herding", "el2n", "selected", "selected_lambda")
+    ]
+    lines.append(
+      f"| {k} | " + " | ".join(cells) + f" | {p:.2g} / {p_lam:.2g} |"
+    )
+    results[f"k{k}"] = res
   md = (
     "## 2. Coreset selection (Table 1 analogue)\n\n"
-    "Training images ranked by the selection score of the `select` stage "
-    "(per class), against random training images of the same classes; same "
-    "retraining recipe as section 1.\n\n" + "\n".join(lines) + "\n"
+    f"k training images per class, {num_models} seeds per row (the same "
+    "retraining recipe and model seeds as section 1; the random row draws "
+    "a new subset for every seed). Herding: greedy mean matching of the "
+    "classifier's L2-normalised penultimate features. EL2N: highest error "
+    f"norm after {config.report.el2n_steps} training steps, averaged over "
+    f"{config.report.el2n_models} models. Selection: the `select` stage's "
+    "top-k per class by contribution lambda_i ||p_i - y_i|| (the default) "
+    "and by lambda (the paper's ranking). p: two-sided Welch t-test of "
+    "each selection against random.\n\n" + "\n".join(lines) + "\n"
   )
   return md, results
 
@@ -343,6 +451,67 @@ def _stats(desc: dict[str, np.ndarray]) -> dict[str, float]:
     "margin_std": float(np.std(desc["margin"])),
     "n": int(len(desc["entropy"])),
   }
+
+
+def entropy_protocol_run(config, workdir, clf, ds) -> dict[str, np.ndarray]:
+  """The paper's entropy-figure protocol, from its source code.
+
+  Real training images (`report.protocol_candidates` in all, spread evenly
+  over the classes) are the candidates; x and lambda are optimised with the
+  synthesis objective from the usual random lambda initialisation
+  (`config.synth`, `report.synth_steps` steps), and every candidate's
+  predictive entropy is recorded along the way. The paper's figure shows
+  the top-5-lambda candidates gaining entropy and the lowest-50 losing it.
+  Cached in `report/runs/entropy_protocol.npz`.
+
+  Returns:
+    ``steps`` int ``[T]``, ``entropy`` ``[T, N]``, ``lambdas`` ``[N]`` (at
+    the end), ``labels`` ``[N]``.
+  """
+  rc, info = config.report, clf.info
+  c = info.num_classes
+  steps = rc.synth_steps or config.synth.steps
+  per_class = max(1, rc.protocol_candidates // c)
+  path = os.path.join(workdir, "report", "runs", "entropy_protocol.npz")
+  digest = pipelines.config_hash(
+    _sub_config(
+      config, workdir, **{"synth.steps": steps, "synth.init": "real"}
+    ),
+    "synthesize",
+  )
+  digest = _digest(extra=[digest, per_class])
+  if os.path.exists(path):
+    with np.load(path) as z:
+      if str(z["digest"]) == digest:
+        return {k: z[k] for k in ("steps", "entropy", "lambdas", "labels")}
+  labels = synthesize.class_targets(per_class, c)
+  key = jax.random.fold_in(jax.random.key(config.seed), 80)
+  x0, _ = synthesize.real_init(jax.random.fold_in(key, 2), ds.train, labels)
+  synth = synthesize.make_synthesizer(
+    clf.apply_fn, clf.params, **pipelines.synth_kwargs(config, info)
+  )
+  state = synth.init_fn(jax.random.fold_in(key, 0), x0, labels)
+  step_fn = jax.jit(synth.step_fn, donate_argnums=(0,))
+  entropy_fn = jax.jit(
+    lambda p, x: synthesize.describe(clf.apply_fn, p, x, labels)["entropy"]
+  )
+  every = max(1, steps // 30)
+  rec_steps, rec = [0], [np.asarray(entropy_fn(clf.params, state.x))]
+  step_key = jax.random.fold_in(key, 1)
+  for t in range(1, steps + 1):
+    state, _ = step_fn(state, labels, step_key)
+    if t % every == 0 or t == steps:
+      rec_steps.append(t)
+      rec.append(np.asarray(entropy_fn(clf.params, state.x)))
+  out = {
+    "steps": np.asarray(rec_steps),
+    "entropy": np.stack(rec),
+    "lambdas": np.asarray(synth.lambdas_fn(state)),
+    "labels": labels,
+  }
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  np.savez(path, digest=digest, **out)
+  return out
 
 
 def boundary_section(
@@ -358,12 +527,30 @@ def boundary_section(
     _, _, run_dir = shot_run(config, workdir, init, k)
     with open(os.path.join(run_dir, "synthesize", "metrics.jsonl")) as f:
       curves[f"{init} init, k={k}"] = [json.loads(line) for line in f]
-  fig, ax = plt.subplots(figsize=(4.5, 3))
+  proto = entropy_protocol_run(config, workdir, clf, ds)
+  order = np.argsort(-proto["lambdas"], kind="stable")
+  n_top, n_low = min(5, len(order)), min(50, max(len(order) - 5, 1))
+  top, low = order[:n_top], order[-n_low:]
+  ent = proto["entropy"]
+  proto_groups = {
+    f"top-{n_top} lambda": ent[:, top].mean(1),
+    f"lowest-{n_low} lambda": ent[:, low].mean(1),
+    "all candidates": ent.mean(1),
+  }
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+  ax = axes[0]
   for name, rws in curves.items():
     ax.plot([r["step"] for r in rws], [r["entropy"] for r in rws], label=name)
   ax.set_xlabel("synthesis step")
   ax.set_ylabel("mean predictive entropy")
+  ax.set_title("synthesis (mean over candidates)", fontsize=8)
   ax.axhline(np.log(c), ls=":", c="grey", label="max (log C)")
+  ax.legend(fontsize=7)
+  ax = axes[1]
+  for name, curve in proto_groups.items():
+    ax.plot(proto["steps"], curve, label=name)
+  ax.set_xlabel("step (x and lambda fitted, real candidates)")
+  ax.set_title("the paper's protocol: grouped by final lambda", fontsize=8)
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "entropy_curve.png"), dpi=100)
@@ -408,16 +595,29 @@ def boundary_section(
   curve_txt = "; ".join(
     f"{n}: {a:.3f} -> {b:.3f}" for n, (a, b) in firsts.items()
   )
+  proto_ends = {n: (float(v[0]), float(v[-1])) for n, v in proto_groups.items()}
+  proto_txt = "; ".join(
+    f"{n}: {a:.3f} -> {b:.3f}" for n, (a, b) in proto_ends.items()
+  )
   md = (
     "## 3. Boundary evidence\n\n"
     "The paper reports that candidates' predictive entropy rises during "
     f"synthesis (about 0.2 to 1.0 on CIFAR-10). Measured here: {curve_txt}.\n\n"
+    "The paper's own protocol (from its source): real training images as "
+    "candidates, x and lambda fitted from a random lambda; the top-5-lambda "
+    "candidates should gain entropy and the lowest-50 lose it. Measured on "
+    f"{ent.shape[1]} candidates over {int(proto['steps'][-1])} steps: "
+    f"{proto_txt}.\n\n"
     "![entropy during synthesis](entropy_curve.png)\n\n"
     "Entropy and logit margin (target logit minus the largest other) under "
     "the source classifier; higher entropy / lower margin = closer to the "
     "decision boundary.\n\n" + "\n".join(lines) + "\n"
   )
-  return md, {"entropy_curves": firsts, "groups": groups}
+  return md, {
+    "entropy_curves": firsts,
+    "entropy_protocol": proto_ends,
+    "groups": groups,
+  }
 
 
 def _per_class_accuracy(clf, ds) -> np.ndarray:
@@ -656,8 +856,14 @@ def strips_section(workdir: str, out_dir: str) -> tuple[str, dict]:
 
 def validate_report_config(config: ml_collections.ConfigDict) -> None:
   rc = config.report
-  if not rc.ipc or any(int(k) < 1 for k in rc.ipc):
-    raise ValueError(f"Config key report.ipc: need sizes >= 1, got {rc.ipc}.")
+  for key in ("ipc", "coreset_ipc"):
+    if not rc[key] or any(int(k) < 1 for k in rc[key]):
+      raise ValueError(
+        f"Config key report.{key}: need sizes >= 1, got {rc[key]}."
+      )
+  for key in ("el2n_models", "el2n_steps", "protocol_candidates"):
+    if rc[key] < 1:
+      raise ValueError(f"Config key report.{key}: must be >= 1.")
   if rc.zero_shot_init not in ZERO_SHOT_INITS:
     raise ValueError(
       f"Config key report.zero_shot_init: {rc.zero_shot_init!r} not in "
@@ -665,6 +871,55 @@ def validate_report_config(config: ml_collections.ConfigDict) -> None:
     )
   if rc.flip_images < 1 or not rc.flip_ratios:
     raise ValueError("Config keys report.flip_images / flip_ratios: empty.")
+
+
+def health_lines(train_res: dict, select_record: dict | None) -> str:
+  """The report header's classifier health and stationarity anchors."""
+
+  def get(key, fmt=".3f"):
+    v = train_res.get(key)
+    return "n/a" if v is None else format(v, fmt)
+
+  max_ent = train_res.get("max_entropy")
+  out = (
+    "| classifier health | training images | validation |\n|---|---|---|\n"
+    f"| mean predictive entropy (max ln C = {get('max_entropy')}) | "
+    f"{get('train_entropy')} | {get('val_entropy')} |\n"
+    f"| mean margin (label logit - largest other) | {get('train_margin')} | "
+    f"{get('val_margin')} |\n"
+    f"| logit scale (std over classes) | {get('train_logit_std')} | "
+    f"{get('val_logit_std')} |\n"
+    f"| accuracy | {get('train_accuracy', '.4f')} | "
+    f"{get('val_accuracy', '.4f')} |\n\n"
+  )
+  if max_ent and train_res.get("train_entropy", 0) > 0.5 * max_ent:
+    out += (
+      "**Warning: the classifier is near-uniform** (training-image entropy "
+      "above half of ln C): every boundary number below means little.\n\n"
+    )
+  if "finish_rel_grad_after" in train_res:
+    out += (
+      "Finishing phase (full-batch L-BFGS on the training objective): "
+      f"relative gradient ||grad F|| / (wd ||theta||) "
+      f"{train_res['finish_rel_grad_before']:.3g} -> "
+      f"{train_res['finish_rel_grad_after']:.3g} in "
+      f"{train_res['finish_iterations']} iterations.\n\n"
+    )
+  if select_record is not None:
+    r = select_record["results"]
+    if "residual_uniform" in r:
+      excluded = ", ".join(r["excluded_leaves"]) or "none"
+      out += (
+        "Selection: relative stationarity residual "
+        "||theta + sum_i lambda_i g_i|| / ||theta|| of the fitted lambda "
+        f"{r['residual']:.3f} on the represented parameters "
+        f"({r['residual_all']:.3f} over all of theta); the anchor "
+        f"lambda_i = 1/(N wd) gives {r['residual_uniform']:.3f} "
+        f"({r['residual_uniform_all']:.3f}). Left out as unrepresentable "
+        f"(scale-invariant or zero-gradient): {excluded} "
+        f"({100 * r['excluded_share']:.1f}% of ||theta||^2).\n\n"
+      )
+  return out
 
 
 def run_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -716,6 +971,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
     f"on {jax.device_count()} {jax.devices()[0].platform} device(s).\n"
     "Settings were fixed on the validation split; every accuracy here is on "
     "the test split.\n\n"
+    + health_lines(train_res, pipelines.stage_record(workdir, "select"))
   )
   with open(os.path.join(out_dir, "report.md"), "w") as f:
     f.write(header + "\n".join(sections))
@@ -735,7 +991,10 @@ def _summary(results: dict, path: str) -> dict[str, Any]:
     out[f"few_shot/{name}"] = round(row["mean"], 4)
   for k, pair in results["coreset"].items():
     for which, row in pair.items():
-      out[f"coreset/{k}/{which}"] = round(row["mean"], 4)
+      if isinstance(row, dict):
+        out[f"coreset/{k}/{which}"] = round(row["mean"], 4)
+      else:
+        out[f"coreset/{k}/{which}"] = round(row, 4)
   out["lambda_accuracy_pearson"] = round(
     results["lambda_accuracy"]["pearson"], 3
   )

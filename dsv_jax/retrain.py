@@ -227,17 +227,24 @@ def _reused(key: tuple, build: Callable[[], Callable]) -> Callable:
   return _REUSED[key]
 
 
-def _batched(one: Callable, vectorize: str, num_models: int) -> Callable:
-  """The K-model step from the one-model step `one` (see `retrain`)."""
+def _batched(
+  one: Callable, vectorize: str, num_models: int, per_model: bool
+) -> Callable:
+  """The K-model step from the one-model step `one` (see `retrain`).
+
+  With ``per_model`` the images and targets carry a leading model axis
+  (one training set per model); otherwise all models share them.
+  """
   if vectorize == "vmap":
-    return jax.vmap(one, in_axes=(0, 0, 0, None, None, 0, None))
+    data_axis = 0 if per_model else None
+    return jax.vmap(one, in_axes=(0, 0, 0, data_axis, data_axis, 0, None))
 
   def unrolled(params, model_state, opt_state, images, targets, keys, t):
     outs = [
       one(
         *jax.tree.map(lambda a, k=k: a[k], (params, model_state, opt_state)),
-        images,
-        targets,
+        images[k] if per_model else images,
+        targets[k] if per_model else targets,
         keys[k],
         t,
       )
@@ -274,9 +281,13 @@ def retrain(
       the architecture to retrain (e.g. ``lambda s: models.functional(
       pipelines._build(name, kwargs, info, s))``). Every call must give the
       same architecture.
-    images: ``float[N, H, W, C]`` training images (normalised space).
+    images: ``float[N, H, W, C]`` training images (normalised space),
+      shared by the K models, or ``float[K, N, H, W, C]``: one set per
+      model (e.g. K different random subsets trained with the same seeds
+      as a fixed set).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``
-      (cross-entropy against the soft rows).
+      (cross-entropy against the soft rows); ``[K, N]`` / ``[K, N, C]``
+      with per-model sets.
     eval_images: ``float[M, H, W, C]`` images of the evaluation split.
     eval_labels: int ``[M]`` their labels.
     num_models: K, models trained at once (different seeds).
@@ -318,23 +329,42 @@ def retrain(
       raise ValueError(f"{name} must be >= 1, got {v}.")
   t0 = time.perf_counter()
   images = np.asarray(images, np.float32)
-  if images.ndim != 4 or images.shape[0] == 0:
+  per_model = images.ndim == 5
+  if per_model and images.shape[0] != num_models:
     raise ValueError(
-      "retrain needs a non-empty set of images [N, H, W, C], got shape "
-      f"{images.shape}."
+      f"per-model images [K, N, H, W, C] need K = num_models = {num_models} "
+      f"sets, got {images.shape[0]}."
+    )
+  one_set = images[0] if per_model else images
+  if one_set.ndim != 4 or one_set.shape[0] == 0:
+    raise ValueError(
+      "retrain needs a non-empty set of images [N, H, W, C] (or [K, N, H, "
+      f"W, C]), got shape {images.shape}."
     )
   fms = [model_fn(int(s)) for s in model_seeds(seed, num_models)]
   fm = fms[0]
   try:
-    out = jax.eval_shape(fm.eval_apply, fm.params, fm.state, images[:1])
+    out = jax.eval_shape(fm.eval_apply, fm.params, fm.state, one_set[:1])
   except Exception as e:  # noqa: BLE001 -- any model error means misfit.
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise ValueError(
       f"images of shape {images.shape} do not fit the model ({first})."
     ) from None
-  _check_inputs(images, targets, eval_images, eval_labels, out.shape[-1])
+  if per_model:
+    targets = np.asarray(targets)
+    if targets.shape[:2] != images.shape[:2]:
+      raise ValueError(
+        f"per-model targets of shape {targets.shape} do not match the "
+        f"per-model images {images.shape[:2]}."
+      )
+    for k in range(num_models):
+      _check_inputs(
+        images[k], targets[k], eval_images, eval_labels, out.shape[-1]
+      )
+  else:
+    _check_inputs(images, targets, eval_images, eval_labels, out.shape[-1])
   targets = jnp.asarray(targets)
-  if targets.ndim == 2:
+  if targets.ndim == 2 + per_model:  # Soft targets.
     targets = targets.astype(jnp.float32)
 
   tx = train.make_optimizer(
@@ -361,6 +391,7 @@ def retrain(
       max_shift,
       vectorize,
       num_models,
+      per_model,
     ),
     lambda: jax.jit(
       _batched(
@@ -369,6 +400,7 @@ def retrain(
         ),
         vectorize,
         num_models,
+        per_model,
       ),
       donate_argnums=(0, 1, 2),
     ),

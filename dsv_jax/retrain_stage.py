@@ -98,6 +98,10 @@ def retrain_sets(
 ) -> dict[str, dict[str, Any]]:
   """Retrains on each named ``(images, targets)`` set with `config.retrain`.
 
+  A set may also be K per-model sets (``images [K, N, H, W, C]``, targets
+  ``[K, N]``, K = ``retrain.num_models``): model k trains on set k with the
+  same seeds as every other row (e.g. K random draws).
+
   Returns:
     ``{name: row}``, each row with the per-model accuracies on
     ``config.retrain.eval_split``, their mean and std, images per class and
@@ -108,7 +112,10 @@ def retrain_sets(
   model_fn = model_fn_of(clf)
   rows = {}
   for name, (images, targets) in sets.items():
-    labels = np.asarray(synthesize.target_labels(targets))
+    per_model = np.ndim(images) == 5
+    labels = np.asarray(
+      synthesize.target_labels(targets[0] if per_model else targets)
+    )
     logging.info(
       "Retraining %d models on %s (%d images).", r.num_models, name, len(labels)
     )
@@ -132,7 +139,8 @@ def retrain_sets(
     rows[name] = {
       "num_images": int(len(labels)),
       "per_class": np.bincount(labels, minlength=clf.info.num_classes).tolist(),
-      "targets": "soft" if np.ndim(targets) == 2 else "hard",
+      "targets": "soft" if np.ndim(targets) == 2 + per_model else "hard",
+      "per_model_sets": bool(per_model),
       "accuracies": res.accuracies.tolist(),
       "mean": res.mean,
       "std": res.std,

@@ -56,6 +56,7 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     s.distance in select.DISTANCES, "distance", f"not in {select.DISTANCES}."
   )
   need(s.init in select.INITS, "init", f"not in {select.INITS}.")
+  need(s.wrt in select.WRT, "wrt", f"not in {select.WRT}.")
   need(s.score in select.SCORES, "score", f"not in {select.SCORES}.")
   need(s.slackness >= 0, "slackness", "must be >= 0.")
   need(
@@ -195,11 +196,20 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if s.ckpt_every and step % s.ckpt_every == 0:
       ckptr.save(step, st, meta)
 
+  represented = select.resolve_wrt(s.wrt, clf.apply_fn, clf.params, x, labels)
+  logging.info(
+    "Representing %s; excluded (no lambda can represent them): %s, %.1f%% "
+    "of ||theta||^2.",
+    "every leaf" if not represented.excluded else "the other leaves",
+    list(represented.groups) or "none",
+    100 * represented.excluded_share,
+  )
   lambdas, fit = select.fit_lambdas(
     clf.apply_fn,
     clf.params,
     x,
     labels,
+    wrt=represented.mask,
     distance=s.distance,
     slackness=s.slackness,
     init=s.init,
@@ -215,6 +225,32 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckptr.close()
 
   scores = select.scores(lambdas, fit.weights, score=s.score)
+  # The anchor (METHOD.md section 3): the uniform lambda = 1 / (N wd) is
+  # exact at a stationary point of the classifier's training objective.
+  wd = clf.meta.get("train", {}).get("weight_decay", config.train.weight_decay)
+  uniform_rep, uniform_all = (
+    select.stationarity_residuals(
+      clf.apply_fn,
+      clf.params,
+      x,
+      labels,
+      np.full(n, 1.0 / (n * wd), np.float32),
+      mask=represented.mask,
+      chunk_size=s.chunk_size,
+      mesh=mesh,
+    )
+    if wd > 0
+    else (float("nan"), float("nan"))
+  )
+  logging.info(
+    "Stationarity residual ||theta + G lambda|| / ||theta||: fitted %.4g "
+    "(represented part), %.4g (all of theta); uniform lambda = 1/(N wd): "
+    "%.4g / %.4g.",
+    fit.residual,
+    fit.residual_all,
+    uniform_rep,
+    uniform_all,
+  )
   order, class_start, rank = _ranking(scores, labels, c)
   np.savez(
     os.path.join(out_dir, "lambdas.npz"),
@@ -266,6 +302,11 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {
     "num_train": n,
     "residual": fit.residual,
+    "residual_all": fit.residual_all,
+    "residual_uniform": uniform_rep,
+    "residual_uniform_all": uniform_all,
+    "excluded_leaves": list(represented.groups),
+    "excluded_share": represented.excluded_share,
     "distance": fit.distance,
     "objective": fit.objective,
     "iterations": fit.iterations,

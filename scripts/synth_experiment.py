@@ -10,10 +10,13 @@ loss terms, wall time and candidate-steps/s.
 Tuning runs use `--real_split validation` (real-init images drawn from the
 held-out validation split); the test split is never used.
 
+Settings default to the classifier's dataset config (`dsv_jax.configs`);
+`--set key=value` overrides one.
+
 Example:
   python scripts/synth_experiment.py --clf /tmp/w/digits \
-    --indep /tmp/w/digits_indep --init noise --steps 300 \
-    --set lr_x=0.01 --set dual=mask
+    --indep /tmp/w/digits/report/runs/independent --init noise --steps 300 \
+    --set distance=l1_mean --set dual=mask
 """
 
 import argparse
@@ -25,31 +28,36 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dsv_jax import augment, data, pipelines, synthesize
-
-DEFAULTS = {
-  "lr_x": 0.01,
-  "lr_lambda": 0.1,
-  "eta": 5.0,
-  "beta_primal": 1.0,
-  "beta_tv": 0.0,
-  "beta_norm": 0.0,
-  "gated": True,
-  "distance": "l1_mean",
-  "dual": "mask",
-  "lambda_low": 0.0,
-  "lambda_high": 1.0,
-  "translate": 0.125,
-  "crop": 0.2,
-  "flip": 0.0,
-  "cutout": 0.15,
-  "noise": 0.01,
-  "stationarity": 1.0,
-}
+from dsv_jax import augment, configs, data, pipelines, synthesize
 
 
-def _parse(sets):
-  hp = dict(DEFAULTS)
+def _defaults(dataset: str) -> dict:
+  """The synthesis settings of the dataset's packaged config (one source)."""
+  c = configs.get_config(dataset)
+  k, sy = c.kkt, c.synth
+  return {
+    "lr_x": sy.lr_x,
+    "lr_lambda": sy.lr_lambda,
+    "eta": k.eta,
+    "beta_primal": k.beta_primal,
+    "beta_tv": k.beta_tv,
+    "beta_norm": k.beta_norm,
+    "gated": k.gated,
+    "distance": k.distance,
+    "dual": sy.dual,
+    "lambda_low": sy.lambda_low,
+    "lambda_high": sy.lambda_high,
+    "translate": sy.aug_translate,
+    "crop": sy.aug_crop,
+    "flip": sy.aug_flip,
+    "cutout": sy.aug_cutout,
+    "noise": sy.aug_noise,
+    "stationarity": k.beta_stationarity,
+  }
+
+
+def _parse(sets, dataset):
+  hp = _defaults(dataset)
   for item in sets:
     k, _, v = item.partition("=")
     if k not in hp:
@@ -159,7 +167,8 @@ def main():
   p.add_argument("--curve", action="store_true")
   p.add_argument("--set", action="append", default=[])
   args = p.parse_args()
-  print(json.dumps(run(args, _parse(args.set))), flush=True)
+  dataset = pipelines.load_classifier(args.clf).info.name
+  print(json.dumps(run(args, _parse(args.set, dataset))), flush=True)
 
 
 if __name__ == "__main__":

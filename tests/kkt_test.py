@@ -273,8 +273,29 @@ def test_l1_mean_is_mean_over_all_scalars_not_of_leaf_means(x64):
   params = {"big": jnp.ones((10,)), "small": jnp.full((2,), 4.0)}
   apply_fn = lambda p, x: x @ jnp.zeros((1, 2))  # g = 0: loss = mean|theta|
   x, targets, lambdas = jnp.ones((1, 1)), jnp.array([0]), jnp.ones(1)
-  loss = kkt.stationarity_loss(apply_fn, params, x, targets, lambdas)
+  loss = kkt.stationarity_loss(
+    apply_fn, params, x, targets, lambdas, distance="l1_mean"
+  )
   np.testing.assert_allclose(loss, (10 * 1.0 + 2 * 4.0) / 12)
+
+
+def test_default_distance_is_the_documented_one(x64):
+  # One default everywhere: kkt, the synthesizer and the configs.
+  import inspect
+
+  from dsv_jax import configs, synthesize
+
+  apply_fn, params, x, targets, lambdas = make_problem("mlp")
+  default = kkt.stationarity_loss(apply_fn, params, x, targets, lambdas)
+  cosine = reference_stationarity(
+    apply_fn, params, x, targets, lambdas, kkt.DEFAULT_DISTANCE
+  )
+  np.testing.assert_allclose(default, cosine, rtol=1e-10)
+  assert kkt.DEFAULT_DISTANCE == "cosine"
+  sig = inspect.signature(synthesize.make_synthesizer)
+  assert sig.parameters["distance"].default == kkt.DEFAULT_DISTANCE
+  for name in configs.CONFIGS:
+    assert configs.get_config(name).kkt.distance == kkt.DEFAULT_DISTANCE
 
 
 # ----------------------------------------------------------------------------
@@ -391,7 +412,7 @@ def test_subset_stationarity_by_closing_over_frozen_part(x64):
     grads = [
       jax.grad(
         lambda x, m=m: kkt.stationarity_loss(
-          head_apply, head, x, targets, lambdas, method=m
+          head_apply, head, x, targets, lambdas, method=m, distance="l1_mean"
         )
       )(x)
       for m in kkt.METHODS
@@ -481,6 +502,44 @@ def test_deepkkt_loss_terms_and_aux(x64, soft, gated):
   np.testing.assert_allclose(
     aux["loss"], kkt.cross_entropy(logits, targets), rtol=1e-12
   )
+
+
+@pytest.mark.parametrize("method", kkt.METHODS)
+def test_beta_stationarity_scales_the_term_and_its_gradients(x64, method):
+  # The stationarity term enters the total with its weight: its value and
+  # its x- and lambda-gradients scale with beta, the primal part does not
+  # (a weight applied to a stop_gradient'ed copy changes neither).
+  apply_fn, params, x, targets, lambdas = make_problem("mlp")
+
+  def grads(beta, beta_primal):
+    def total(x, lambdas):
+      return kkt.deepkkt_loss(
+        apply_fn,
+        params,
+        x,
+        targets,
+        lambdas,
+        beta_stationarity=beta,
+        beta_primal=beta_primal,
+        method=method,
+        gated=False,
+      )[0]
+
+    return jax.value_and_grad(total, argnums=(0, 1))(x, lambdas)
+
+  (v1, (gx1, gl1)) = grads(1.0, 0.0)
+  (v3, (gx3, gl3)) = grads(3.0, 0.0)
+  (v0, (gx0, gl0)) = grads(0.0, 1.0)
+  (vb, (gxb, glb)) = grads(0.5, 1.0)
+  np.testing.assert_allclose(v3, 3 * v1, rtol=1e-12)
+  np.testing.assert_allclose(gx3, 3 * gx1, rtol=1e-10, atol=1e-14)
+  np.testing.assert_allclose(gl3, 3 * gl1, rtol=1e-10, atol=1e-14)
+  assert np.abs(gx1).max() > 1e-6 and np.abs(gl1).max() > 1e-6
+  # beta 0 leaves only the primal term: no lambda gradient at all.
+  np.testing.assert_allclose(gl0, 0.0, atol=1e-14)
+  np.testing.assert_allclose(vb, v0 + 0.5 * v1, rtol=1e-12)
+  np.testing.assert_allclose(gxb, gx0 + 0.5 * gx1, rtol=1e-9, atol=1e-14)
+  np.testing.assert_allclose(glb, 0.5 * gl1, rtol=1e-9, atol=1e-14)
 
 
 def test_active_mask_equals_dropping_candidates(x64):

@@ -61,6 +61,20 @@ def test_cli_smoke_train_stage(tmp_path):
   assert clf.info.name == "digits"
   logits = clf.apply_fn(clf.params, np.zeros((2, 8, 8, 1), np.float32))
   assert logits.shape == (2, 10)
+  # Classifier health on every split, in the record and in meta.json, and
+  # in the log line of the stage.
+  results = record["results"]
+  for split in ("train", "val", "test"):
+    for key in ("entropy", "margin", "logit_std", "accuracy", "loss"):
+      assert np.isfinite(results[f"{split}_{key}"]), (split, key)
+  assert 0 <= results["train_entropy"] <= results["max_entropy"]
+  np.testing.assert_allclose(results["max_entropy"], np.log(10))
+  assert clf.meta["results"]["train_entropy"] == results["train_entropy"]
+  assert clf.meta["train"]["weight_decay"] == _tiny().train.weight_decay
+  assert "health on training images: entropy" in res.stderr
+  # The tiny run's finishing phase ran on the leaves a lambda can represent.
+  assert results["finish_iterations"] >= 1
+  assert results["represented_excluded"] == []
 
 
 def test_config_change_redoes_stage(tmp_path):

@@ -92,6 +92,19 @@ def test_all_interrupted_resumes_without_redoing_finished_stages(tmp_path):
     assert len(row["accuracies"]) == tiny.retrain.num_models
     assert 0.0 <= row["mean"] <= 1.0
   assert -1.0 <= results["lambda_accuracy"]["pearson"] <= 1.0
+  methods = ("random", "herding", "el2n", "selected", "selected_lambda")
+  for k in tiny.report.coreset_ipc:
+    rows = results["coreset"][f"k{k}"]
+    for method in methods:
+      assert len(rows[method]["accuracies"]) == tiny.retrain.num_models
+    assert 0.0 <= rows["p_selected_vs_random"] <= 1.0
+    # The random row trains every model on its own draw.
+    assert rows["random"]["per_model_sets"] is True
+  protocol = results["boundary"]["entropy_protocol"]
+  assert set(protocol) == {"top-5 lambda", "lowest-15 lambda", "all candidates"}
+  assert "| mean predictive entropy (max ln C = 2.303) |" in text
+  assert "Finishing phase (full-batch L-BFGS" in text
+  assert "Left out as unrepresentable" in text
   summary = pipelines.stage_record(str(wd), "report")["results"]
   assert summary["report"].endswith("report.md")
 

@@ -190,6 +190,23 @@ def test_batched_models_equal_sequential_reference(vectorize):
     _close(jax.tree.map(lambda a, k=k: a[k], res.params), params)
 
 
+@pytest.mark.parametrize("vectorize", retrain.VECTORIZE)
+def test_per_model_sets_equal_the_reference_on_each_set(vectorize):
+  # K sets, model k on set k: model k must be exactly the reference's model
+  # k trained on set k (same init seed and batch/augmentation key).
+  sets = [_set(seed=10 + k) for k in range(3)]
+  xs = np.stack([x for x, _ in sets])
+  ys = np.stack([y for _, y in sets])
+  res = retrain.retrain(
+    _mlp, xs, ys, EX, EY, num_models=3, seed=3, vectorize=vectorize, **RECIPE
+  )
+  for k, (x, y) in enumerate(sets):
+    params, _ = _reference(_mlp, x, y, num_models=3, seed=3, **RECIPE)[k]
+    _close(jax.tree.map(lambda a, k=k: a[k], res.params), params)
+  with pytest.raises(ValueError, match="need K = num_models = 2"):
+    retrain.retrain(_mlp, xs, ys, EX, EY, num_models=2, seed=3, **RECIPE)
+
+
 def test_batchnorm_state_is_carried_per_model():
   res = retrain.retrain(
     _bn_convnet, X, Y, EX, EY, num_models=2, seed=3, **RECIPE

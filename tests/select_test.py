@@ -70,6 +70,7 @@ def test_matches_dense_nnls_and_lambda_nonnegative():
     x,
     labels,
     distance="l2_sq",
+    slackness=0.0,
     init="zero",
     max_iters=150,
     tol=1e-7,
@@ -123,21 +124,165 @@ def test_svm_sanity_top_contributions_are_support_vectors():
     return jax.lax.while_loop(lambda c: c[2] > 1e-5, body, carry)[1]
 
   params = train({"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)})
-  lam, info = select.fit_lambdas(
-    _linear,
-    params,
-    x,
-    y,
-    distance="l2_sq",
-    slackness=0.1,
-    max_iters=300,
-    chunk_size=len(x),
-    mesh=parallel.make_mesh(1),
+  # Nothing but the library's defaults: the one documented call.
+  sel = select.select_dsvs(
+    _linear, params, x, y, k=1, mesh=parallel.make_mesh(1)
   )
-  scores = select.scores(lam, info.weights)
-  precision, recall = select.precision_recall_at_k(scores, truth)
+  precision, recall = select.precision_recall_at_k(sel.fit.scores, truth)
   assert precision == recall == 1.0
-  assert info.residual < 0.1
+  assert sel.fit.residual < 0.2  # Slackness 0.3 trades some residual.
+  # The top sample of each class is a support vector, ranked by the
+  # contribution (FitInfo.scores).
+  assert set(sel.indices) <= set(truth)
+  np.testing.assert_array_equal(
+    sel.indices, select.top_per_class(sel.fit.scores, y, 2, 1)
+  )
+  np.testing.assert_allclose(sel.fit.scores, sel.lambdas * sel.fit.weights)
+
+
+def _instance_norm_convnet(seed=0):
+  from dsv_jax import models
+
+  net = models.build_model(
+    "convnet",
+    image_shape=(8, 8, 1),
+    num_classes=3,
+    key=jax.random.key(seed),
+    width=4,
+    depth=2,
+    norm="instance",
+  )
+  apply_fn, params = models.nnx_apply_fn(net)
+  rng = np.random.default_rng(seed)
+  # Trained-looking values: non-zero biases and scales away from 1 (at
+  # init a norm's bias is 0, and its scale alone is then invariant too).
+  params = jax.tree.map(
+    lambda a: a + 0.3 * rng.normal(size=a.shape).astype(a.dtype), params
+  )
+  x = rng.normal(size=(24, 8, 8, 1)).astype(np.float32)
+  return apply_fn, params, x, np.arange(24, dtype=np.int32) % 3
+
+
+def _scaled(params, paths, factor):
+  def scale(path, a):
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    return a * factor if any(name.startswith(p) for p in paths) else a
+
+  return jax.tree_util.tree_map_with_path(scale, params)
+
+
+def test_represented_leaves_finds_the_invariant_groups():
+  apply_fn, params, x, y = _instance_norm_convnet()
+  rep = select.represented_leaves(apply_fn, params, x, y)
+  # Both conv blocks feed an instance norm (kernel: scale-invariant; bias:
+  # removed by the mean subtraction), and the first norm's scale and bias
+  # feed the second block's norm: invariant together, not one by one.
+  assert set(rep.groups) == {"convs", "norms/0"}
+  assert set(rep.excluded) == {
+    "convs/0/bias",
+    "convs/0/kernel",
+    "convs/1/bias",
+    "convs/1/kernel",
+    "norms/0/bias",
+    "norms/0/scale",
+  }
+  flags = jax.tree_util.tree_leaves_with_path(rep.mask)
+  kept = {
+    jax.tree_util.keystr(p, simple=True, separator="/") for p, f in flags if f
+  }
+  assert kept == {"head/bias", "head/kernel", "norms/1/bias", "norms/1/scale"}
+  sq = {
+    jax.tree_util.keystr(p, simple=True, separator="/"): float(np.vdot(a, a))
+    for p, a in jax.tree_util.tree_leaves_with_path(params)
+  }
+  share = sum(v for k, v in sq.items() if k not in kept) / sum(sq.values())
+  np.testing.assert_allclose(rep.excluded_share, share, rtol=1e-6)
+
+  # The obvious check of what "invariant" means: scaling an excluded group
+  # leaves every logit unchanged (up to the norms' epsilon); scaling a kept
+  # leaf, or one leaf of an invariant pair, does not.
+  base = np.asarray(apply_fn(params, x))
+
+  def change(paths):
+    moved = np.asarray(apply_fn(_scaled(params, paths, 1.7), x))
+    return np.abs(moved - base).max() / np.abs(base).max()
+
+  for group in ("convs/0/kernel", "convs/1/kernel", "norms/0"):
+    assert change([group]) < 2e-3, group
+  for group in ("norms/0/scale", "norms/1", "head/kernel"):
+    assert change([group]) > 0.01, group
+
+  # A model without normalisation has nothing to exclude.
+  params_l, xl, yl = _mlp_problem()
+  rep = select.represented_leaves(_mlp, params_l, xl, yl)
+  assert rep.excluded == () and rep.excluded_share == 0.0
+
+
+def test_fit_on_represented_leaves_equals_fit_over_closed_over_rest():
+  # The slow, obvious reference: close over the excluded leaves in apply_fn
+  # and fit only the kept ones (the kkt module's subset recipe).
+  apply_fn, params, x, y = _instance_norm_convnet(seed=1)
+  kwargs = {"max_iters": 8, "chunk_size": 24, "mesh": parallel.make_mesh(1)}
+  lam, info = select.fit_lambdas(apply_fn, params, x, y, **kwargs)
+  assert info.represented.groups == ("convs", "norms/0")
+  frozen = {k: v for k, v in params.items() if k != "head"}
+  frozen["norms"] = {0: params["norms"][0]}
+  kept = {"head": params["head"], "norms1": params["norms"][1]}
+
+  def sub_apply(p, xx):
+    full = {
+      "convs": params["convs"],
+      "norms": {0: params["norms"][0], 1: p["norms1"]},
+      "head": p["head"],
+    }
+    return apply_fn(full, xx)
+
+  ref, ref_info = select.fit_lambdas(sub_apply, kept, x, y, wrt="all", **kwargs)
+  np.testing.assert_allclose(lam, ref, rtol=2e-3, atol=1e-6)
+  np.testing.assert_allclose(info.residual, ref_info.residual, rtol=1e-3)
+  assert info.residual_all > info.residual
+  # Over every leaf, the invariant ones set a floor on the residual: it is at
+  # least the excluded share of ||theta||.
+  _, all_info = select.fit_lambdas(apply_fn, params, x, y, wrt="all", **kwargs)
+  floor = np.sqrt(info.represented.excluded_share)
+  assert all_info.residual >= 0.99 * floor
+
+
+def test_stationarity_residuals_match_explicit_gradients():
+  apply_fn, params, x, y = _instance_norm_convnet(seed=2)
+  rep = select.represented_leaves(apply_fn, params, x, y)
+  lam = np.linspace(0.5, 2.0, len(y)).astype(np.float32)
+  got_rep, got_all = select.stationarity_residuals(
+    apply_fn, params, x, y, lam, mask=rep.mask, chunk_size=7
+  )
+  r = kkt.stationarity_residual(apply_fn, params, x, y, lam)
+  r_leaves = jax.tree.leaves(r)
+  p_leaves = jax.tree.leaves(params)
+  keep = jax.tree.leaves(rep.mask)
+
+  def rel(flags):
+    num = sum(
+      float(np.vdot(a, a)) for a, f in zip(r_leaves, flags, strict=True) if f
+    )
+    den = sum(
+      float(np.vdot(a, a)) for a, f in zip(p_leaves, flags, strict=True) if f
+    )
+    return np.sqrt(num / den)
+
+  np.testing.assert_allclose(got_rep, rel(keep), rtol=1e-4)
+  np.testing.assert_allclose(got_all, rel([True] * len(keep)), rtol=1e-4)
+
+
+def test_select_dsvs_errors():
+  params, x, labels = _mlp_problem(n=12)
+  with pytest.raises(ValueError, match="class 0 has 4 samples, fewer than"):
+    select.select_dsvs(_mlp, params, x, labels, k=5)
+  with pytest.raises(ValueError, match="labels must lie in"):
+    select.select_dsvs(_mlp, params, x, labels + 1, k=1)
+  with pytest.raises(ValueError, match="wrt excludes every parameter"):
+    select.fit_lambdas(
+      _mlp, params, x, labels, wrt=jax.tree.map(lambda _: False, params)
+    )
 
 
 def test_sharded_equals_single_device():
@@ -324,3 +469,27 @@ def test_stage_rejects_too_few_samples_per_class(classifier_dir, tmp_path):
     select_stage.run_select(_config(num_per_class=50), wd)
   with pytest.raises(ValueError, match="select.distance"):
     select_stage.run_select(_config(distance="l3"), wd)
+
+
+def test_library_defaults_are_the_configs_defaults():
+  # One source of truth: the library's defaults are the validated recipe,
+  # and the packaged configs read them.
+  import inspect
+
+  sig = inspect.signature(select.fit_lambdas).parameters
+  assert sig["distance"].default == select.DEFAULT_DISTANCE == "l2_sq"
+  assert sig["slackness"].default == select.DEFAULT_SLACKNESS > 0
+  assert sig["init"].default == select.DEFAULT_INIT
+  assert sig["wrt"].default == "auto"
+  assert sig["max_iters"].default == select.DEFAULT_MAX_ITERS
+  score = inspect.signature(select.select_dsvs).parameters["score"].default
+  assert score == select.DEFAULT_SCORE == "contribution"
+  for name in configs.CONFIGS:
+    s = configs.get_config(name).select
+    assert (s.distance, s.slackness, s.init, s.score, s.wrt) == (
+      select.DEFAULT_DISTANCE,
+      select.DEFAULT_SLACKNESS,
+      select.DEFAULT_INIT,
+      select.DEFAULT_SCORE,
+      "auto",
+    )

@@ -82,6 +82,36 @@ def test_determinism_and_clipping(synth, model):
   assert x.max() <= info.pixel_max.max() + 1e-6
 
 
+def test_beta_stationarity_changes_the_step_gradients(model):
+  # With the primal term and priors off, the synthesizer's x- and
+  # lambda-gradients are those of the stationarity term alone and must scale
+  # with its weight (they were identical for every beta > 0 before the
+  # weight moved inside kkt.deepkkt_loss).
+  apply_fn, params, info = model
+  x0 = _x0(len(LABELS))
+
+  def grads(beta):
+    synth = sz.make_synthesizer(
+      apply_fn,
+      params,
+      **_kwargs(
+        info, beta_stationarity=beta, beta_primal=0.0, beta_tv=0, beta_norm=0
+      ),
+    )
+    state = synth.init_fn(jax.random.key(0), x0, LABELS)
+    fn = jax.grad(synth.loss_fn, argnums=(0, 1), has_aux=True)
+    (gx, gl), _ = fn(
+      state.x, state.lambda_param, state.active, LABELS, jax.random.key(1)
+    )
+    return np.asarray(gx), np.asarray(gl)
+
+  gx1, gl1 = grads(1.0)
+  gx3, gl3 = grads(3.0)
+  assert np.abs(gx1).max() > 0 and np.abs(gl1).max() > 0
+  np.testing.assert_allclose(gx3, 3 * gx1, rtol=1e-4, atol=1e-9)
+  np.testing.assert_allclose(gl3, 3 * gl1, rtol=1e-4, atol=1e-9)
+
+
 def test_resume_from_checkpoint_equals_uninterrupted(synth, tmp_path):
   key = jax.random.key(3)
   full = sz.synthesize(synth, key, _x0(8), LABELS, steps=6)

@@ -90,6 +90,19 @@ def test_eval_matches_direct_computation(digits):
   loss = -np.mean(np.take_along_axis(logp, split["label"][:, None], 1))
   np.testing.assert_allclose(got["accuracy"], acc, rtol=1e-6)
   np.testing.assert_allclose(got["loss"], loss, rtol=1e-5)
+  # Health: entropy, margin and logit scale, written out the slow way.
+  logits, labels = np.asarray(logits, np.float64), split["label"]
+  probs = np.exp(logp)
+  entropy = -np.sum(probs * np.asarray(logp), -1)
+  margins = [
+    logits[i, labels[i]] - np.delete(logits[i], labels[i]).max()
+    for i in range(len(labels))
+  ]
+  np.testing.assert_allclose(got["entropy"], entropy.mean(), rtol=1e-5)
+  np.testing.assert_allclose(got["margin"], np.mean(margins), rtol=1e-5)
+  np.testing.assert_allclose(
+    got["logit_std"], np.std(logits, -1).mean(), rtol=1e-5
+  )
   with pytest.raises(ValueError, match="empty split"):
     train.make_eval_fn(fm)(
       fm.params, fm.state, {"image": split["image"][:0], "label": []}
@@ -166,3 +179,102 @@ def test_schedules():
     train.make_optimizer(schedule="cosine")
   with pytest.raises(ValueError, match="Unknown schedule 'step'"):
     train.make_optimizer(schedule="step")
+
+
+def test_health_warning_names_the_numbers():
+  assert train.health_warning(0.2, 10) is None
+  assert train.health_warning(0.5 * np.log(10) - 1e-6, 10) is None
+  msg = train.health_warning(2.27, 10)
+  assert "near-uniform" in msg and "2.270" in msg and "2.303" in msg
+
+
+def _mlp_problem(seed=0, n=40):
+  rng = np.random.default_rng(seed)
+  params = {
+    "hidden": {
+      "w": jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
+      "b": jnp.zeros(5),
+    },
+    "head": {
+      "w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+      "b": jnp.zeros(3),
+    },
+  }
+
+  def apply_fn(p, x):
+    h = jnp.tanh(x @ p["hidden"]["w"] + p["hidden"]["b"])
+    return h @ p["head"]["w"] + p["head"]["b"]
+
+  x = rng.normal(size=(n, 4)).astype(np.float32)
+  y = (np.arange(n) % 3).astype(np.int32)
+  return apply_fn, params, x, y
+
+
+def _uniform_residual(apply_fn, params, x, y, wd, keep):
+  # The obvious reference: theta + sum_i grad L_i / (N wd) from autodiff.
+  g = jax.grad(lambda p: jnp.sum(optax_ce(apply_fn(p, x), y)))(params)
+  r = jax.tree.map(lambda a, b: a + b / (len(y) * wd), params, g)
+  num = sum(float(np.vdot(a, a)) for k, a in _items(r) if keep(k))
+  den = sum(float(np.vdot(a, a)) for k, a in _items(params) if keep(k))
+  return np.sqrt(num / den)
+
+
+def optax_ce(logits, y):
+  import optax
+
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+def _items(tree):
+  return [
+    (jax.tree_util.keystr(p, simple=True, separator="/"), a)
+    for p, a in jax.tree_util.tree_leaves_with_path(tree)
+  ]
+
+
+def test_finish_full_batch_reaches_a_stationary_point(tmp_path):
+  apply_fn, params, x, y = _mlp_problem()
+  wd = 0.05
+  before = _uniform_residual(apply_fn, params, x, y, wd, lambda k: True)
+  out, info = train.finish_full_batch(
+    apply_fn,
+    params,
+    x,
+    y,
+    weight_decay=wd,
+    steps=200,
+    tol=1e-3,
+    chunk_size=16,  # 40 samples: the last chunk is padded.
+  )
+  after = _uniform_residual(apply_fn, out, x, y, wd, lambda k: True)
+  assert before > 0.5 and info["stopped"] == "tol"
+  np.testing.assert_allclose(info["rel_grad_before"], before, rtol=1e-3)
+  np.testing.assert_allclose(info["rel_grad_after"], after, rtol=2e-2)
+  assert after <= 1.2e-3
+
+  # A mask: only the head moves, and only its stationarity is reached.
+  mask = {"hidden": {"w": False, "b": False}, "head": {"w": True, "b": True}}
+  out, info = train.finish_full_batch(
+    apply_fn, params, x, y, weight_decay=wd, steps=200, tol=1e-3, mask=mask
+  )
+  np.testing.assert_array_equal(out["hidden"]["w"], params["hidden"]["w"])
+  head = _uniform_residual(apply_fn, out, x, y, wd, lambda k: "head" in k)
+  assert head <= 1.2e-3 and info["optimised_scalars"] == 18
+
+
+def test_finish_full_batch_resumes_exactly(tmp_path):
+  apply_fn, params, x, y = _mlp_problem(seed=1)
+  kw = {"weight_decay": 0.05, "tol": 0.0, "ckpt_every": 2}
+  straight, _ = train.finish_full_batch(apply_fn, params, x, y, steps=8, **kw)
+  ck = checkpoints.RunCheckpointer(tmp_path / "ck")
+  train.finish_full_batch(
+    apply_fn, params, x, y, steps=5, checkpointer=ck, **kw
+  )
+  resumed, info = train.finish_full_batch(
+    apply_fn, params, x, y, steps=8, checkpointer=ck, **kw
+  )
+  ck.close()
+  assert info["iterations"] == 8
+  jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+  with pytest.raises(ValueError, match="weight_decay > 0"):
+    train.finish_full_batch(apply_fn, params, x, y, steps=1, weight_decay=0)

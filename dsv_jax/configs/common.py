@@ -10,6 +10,8 @@ ConfigDict).
 
 import ml_collections
 
+from dsv_jax import kkt, select
+
 # Variants every dataset config understands through `:arg`.
 VARIANTS = ("tiny",)
 
@@ -66,6 +68,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lr_schedule = "cosine"
   c.train.flip = False
   c.train.max_shift = 1
+  # Finishing phase (train.finish_full_batch): full-batch L-BFGS on the
+  # un-augmented training objective over the leaves a lambda can represent,
+  # until ||grad F|| / (wd ||theta||) -- the residual of the uniform
+  # lambda = 1 / (N wd) -- is below finish_tol. DeepKKT assumes theta* is
+  # stationary; minibatch Adam leaves it far from that (0.94 on digits).
+  # 0 steps: off.
+  c.train.finish_steps = 100
+  c.train.finish_tol = 0.05
   c.train.eval_every = 250
   c.train.log_every = 100
   c.train.ckpt_every = 250
@@ -80,9 +90,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.kkt.beta_stationarity = 1.0
   c.kkt.beta_tv = 0.0  # beta2 of synthesize.tv_prior (squared-L2 TV).
   c.kkt.beta_norm = 0.0  # beta3 of synthesize.norm_prior (mean x^2).
-  # Measured (README, synthesis): cosine 0.85 vs the paper's l1_mean 0.72
-  # independent-classifier agreement on digits; under l1_mean lambda -> 0.
-  c.kkt.distance = "cosine"
+  # The library's default (kkt.DEFAULT_DISTANCE, "cosine"; why: there).
+  c.kkt.distance = kkt.DEFAULT_DISTANCE
   c.kkt.gated = True  # Eq. 7's gated cross-entropy.
   c.kkt.method = "fast"  # kkt.METHODS: custom-VJP derivative.
   c.kkt.chunk_size = 0  # Candidates per backward pass; 0 = all at once.
@@ -121,15 +130,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.select = ml_collections.ConfigDict()
   # Classifier to explain: a workdir or classifier/ dir; "" = this workdir.
   c.select.classifier = ""
-  # Stationarity distance (kkt.DISTANCES) and the weight of the
-  # complementary-slackness (contribution) term; 0 = plain fit. Measured
-  # (benchmarks/README.md, svm_sanity; 12 separable sets): mean recall@k of
-  # the SVM support vectors 0.92 with l2_sq and 0.1, against 0.82 (l1_mean,
-  # 0.1), 0.82 (l2_sq, 0.01) and 0.77 for the plain fit.
-  c.select.distance = "l2_sq"
-  c.select.slackness = 0.1
-  c.select.init = "uniform"  # select.INITS: best constant lambda, or zero.
-  c.select.score = "contribution"  # select.SCORES: ranking score.
+  # The library's validated recipe (dsv_jax.select.DEFAULT_*; measured in
+  # benchmarks/README.md, svm_sanity): stationarity distance, weight of the
+  # complementary-slackness (contribution) term (0 = plain fit), lambda
+  # init, ranking score. One source of truth: read, not restated.
+  c.select.distance = select.DEFAULT_DISTANCE
+  c.select.slackness = select.DEFAULT_SLACKNESS
+  c.select.init = select.DEFAULT_INIT
+  c.select.score = select.DEFAULT_SCORE
+  # Parameters to represent (select.WRT): "auto" leaves out those no lambda
+  # can represent (select.represented_leaves), "all" keeps every leaf.
+  c.select.wrt = "auto"
+  # The iteration budget of the stage (each iteration is about 1.5-1.8x
+  # a forward+backward pass over the training set); the library's own
+  # default (select.DEFAULT_MAX_ITERS) is for small problems.
   c.select.max_iters = 100
   c.select.tol = 1e-4  # Relative lambda change per iteration.
   c.select.chunk_size = 1024  # Samples per pass (memory O(chunk)).
@@ -196,8 +210,15 @@ def base_config() -> ml_collections.ConfigDict:
 
   # The report stage (dsv_jax.report): the paper's experiments.
   c.report = ml_collections.ConfigDict()
-  # Images per class of the few-shot and coreset tables.
+  # Images per class of the few-shot table and of the coreset table.
   c.report.ipc = (1, 10)
+  c.report.coreset_ipc = (1, 10, 50)
+  # EL2N baseline of the coreset table: models and training steps (of the
+  # classifier's recipe) it is scored after.
+  c.report.el2n_models = 5
+  c.report.el2n_steps = 100
+  # Real candidates of the paper's entropy protocol (boundary section).
+  c.report.protocol_candidates = 100
   # Init of the 0-shot DSVs: "noise" or "other" (synth.other_dataset).
   c.report.zero_shot_init = "noise"
   # Synthesis steps of the report's sub-runs; 0 = synth.steps.
@@ -242,6 +263,10 @@ def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.interpolate.steps = 4
   c.interpolate.num_deltas = 3
   c.report.ipc = (1,)
+  c.report.coreset_ipc = (1,)
+  c.report.el2n_models = 2
+  c.report.el2n_steps = 3
+  c.report.protocol_candidates = 20
   c.report.synth_steps = 0
   c.report.flip_images = 2
   c.report.flip_ratios = (0.5,)

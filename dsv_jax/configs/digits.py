@@ -10,8 +10,19 @@ def get_config(arg: str | None = None):
   args = common.parse_arg(arg, tiny=False)
   c = common.base_config()
   c.data.name = "digits"
+  # Depth 2, no normalisation, max pooling, chosen on the validation split
+  # with selection in mind (README, configs table; 2026-11-29): depth 3
+  # pools the 8x8 digits to 1x1 after an instance norm of a 2x2 map, which
+  # bounds the logits (mean entropy on the training images 2.27 of ln 10 =
+  # 2.30: a near-uniform classifier). Depth 2 with instance norm is healthy
+  # (entropy 0.20, val 98.4% after finishing) but 66% of ||theta||^2 sits
+  # in scale-invariant weights no lambda can represent; without a norm
+  # every parameter is represented (val 99.2%, entropy 0.09, selection
+  # residual 0.24 over all of theta).
   c.model.width = 64
-  c.model.depth = 3
+  c.model.depth = 2
+  c.model.norm = "none"
+  c.model.pool = "max"
   c.train.steps = 800
   c.train.batch_size = 64
   # Digits are not left-right symmetric; a one-pixel shift is the only
@@ -20,6 +31,11 @@ def get_config(arg: str | None = None):
   c.train.max_shift = 1
   c.train.eval_every = 200
   c.train.ckpt_every = 200
+  # 150 selection iterations (0.55 s each on 2 cores) bring the residual
+  # of the fitted lambda below 0.3 (0.31 after 100).
+  c.select.max_iters = 150
+  # EL2N baseline of the coreset table: scored after 10% of training.
+  c.report.el2n_steps = 80
   # Synthesis: no flip in A(x), for the same reason (the classifier never
   # saw flipped digits); the other strengths are METHOD.md's.
   c.synth.aug_flip = 0.0
