@@ -223,6 +223,44 @@ def evaluate(
   return out
 
 
+SWEEP_MARKS = (50, 100, 200, 500, 1000)
+
+
+def sweep(name, seed, *, n, slackness_values, mesh):
+  """Recall of the contribution after 50..1000 iterations, per weight.
+
+  Defaults otherwise (l2_sq, init uniform), with tol 0 so every budget is
+  spent; the contributions are read off the solver state by a callback.
+  """
+  x, y = make_data(name, seed, n)
+  truth = SVC(kernel="linear", C=1e6).fit(x, y).support_
+  params, _ = train_linear(x, y, steps=20000, target_loss=1e-5)
+  out = {}
+  for mu in slackness_values:
+    got = {}
+
+    def callback(state, row, got=got):
+      if row["step"] in SWEEP_MARKS:
+        scores = np.asarray(state.contributions)
+        got[row["step"]] = select.precision_recall_at_k(scores, truth)[1]
+
+    _, info = select.fit_lambdas(
+      linear_apply,
+      params,
+      x,
+      y,
+      slackness=mu,
+      max_iters=max(SWEEP_MARKS),
+      tol=0.0,
+      mesh=mesh,
+      chunk_size=len(x),
+      callback=callback,
+    )
+    final = select.precision_recall_at_k(info.scores, truth)[1]
+    out[mu] = ({m: got.get(m, final) for m in SWEEP_MARKS}, info.residual)
+  return out
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument(
@@ -252,6 +290,11 @@ def main(argv=None):
     help="'new': other generators, shapes and seeds than the README table "
     "(aniso3, aniso8, plane3, plane20, blobs30 x seeds 100-102, n=240)",
   )
+  parser.add_argument(
+    "--sweep",
+    action="store_true",
+    help="recall after 50-1000 iterations for slackness 0.1, 0.3, 1.0",
+  )
   args = parser.parse_args(argv)
   if args.suite == "new":
     args.data = ["aniso3", "aniso8", "plane3", "plane20", "blobs30"]
@@ -260,6 +303,25 @@ def main(argv=None):
     args.data, args.seeds = args.data[:2], args.seeds[:1]
   mesh = parallel.make_mesh(1)
   t0 = time.perf_counter()
+  if args.sweep:
+    weights = (0.1, 0.3, 1.0)
+    rows = [
+      sweep(name, seed, n=args.n, slackness_values=weights, mesh=mesh)
+      for name in args.data
+      for seed in args.seeds
+    ]
+    print("| slackness | " + " | ".join(f"{m} it" for m in SWEEP_MARKS), end="")
+    print(" | residual at the end |")
+    print("|---" * (len(SWEEP_MARKS) + 2) + "|")
+    for mu in weights:
+      cells = []
+      for m in SWEEP_MARKS:
+        vals = [r[mu][0][m] for r in rows]
+        cells.append(f"{np.mean(vals):.2f} ({np.min(vals):.2f})")
+      res = np.mean([r[mu][1] for r in rows])
+      print(f"| {mu:g} | " + " | ".join(cells) + f" | {res:.3f} |")
+    print(f"\n{time.perf_counter() - t0:.0f} s")
+    return
   results = []
   for name in args.data:
     for seed in args.seeds:

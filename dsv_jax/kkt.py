@@ -54,8 +54,8 @@ DISTANCES = ("l1_mean", "l2_sq", "cosine")
 # theta*, so its balance against the primal cross-entropy does not depend
 # on the model, and the multipliers cannot shrink the term away. Measured
 # (README, synthesis; 10 DSVs per class from noise, agreement of an
-# independently trained classifier): on a healthy digits ConvNet cosine
-# 1.00, the paper's l1_mean 0.99, l2_sq 0.41 (its scale, ||theta*||^2,
+# independently trained classifier): on the healthy digits ConvNet cosine
+# 0.99, the paper's l1_mean 0.98, l2_sq 0.44 (its scale, ||theta*||^2,
 # swamps the primal term); on a near-uniform one cosine 0.85, l1_mean 0.72.
 # Selection uses l2_sq (`dsv_jax.select.DEFAULT_DISTANCE`): its
 # complementary-slackness term needs a distance that is not scale-free.

@@ -43,13 +43,17 @@ slackness without knowing the margin's scale). The objective is
               - slackness * sum_i lambda_i ||p_i - y_i|| / W_ref,
 
 ``W_ref = ||theta*||^2 * sum_i ||p_i - y_i|| / sum_i <theta*, -g_i>`` (sums
-over the samples that may carry lambda, see below; the contribution of an
-exact representation at their average margin), so
-``slackness`` is dimensionless and roughly the relative residual traded
-for contribution. With ``slackness > 0`` only samples with
-``<theta*, -g_i> > 0`` may carry lambda (for a linear model: the correctly
-classified ones): this keeps F bounded below (see `fit_lambdas`). Samples
-are ranked by their contribution ``lambda_i ||p_i - y_i||``.
+over the rewarded samples, see below; the contribution of an exact
+representation at their average margin), so ``slackness`` is
+dimensionless and roughly the relative residual traded for contribution.
+With ``slackness > 0`` the reward (the sum) runs over the samples with
+``<theta*, -g_i> > 0`` only (for a linear model: the correctly classified
+ones); the others may carry lambda up to the best constant lambda (a soft
+margin, like a soft-margin SVM's C; at a stationary point of the training
+objective it is 1 / (N wd)). This keeps F bounded below (see
+`fit_lambdas`) and lets an underfit classifier's misclassified samples
+take their part of theta*. Samples are ranked by their contribution
+``lambda_i ||p_i - y_i||``.
 benchmarks/svm_sanity.py measures this choice against the alternatives on
 linearly separable data with hard-margin SVM support vectors as ground
 truth (see benchmarks/README.md).
@@ -172,8 +176,9 @@ class FitInfo(NamedTuple):
     iterations: total solver iterations (including resumed ones).
     time_s: wall time of this call (compilation included).
     converged: the stopping rule fired before ``max_iters``.
-    excluded: samples kept at lambda = 0 because they push away from
-      theta* (``<theta*, -g_i> <= 0``; only with ``slackness > 0``).
+    capped: samples that push away from theta* (``<theta*, -g_i> <= 0``;
+      only with ``slackness > 0``): no contribution reward, and lambda at
+      most the best constant lambda (a soft margin).
     contribution: ``sum_i lambda_i ||p_i - y_i||``.
     weights: ``||p_i - y_i||`` per sample, ``float32[N]``.
     scores: the ranking score of every sample, the contribution
@@ -190,7 +195,7 @@ class FitInfo(NamedTuple):
   iterations: int
   time_s: float
   converged: bool
-  excluded: int
+  capped: int
   contribution: float
   weights: np.ndarray
   scores: np.ndarray
@@ -226,7 +231,7 @@ def _make_operator(
 ) -> _Operator:
   n = x.shape[0]
   shards = parallel.num_shards(mesh)
-  chunk = _round_up(min(chunk_size, n), shards)
+  chunk = _round_up(parallel.balanced_chunk(n, chunk_size), shards)
   rep = parallel.replicated_sharding(mesh)
   batch = parallel.batch_sharding(mesh)
 
@@ -744,29 +749,50 @@ def fit_lambdas(
   )
   d_smooth = _smooth_distance(distance, l1_smoothing * mean_abs)
   d0 = float(d_smooth(params, zeros))
-  excluded = 0
+  live = inv_w > 0
+  capped = 0
+  supporting = live
   if slackness > 0:
-    # Support is restricted to samples that push towards theta*,
-    # <theta*, -g_i> > 0 (for a linear model: the correctly classified
-    # ones). Then every lambda >= 0 has <theta*, -G lambda> > 0, so
-    # G lambda = 0 forces lambda = 0 and the contribution term is bounded;
-    # with pushing-away samples (misclassified ones of a deep net) some
-    # non-zero lambda >= 0 can have G lambda = 0 and F is unbounded below.
+    # The contribution reward goes only to samples that push towards
+    # theta*, <theta*, -g_i> > 0 (for a linear model: the correctly
+    # classified ones). Samples pushing away (misclassified ones of a deep
+    # net) may still carry lambda, up to a cap (below): with an unbounded
+    # lambda on them, some non-zero lambda >= 0 could have G lambda = 0
+    # and F would be unbounded below; with the cap it is bounded, since
+    # <theta*, -G lambda> grows with the rewarded samples' lambda.
     push = -op.rmatvec(params)
-    supporting = push > 0
+    supporting = live & (push > 0)
     if not supporting.any():
       raise ValueError(
         "no sample has <theta*, -grad L_i> > 0: theta* is not in the cone of "
         "the negative per-sample gradients, so the contribution term is "
         "ill-defined; use slackness=0."
       )
-    excluded = int(np.count_nonzero(inv_w[~supporting]))
-    inv_w = np.where(supporting, inv_w, 0).astype(np.float32)
+    capped = int(np.count_nonzero(live & ~supporting))
     w_ref = theta_sq * float(weights[supporting].sum())
     w_ref /= float(push[supporting].sum())
-    lin = np.where(inv_w > 0, slackness / w_ref, 0).astype(np.float32)
+    lin = np.where(supporting, slackness / w_ref, 0).astype(np.float32)
   else:
     lin = np.zeros(n, np.float32)
+  # The best constant lambda, min_c ||theta* + c G 1||^2 over every sample
+  # whose gradient is not zero: the init, and the cap of the samples
+  # pushing away -- a soft margin, as a soft-margin SVM's C. At a
+  # stationary point of the training objective it is 1 / (N wd), exact.
+  upper = np.full(n, np.inf, np.float32)
+  const_mu = g_const = None
+  if (state is None and init == "uniform") or capped:
+    # lambda = 1 / max_i w_i: with lambda = 1, G 1 of a very confident
+    # classifier (every ||p_i - y_i|| ~ 1e-20) would underflow.
+    w_live = np.where(live, weights, 0).astype(np.float64)
+    w_live = (w_live / max(w_live.max(), _MIN_WEIGHT)).astype(np.float32)
+    g1 = matvec(w_live)
+    g1_sq = float(_sq_norm(restrict(g1)))
+    c = max(-float(_vdot(params, g1)) / max(g1_sq, 1e-30), 0)
+    const_mu = (c * w_live).astype(np.float32)
+    g_const = jax.tree.map(lambda a: c * a, g1)
+    if capped:
+      upper = np.where(supporting | ~live, np.inf, const_mu)
+      upper = upper.astype(np.float32)
 
   @jax.jit
   def value_and_dual(g):
@@ -805,23 +831,14 @@ def fit_lambdas(
       mu0 = np.zeros(n, np.float32)
       g0 = zeros
     else:
-      # Best constant lambda under squared L2, min_c ||theta + c G 1||^2,
-      # over the samples that may carry lambda (mu = w: lambda = 1 there).
-      # Scaled by the largest weight: with lambda = 1, G 1 of a very
-      # confident classifier (every ||p_i - y_i|| ~ 1e-20) would underflow.
-      free_w = np.where(inv_w > 0, weights, 0).astype(np.float64)
-      free_w = (free_w / max(free_w.max(), _MIN_WEIGHT)).astype(np.float32)
-      g1 = matvec(free_w)
-      g1_sq = float(_sq_norm(restrict(g1)))
-      c = max(-float(_vdot(params, g1)) / max(g1_sq, 1e-30), 0)
-      mu0 = c * free_w
-      g0 = jax.tree.map(lambda a: c * a, g1)
+      mu0, g0 = const_mu, g_const
     # Initial step size: the curvature of F's distance part along the
     # projected negative gradient (a lower bound on L; backtracking raises
     # it where needed).
     _, u0 = value_and_dual(g0)
     grad0 = rmatvec(u0) - lin
-    direction = np.where((mu0 > 0) | (grad0 < 0), -grad0, 0)
+    movable = ((mu0 > 0) | (grad0 < 0)) & ((mu0 < upper) | (grad0 > 0))
+    direction = np.where(movable, -grad0, 0)
     direction = direction.astype(np.float32)
     dn = float(direction @ direction)
     lip = 1.0
@@ -875,7 +892,7 @@ def fit_lambdas(
     grad = rmatvec(u) - lin
     backtracks = 0
     while True:
-      mu_new = np.maximum(y - grad / lip, 0).astype(np.float32)
+      mu_new = np.clip(y - grad / lip, 0, upper).astype(np.float32)
       g_new = matvec(mu_new)
       d = mu_new - y
       # Backtracking on the local curvature <grad F(x+) - grad F(y), x+ - y>
@@ -941,7 +958,7 @@ def fit_lambdas(
     iterations=int(state.step),
     time_s=time.perf_counter() - t_start,
     converged=converged,
-    excluded=excluded,
+    capped=capped,
     contribution=float(mu.sum()),
     weights=weights,
     scores=scores(lambdas, weights),

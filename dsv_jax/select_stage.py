@@ -311,7 +311,7 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "objective": fit.objective,
     "iterations": fit.iterations,
     "converged": fit.converged,
-    "excluded_pushing_away": fit.excluded,
+    "capped_pushing_away": fit.capped,
     "resumed_from_iteration": resumed,
     "select_time_s": fit.time_s,
     "s_per_iter": float(np.median(this_run)) if this_run else None,

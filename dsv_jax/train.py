@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from dsv_jax import augment
+from dsv_jax import augment, parallel
 from dsv_jax.checkpoints import RunCheckpointer
 from dsv_jax.models import FunctionalModel
 from dsv_jax.types import Params, PyTree
@@ -430,6 +430,7 @@ def finish_full_batch(
   n = len(labels)
   images = np.asarray(images, np.float32)
   labels = np.asarray(labels, np.int32)
+  chunk_size = parallel.balanced_chunk(n, chunk_size)
 
   def merge(opt, frozen):
     out, it_o, it_f = [], iter(opt), iter(frozen)

@@ -148,3 +148,17 @@ def test_doctests():
   result = doctest.testmod(parallel)
   assert result.attempted > 0
   assert result.failed == 0
+
+
+def test_balanced_chunk():
+  assert parallel.balanced_chunk(1132, 1024) == 566
+  assert parallel.balanced_chunk(2048, 1024) == 1024
+  assert parallel.balanced_chunk(100, 1024) == 100
+  for n in (1, 7, 999, 1025, 54000):
+    for size in (1, 3, 64, 1024):
+      chunk = parallel.balanced_chunk(n, size)
+      count = -(-n // chunk)
+      assert chunk <= size and count == -(-n // size)  # As few chunks.
+      assert count * chunk - n < count  # Padding below one row per chunk.
+  with pytest.raises(ValueError, match="chunk_size >= 1"):
+    parallel.balanced_chunk(10, 0)

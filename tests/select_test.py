@@ -325,19 +325,30 @@ def test_resume_state_continues_exactly():
     )
 
 
-def test_slackness_support_excludes_samples_pushing_away():
-  # Random weights: some samples push away from theta*; they keep lambda 0,
-  # which keeps the contribution term bounded.
+def test_slackness_caps_samples_pushing_away():
+  # Random weights: some samples push away from theta*; they get no
+  # contribution reward and lambda at most the best constant lambda (a soft
+  # margin), which keeps the objective bounded.
   params, x, labels = _mlp_problem()
   gmat = _flat(kkt.per_sample_grads(_mlp, params, x, labels), len(x))
   theta = np.concatenate([np.ravel(a) for a in jax.tree.leaves(params)])
   away = gmat.T @ theta >= 0
   assert 0 < away.sum() < len(x)
+  # The cap, the obvious way: min_c ||theta + c G 1||.
+  g1 = gmat.sum(1)
+  cap = max(-(theta @ g1) / (g1 @ g1), 0.0)
   lam, info = select.fit_lambdas(
-    _mlp, params, x, labels, distance="l2_sq", slackness=0.1, max_iters=50
+    _mlp, params, x, labels, distance="l2_sq", slackness=0.1, max_iters=200
   )
-  assert info.excluded == away.sum()
-  assert (lam[away] == 0).all() and np.isfinite(lam).all()
+  assert info.capped == away.sum()
+  assert np.isfinite(lam).all() and (lam >= 0).all()
+  assert (lam[away] <= cap * (1 + 1e-4)).all()
+  assert lam[~away].max() > 2 * cap  # The rewarded ones are not capped.
+  # The fit starts from the best constant lambda, for every sample.
+  lam0, _ = select.fit_lambdas(
+    _mlp, params, x, labels, distance="l2_sq", slackness=0.1, max_iters=0
+  )
+  np.testing.assert_allclose(lam0, cap, rtol=1e-3)
   # The solver's cached G lambda is that of the returned lambda.
   mine = np.linalg.norm(gmat @ lam + theta) / np.linalg.norm(theta)
   np.testing.assert_allclose(mine, info.residual, rtol=1e-3)
