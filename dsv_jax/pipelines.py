@@ -766,9 +766,47 @@ def run_synthesize(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "candidate_steps_per_s": n * (sy.steps - resumed) / wall,
     "num_devices": parallel.num_shards(mesh),
   }
+  if active.any():
+    results.update(judge_dsvs(config, clf, x[active], labels[active]))
   logging.info("Synthesis done: %s", results)
   _mark_done(workdir, "synthesize", digest, results)
   return results
+
+
+def judge_dsvs(
+  config: ml_collections.ConfigDict,
+  clf: "Classifier",
+  images: np.ndarray,
+  labels: np.ndarray,
+) -> dict[str, float]:
+  """Classical agreement and nearest-real distances of DSVs (`judges`).
+
+  Judges fitted on the real training split; the distances are compared
+  with those of the validation images. Empty when the training data is not
+  available (a classifier from elsewhere): the judges need real data.
+  """
+  from dsv_jax import judges
+
+  try:
+    ds = load_data(config)
+  except FileNotFoundError as e:
+    logging.info("No training data for the classical judges: %s", e)
+    return {}
+  fitted = judges.fit_classical(ds.train["image"], ds.train["label"], ds.info)
+  agreement = judges.classical_agreement(fitted, images, labels, ds.info)
+  dist = judges.nearest_real_distance(
+    images,
+    labels,
+    ds.train["image"],
+    ds.train["label"],
+    ds.info,
+    reference_images=ds.validation["image"],
+    reference_labels=ds.validation["label"],
+  )
+  out = {f"classical_agreement_{k}": v for k, v in agreement.items()}
+  out["classical_agreement"] = out.pop("classical_agreement_mean")
+  out.update({f"nn_distance_{k}": v for k, v in dist.items()})
+  return out
 
 
 def save_described_dsv(

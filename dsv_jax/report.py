@@ -292,15 +292,15 @@ def load_selection(workdir: str) -> dict[str, Any]:
   """The `select` stage's lambdas and per-class ranking from `workdir`.
 
   Returns:
-    ``lambdas``, ``scores``, ``labels`` (float/int ``[N]`` over the training
-    split) and ``ranking``: per class, the training indices sorted by
+    ``lambdas``, ``scores``, ``labels``, ``rankable`` (``[N]`` over the
+    training split) and ``ranking``: per class, the training indices sorted by
     decreasing score.
   """
   path = os.path.join(workdir, "select", "lambdas.npz")
   if not os.path.exists(path):
     raise FileNotFoundError(f"No selection at {path}; run --stage=select.")
   with np.load(path) as z:
-    out = {k: z[k] for k in ("lambdas", "scores", "labels")}
+    out = {k: z[k] for k in ("lambdas", "scores", "labels", "rankable")}
     order, start = z["order"], z["class_start"]
   out["ranking"] = [
     order[a:b] for a, b in zip(start[:-1], start[1:], strict=True)
@@ -404,7 +404,14 @@ def coreset_section(config, workdir, rows: RetrainRows) -> tuple[str, dict]:
       "herding": coreset.herding(feats, labels, c, k),
       "el2n": select.top_per_class(el2n, labels, c, k),
       "selected": np.concatenate([sel["ranking"][j][:k] for j in range(c)]),
-      "selected_lambda": select.top_per_class(sel["lambdas"], labels, c, k),
+      "selected_lambda": select.top_per_class(
+        select.scores(
+          sel["lambdas"], None, score="lambda", rankable=sel["rankable"]
+        ),
+        labels,
+        c,
+        k,
+      ),
     }
     res = {
       "random": rows(

@@ -182,7 +182,15 @@ class FitInfo(NamedTuple):
     contribution: ``sum_i lambda_i ||p_i - y_i||``.
     weights: ``||p_i - y_i||`` per sample, ``float32[N]``.
     scores: the ranking score of every sample, the contribution
-      ``lambda_i ||p_i - y_i||`` (`scores`), ``float32[N]``.
+      ``lambda_i ||p_i - y_i||`` (`scores`), ``float32[N]``; 0 for the
+      samples that are not `rankable`.
+    rankable: ``bool[N]``, the samples that may be ranked as support
+      vectors: those the contribution term rewards (``<theta*, -g_i> >
+      0``, for a linear model the correctly classified ones) whose gradient
+      is not zero. A sample pushing away from theta* (typically a
+      misclassified one) may carry lambda up to the cap -- it is part of
+      the representation, as a soft-margin SVM's margin violators are --
+      but it violates primal feasibility, so it is not a DSV.
     represented: the `Represented` parameters the fit ran on.
     state: the final `SolverState` (for checkpoints and resuming).
     history: one metrics dict per iteration of this call.
@@ -199,6 +207,7 @@ class FitInfo(NamedTuple):
   contribution: float
   weights: np.ndarray
   scores: np.ndarray
+  rankable: np.ndarray
   represented: Represented
   state: SolverState
   history: list[dict[str, float]]
@@ -961,7 +970,8 @@ def fit_lambdas(
     capped=capped,
     contribution=float(mu.sum()),
     weights=weights,
-    scores=scores(lambdas, weights),
+    scores=scores(lambdas, weights, rankable=supporting),
+    rankable=np.asarray(supporting, bool),
     represented=represented,
     state=state,
     history=history,
@@ -1105,7 +1115,7 @@ def select_dsvs(
       f"class {c} has {counts[c]} samples, fewer than the k = {k} to select."
     )
   lambdas, fit = fit_lambdas(apply_fn, params, x, labels, **fit_kwargs)
-  s = scores(lambdas, fit.weights, score=score)
+  s = scores(lambdas, fit.weights, score=score, rankable=fit.rankable)
   top = top_per_class(s, labels, num_classes, k)
   return Selection(top, labels[top], s[top], lambdas, fit)
 
@@ -1115,7 +1125,11 @@ def select_dsvs(
 
 
 def scores(
-  lambdas: np.ndarray, weights: np.ndarray, *, score: str = "contribution"
+  lambdas: np.ndarray,
+  weights: np.ndarray,
+  *,
+  score: str = DEFAULT_SCORE,
+  rankable: np.ndarray | None = None,
 ) -> np.ndarray:
   """Per-sample ranking scores.
 
@@ -1123,17 +1137,21 @@ def scores(
     lambdas: ``float[N]`` fitted multipliers.
     weights: ``||p_i - y_i||`` per sample (`FitInfo.weights`).
     score: ``"contribution"`` (``lambda_i ||p_i - y_i||``) or ``"lambda"``.
+    rankable: optional ``bool[N]`` (`FitInfo.rankable`); the others score 0.
 
   Returns:
     ``float32[N]``; higher ranks first.
   """
   kkt._check_choice("score", score, SCORES)
   lambdas = np.asarray(lambdas, np.float32)
-  return (
+  out = (
     lambdas * np.asarray(weights, np.float32)
     if score == "contribution"
     else lambdas
   )
+  if rankable is not None:
+    out = np.where(np.asarray(rankable, bool), out, 0).astype(np.float32)
+  return out
 
 
 def rank_per_class(

@@ -4,7 +4,8 @@
 `select.fit_lambdas` (resuming from `ckpt/select`), ranks the samples per
 class by their contribution and writes into `workdir/select/`:
 
-  lambdas.npz    lambda, score and ||p - y|| of every training sample, its
+  lambdas.npz    lambda, score, rankable and ||p - y|| of every training
+                 sample (scores are 0 where not rankable), its
                  label, and the per-class ranking (`order`: indices sorted
                  by class, then by score; `class_start`: where each class
                  begins in `order`; `rank_in_class` per sample)
@@ -224,7 +225,9 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckptr.save(fit.iterations, fit.state, meta)
   ckptr.close()
 
-  scores = select.scores(lambdas, fit.weights, score=s.score)
+  scores = select.scores(
+    lambdas, fit.weights, score=s.score, rankable=fit.rankable
+  )
   # The anchor (METHOD.md section 3): the uniform lambda = 1 / (N wd) is
   # exact at a stationary point of the classifier's training objective.
   wd = clf.meta.get("train", {}).get("weight_decay", config.train.weight_decay)
@@ -256,6 +259,7 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.path.join(out_dir, "lambdas.npz"),
     lambdas=lambdas,
     scores=scores,
+    rankable=fit.rankable,
     weights=fit.weights,
     labels=labels,
     order=order,
@@ -312,6 +316,7 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "iterations": fit.iterations,
     "converged": fit.converged,
     "capped_pushing_away": fit.capped,
+    "rankable": int(fit.rankable.sum()),
     "resumed_from_iteration": resumed,
     "select_time_s": fit.time_s,
     "s_per_iter": float(np.median(this_run)) if this_run else None,

@@ -239,6 +239,7 @@ def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.width = 8
   c.model.depth = 2
   c.train.steps = 6
+  c.train.finish_steps = 5
   c.train.batch_size = 32
   c.train.eval_every = 3
   c.train.log_every = 2
