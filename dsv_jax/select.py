@@ -185,12 +185,13 @@ class FitInfo(NamedTuple):
       ``lambda_i ||p_i - y_i||`` (`scores`), ``float32[N]``; 0 for the
       samples that are not `rankable`.
     rankable: ``bool[N]``, the samples that may be ranked as support
-      vectors: those the contribution term rewards (``<theta*, -g_i> >
-      0``, for a linear model the correctly classified ones) whose gradient
-      is not zero. A sample pushing away from theta* (typically a
-      misclassified one) may carry lambda up to the cap -- it is part of
-      the representation, as a soft-margin SVM's margin violators are --
-      but it violates primal feasibility, so it is not a DSV.
+      vectors: classified as their target (primal feasibility), with a
+      non-zero gradient, and rewarded by the contribution term
+      (``<theta*, -g_i> > 0``; for a linear model the same as correctly
+      classified). A misclassified sample may still carry lambda (up to
+      the cap when it pushes away from theta*) -- it is part of the
+      representation, as a soft-margin SVM's margin violators are -- but it
+      is not a DSV.
     represented: the `Represented` parameters the fit ran on.
     state: the final `SolverState` (for checkpoints and resuming).
     history: one metrics dict per iteration of this call.
@@ -222,7 +223,8 @@ class _Operator(NamedTuple):
 
   matvec: Callable[[np.ndarray], Params]  # lambda [N] -> G lambda
   rmatvec: Callable[[Params], np.ndarray]  # u -> G^T u [N]
-  weights: Callable[[], np.ndarray]  # ||p_i - y_i|| [N]
+  # (||p_i - y_i||, classified as its target) [N] each.
+  weights: Callable[[], tuple[np.ndarray, np.ndarray]]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -274,10 +276,12 @@ def _make_operator(
     logits, tangent = jax.jvp(lambda q: apply_fn(q, xc), (p,), (u,))
     return jnp.sum(_prob_residual(logits, tc) * tangent, -1)
 
-  @partial(jax.jit, out_shardings=batch)
+  @partial(jax.jit, out_shardings=(batch, batch))
   def residual_norms(p, xc, tc):
-    r = _prob_residual(apply_fn(p, xc), tc)
-    return jnp.sqrt(jnp.sum(r * r, -1))
+    logits = apply_fn(p, xc)
+    r = _prob_residual(logits, tc)
+    labels = tc if tc.ndim == 1 else jnp.argmax(tc, -1)
+    return jnp.sqrt(jnp.sum(r * r, -1)), jnp.argmax(logits, -1) == labels
 
   params = jax.device_put(params, rep)
   starts = range(0, n, chunk)
@@ -305,11 +309,13 @@ def _make_operator(
     return np.concatenate(out)
 
   def weights():
-    out = []
+    norms, correct = [], []
     for start in starts:
       (xc, tc), m = chunk_data(start)
-      out.append(np.asarray(residual_norms(params, xc, tc))[:m])
-    return np.concatenate(out)
+      w, ok = residual_norms(params, xc, tc)
+      norms.append(np.asarray(w)[:m])
+      correct.append(np.asarray(ok)[:m])
+    return np.concatenate(norms), np.concatenate(correct)
 
   return _Operator(matvec, rmatvec, weights)
 
@@ -724,7 +730,7 @@ def fit_lambdas(
     if f
   )
 
-  weights = op.weights()
+  weights, correct = op.weights()
   # The solver works on the contributions mu_i = lambda_i ||p_i - y_i||:
   # g_i = J_i^T (p_i - y_i) scales with ||p_i - y_i||, which spans dozens
   # of orders of magnitude between boundary and confident samples, so in
@@ -970,8 +976,8 @@ def fit_lambdas(
     capped=capped,
     contribution=float(mu.sum()),
     weights=weights,
-    scores=scores(lambdas, weights, rankable=supporting),
-    rankable=np.asarray(supporting, bool),
+    scores=scores(lambdas, weights, rankable=supporting & correct),
+    rankable=np.asarray(supporting & correct, bool),
     represented=represented,
     state=state,
     history=history,

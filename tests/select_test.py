@@ -344,14 +344,18 @@ def test_slackness_caps_samples_pushing_away():
   assert np.isfinite(lam).all() and (lam >= 0).all()
   assert (lam[away] <= cap * (1 + 1e-4)).all()
   assert lam[~away].max() > 2 * cap  # The rewarded ones are not capped.
-  # Samples pushing away are part of the representation but not DSVs: they
-  # are never ranked (primal feasibility).
-  np.testing.assert_array_equal(info.rankable, ~away)
-  assert (info.scores[away] == 0).all() and info.scores[~away].max() > 0
+  # Samples pushing away, and misclassified ones, are part of the
+  # representation but not DSVs: they are never ranked (primal
+  # feasibility).
+  correct = np.argmax(_mlp(params, x), -1) == labels
+  assert 0 < (~correct & ~away).sum()  # Misclassified yet not pushing away.
+  np.testing.assert_array_equal(info.rankable, ~away & correct)
+  assert (info.scores[~info.rankable] == 0).all()
+  assert info.scores[info.rankable].max() > 0
   sel = select.select_dsvs(
     _mlp, params, x, labels, k=2, distance="l2_sq", slackness=0.1
   )
-  assert not away[sel.indices].any()
+  assert info.rankable[sel.indices].all()
   # The fit starts from the best constant lambda, for every sample.
   lam0, _ = select.fit_lambdas(
     _mlp, params, x, labels, distance="l2_sq", slackness=0.1, max_iters=0
