@@ -17,6 +17,8 @@ accuracy on the real data set.
 
   python benchmarks/config_health.py                     # every config
   python benchmarks/config_health.py --configs mnist cifar10 --max_steps 1500
+  python benchmarks/config_health.py --configs cifar100 --max_steps 600 \
+    --max_train 6000 --max_finish_steps 30
 """
 
 import argparse
@@ -74,6 +76,12 @@ def main(argv=None):
   parser.add_argument(
     "--max_train", type=int, default=0, help="cap on training images"
   )
+  parser.add_argument(
+    "--max_finish_steps",
+    type=int,
+    default=-1,
+    help="cap on finishing iterations (-1: the config's own)",
+  )
   parser.add_argument("--workdir", default="")
   args = parser.parse_args(argv)
   root = args.workdir or tempfile.mkdtemp(prefix="config_health_")
@@ -83,6 +91,8 @@ def main(argv=None):
     c = configs.get_config(name)
     if args.max_steps:
       c.train.steps = min(c.train.steps, args.max_steps)
+    if args.max_finish_steps >= 0:
+      c.train.finish_steps = min(c.train.finish_steps, args.max_finish_steps)
     if args.max_train:
       c.data.max_train = args.max_train
     source = "real"

@@ -1,13 +1,19 @@
-r"""Validation sweep of k-shot synthesis settings against their real shots.
+r"""Validation sweep of synthesis settings against k real images per class.
 
-The paper's headline row: DSVs synthesized from k real images per class
-(init "real") against training on those k images themselves. For every
-grid point of synthesis settings (any `synth.*` keys) and every k, this
-script synthesizes the k-shot DSVs from the classifier in `--workdir`,
-retrains K fresh models on them with the config's retraining recipe and
-prints VALIDATION accuracy next to the same recipe on the k real images the
-DSVs started from (the same images for every grid point: the candidates'
-key depends only on the seed). Test accuracy is never touched here.
+The paper's headline rows: DSVs synthesized from k real images per class
+(`--init real`), from another data set (`--init other`, 0-shot) or from
+noise (`--init noise`) against training on k real images. For every grid
+point of settings (any `synth.*` or `kkt.*` keys) and every k, this script
+synthesizes the DSVs from the classifier in `--workdir`, retrains K fresh
+models on them with the config's retraining recipe and prints VALIDATION
+accuracy next to the same recipe on the k real images the real-init DSVs
+start from (the same images for every grid point and init: the candidates'
+key depends only on the seed), and the DSVs' classical agreement (the
+fraction that pixel classifiers fitted on the real training split assign
+to their target; `dsv_jax.judges`, recorded by the synthesize stage) and
+their pixel distance to the nearest real image of their class (real
+validation images: `nn_distance_pixels_real`). Test accuracy is never
+touched here.
 
 Sub-runs are resumable and cached in `--out/<name>/` (a finished one with
 the same settings is reused).
@@ -15,6 +21,8 @@ the same settings is reused).
   python benchmarks/synth_sweep.py --config fashion_mnist --workdir W \
       --out /tmp/sweep --ipc 1,10 --grid synth.steps=50,200 \
       --grid synth.lr_x=0.003,0.01
+  python benchmarks/synth_sweep.py --config digits --workdir W --out /tmp/s \
+      --init noise --ipc 10 --grid synth.steps=300,2000 --grid kkt.beta_tv=0,1
 """
 
 import argparse
@@ -22,6 +30,7 @@ import itertools
 import os
 import time
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -37,24 +46,34 @@ def parse_grid(items: list[str], config: ml_collections.ConfigDict):
   for item in items:
     key, _, values = item.partition("=")
     section, _, field = key.partition(".")
-    if section != "synth" or field not in config.synth:
-      raise SystemExit(f"--grid {item!r}: not a config.synth key.")
-    kind = type(config.synth[field])
+    if section not in ("synth", "kkt") or field not in config[section]:
+      raise SystemExit(f"--grid {item!r}: not a config.synth or kkt key.")
+    kind = type(config[section][field])
     grid.append((key, [kind(v) for v in values.split(",")]))
   return grid
 
 
 def synthesize(config, out_dir):
-  """Runs (or reuses) a real-init synthesis sub-run; returns its DSV set.
+  """Runs (or reuses) a synthesis sub-run; returns (DSV set, its record).
 
   The report's own sub-run runner: a finished run with the same settings is
   reused, an interrupted one resumes.
   """
-  report._run_stage_once(
+  results = report._run_stage_once(
     pipelines.run_synthesize, config, out_dir, "synthesize"
   )
   dsv, _ = artifacts.load_dsv(os.path.join(out_dir, "synthesize"))
-  return dsv
+  return dsv, results
+
+
+def real_shots(config, k):
+  """Training indices of the k real images per class a real init starts
+  from (the same candidates' key as the synthesize stage)."""
+  sub = ml_collections.ConfigDict(config.to_dict())
+  sub.synth.init, sub.synth.num_per_class = "real", k
+  clf = pipelines.load_classifier(sub.synth.classifier)
+  key = jax.random.fold_in(jax.random.key(sub.seed), 3)
+  return np.asarray(pipelines._initial_candidates(sub, clf, key)[3])
 
 
 def main():
@@ -63,6 +82,12 @@ def main():
   p.add_argument("--workdir", required=True, help="has classifier/")
   p.add_argument("--out", required=True, help="folder of the sub-runs")
   p.add_argument("--ipc", default="1,10", help="comma list of k")
+  p.add_argument(
+    "--init",
+    default="real",
+    choices=("real", "other", "noise"),
+    help="synth.init of the DSVs (real: k-shot; other, noise: 0-shot)",
+  )
   p.add_argument(
     "--grid",
     action="append",
@@ -84,27 +109,29 @@ def main():
     f"shift {r.max_shift}, K={r.num_models}, validation accuracy %"
   )
   print(
-    f"| k | {' | '.join(keys) or 'settings'} | DSV (real init) | "
-    "its k real images | DSV - real |"
+    f"| k | {' | '.join(keys) or 'settings'} | DSV ({args.init} init) | "
+    "k real images | DSV - real | classical agreement | nn pixel distance "
+    "(real: validation) |"
   )
-  print(f"|---|{'---|' * max(len(keys), 1)}---|---|---|")
+  print(f"|---|{'---|' * max(len(keys), 1)}---|---|---|---|---|")
   t0 = time.perf_counter()
   real_rows = {}
   for k in (int(v) for v in args.ipc.split(",")):
     for values in itertools.product(*(v for _, v in grid)):
       sub = ml_collections.ConfigDict(config.to_dict())
       sub.synth.classifier = os.path.abspath(args.workdir)
-      sub.synth.init = "real"
-      # As the report's k-shot sub-runs (report.shot_run).
+      sub.synth.init = args.init
+      # As the report's sub-runs (report.shot_run).
       sub.synth.steps = config.report.synth_steps or config.synth.steps
       sub.synth.num_per_class = k
       settings = list(zip(keys, values, strict=True))
       for key, value in settings:
-        sub.synth[key.split(".")[1]] = value
-      name = "_".join([f"k{k}", *(f"{a}{b}" for a, b in settings)])
-      dsv = synthesize(sub, os.path.join(args.out, name))
+        section, field = key.split(".")
+        sub[section][field] = value
+      name = "_".join([f"{args.init}_k{k}", *(f"{a}{b}" for a, b in settings)])
+      dsv, record = synthesize(sub, os.path.join(args.out, name))
       sets = {"dsv": retrain_stage.set_rows(dsv, soft=False)}
-      idx = np.asarray(dsv.source_index)
+      idx = real_shots(sub, k)
       if k not in real_rows:
         sets["real"] = (ds.train["image"][idx], ds.train["label"][idx])
       rows = retrain_stage.retrain_sets(config, clf, ds, sets)
@@ -113,10 +140,13 @@ def main():
         raise RuntimeError("The real shots differ between grid points.")
       d, real = rows["dsv"], real_rows[k][1]
       cells = " | ".join(str(v) for v in values) or "config"
+      agree = record.get("classical_agreement", float("nan"))
       print(
         f"| {k} | {cells} | {100 * d['mean']:.1f} +- {100 * d['std']:.1f} | "
         f"{100 * real['mean']:.1f} +- {100 * real['std']:.1f} | "
-        f"{100 * (d['mean'] - real['mean']):+.1f} |",
+        f"{100 * (d['mean'] - real['mean']):+.1f} | {agree:.2f} | "
+        f"{record.get('nn_distance_pixels', float('nan')):.2f} "
+        f"({record.get('nn_distance_pixels_real', float('nan')):.2f}) |",
         flush=True,
       )
   print(f"total {time.perf_counter() - t0:.0f} s")

@@ -1,4 +1,4 @@
-"""The DSV set artifact (METHOD.md section 4b): one schema for all DSVs.
+"""The DSV set artifact: one schema for all DSVs.
 
 A DSV set is written by synthesis and by selection alike, as
   * ``<dir>/dsv.npz``: readable with numpy alone (``np.load`` without

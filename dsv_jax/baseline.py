@@ -2,7 +2,7 @@
 
 Prior work reconstructs training samples from a trained network by fitting
 samples ``x_i`` and multipliers ``lambda_i`` to the stationarity condition of
-the max-margin problem the network implicitly solves (METHOD.md section 6):
+the max-margin problem the network implicitly solves:
 
   L = || theta* - sum_i lambda_i grad_theta m_i(x_i) ||^2 / ||theta*||^2
       + beta_lambda * mean_i max(0, lambda_min - lambda_i)

@@ -11,7 +11,7 @@ Workdir layout:
   classifier/              the trained classifier (Orbax arrays + meta.json)
   train_metrics.jsonl      one JSON row per logged training step
   ckpt/synthesize/<step>/  Orbax checkpoints of the whole synthesis state
-  synthesize/              dsv.npz + dsv_orbax/ (the DSV set, METHOD.md 4b),
+  synthesize/              dsv.npz + dsv_orbax/ (the DSV set, `artifacts`),
                            grid.png (one row per class), metrics.jsonl (every
                            loss term, mean entropy, active count), curves.png
   edit/                    strip.png + edit.npz (real image -> other class)
@@ -645,7 +645,7 @@ def run_synthesis_loop(
 
 
 def run_synthesize(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Synthesises DSVs with the trained classifier (METHOD.md section 4).
+  """Synthesises DSVs with the trained classifier.
 
   Uses the classifier of the `train` stage in `workdir` (or the path in
   `config.synth.classifier`), resumes an interrupted run from
@@ -781,11 +781,12 @@ def judge_dsvs(
 ) -> dict[str, float]:
   """Classical agreement and nearest-real distances of DSVs (`judges`).
 
-  Judges fitted on the real training split; the distances are compared
-  with those of the validation images. Empty when the training data is not
+  Judges fitted on the real training split; the distances, in raw pixels
+  and in the classifier's penultimate features, are compared with those of
+  the validation images (``*_real``). Empty when the training data is not
   available (a classifier from elsewhere): the judges need real data.
   """
-  from dsv_jax import judges
+  from dsv_jax import coreset, judges
 
   try:
     ds = load_data(config)
@@ -793,6 +794,7 @@ def judge_dsvs(
     logging.info("No training data for the classical judges: %s", e)
     return {}
   fitted = judges.fit_classical(ds.train["image"], ds.train["label"], ds.info)
+  fm = clf.functional
   agreement = judges.classical_agreement(fitted, images, labels, ds.info)
   dist = judges.nearest_real_distance(
     images,
@@ -802,6 +804,9 @@ def judge_dsvs(
     ds.info,
     reference_images=ds.validation["image"],
     reference_labels=ds.validation["label"],
+    features_fn=lambda xs: coreset.features_of(
+      lambda p, xx: fm.eval_features(p, fm.state, xx), clf.params, xs
+    ),
   )
   out = {f"classical_agreement_{k}": v for k, v in agreement.items()}
   out["classical_agreement"] = out.pop("classical_agreement_mean")

@@ -2,7 +2,7 @@
 
 The paper's evidence that DSVs carry the classifier's knowledge is that a
 fresh model trained on a handful of them generalises (Lee et al., NeurIPS
-2024, Tables 1-2; METHOD.md section 5). `retrain` trains K fresh models of
+2024, Tables 1-2). `retrain` trains K fresh models of
 one architecture with different seeds on the same small set, all K in ONE
 jitted step over stacked parameter and optimiser pytrees (`jax.vmap`, or K
 unrolled copies, which XLA:CPU runs faster), and evaluates each on a real

@@ -1,6 +1,6 @@
 """Selection: fit lambda >= 0 over a whole training set, then rank.
 
-METHOD.md section 4 ("Selection"): with the training images fixed, fit
+Selection: with the training images fixed, fit
 multipliers ``lambda >= 0`` so that the frozen weights satisfy stationarity,
 ``theta* ~= -G lambda`` with ``G`` the P x N matrix of per-sample gradients
 ``g_i = grad_theta L_i``, and rank the samples per class.
@@ -25,7 +25,7 @@ products and costs no pass. ``l1_mean`` is non-smooth; its gradient comes
 from a Huber smoothing of width ``l1_smoothing * mean|theta*|`` (the
 reported distance is always the exact one). ``cosine`` is scale-invariant.
 
-What makes a support vector (METHOD.md section 3): the representation
+What makes a support vector: the representation
 ``theta* = -G lambda`` is not unique (a weight-decay-trained net is
 represented exactly by a uniform lambda), so a fit alone does not single
 out support vectors. We add a complementary-slackness term: among the
@@ -1001,7 +1001,7 @@ def stationarity_residuals(
   One streamed backward pass. The anchor every fit should be read
   against: at a stationary point of the training objective mean CE +
   ``(wd / 2) ||theta||^2`` (coupled weight decay ``wd``) the uniform
-  ``lambda_i = 1 / (N wd)`` gives exactly 0 (METHOD.md section 3), so its
+  ``lambda_i = 1 / (N wd)`` gives exactly 0, so its
   residual measures how far the classifier is from that point.
 
   Args:

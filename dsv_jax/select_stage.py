@@ -10,7 +10,7 @@ class by their contribution and writes into `workdir/select/`:
                  by class, then by score; `class_start`: where each class
                  begins in `order`; `rank_in_class` per sample)
   dsv.npz, dsv_orbax/  the top `num_per_class` per class as a DSV set
-                 (METHOD.md 4b; source "train", source_index = training
+                 (source "train", source_index = training
                  index)
   grid.png       the top selected images, one row per class
   metrics.jsonl  one row per logged solver iteration
@@ -118,7 +118,7 @@ def _ranking(scores: np.ndarray, labels: np.ndarray, num_classes: int):
 
 
 def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Selects DSVs from the training set (METHOD.md section 4, Selection).
+  """Selects DSVs from the training set.
 
   Uses the classifier of the `train` stage in `workdir` (or the path in
   `config.select.classifier`) and the training split of `config.data`;
@@ -228,7 +228,7 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
   scores = select.scores(
     lambdas, fit.weights, score=s.score, rankable=fit.rankable
   )
-  # The anchor (METHOD.md section 3): the uniform lambda = 1 / (N wd) is
+  # The anchor: the uniform lambda = 1 / (N wd) is
   # exact at a stationary point of the classifier's training objective.
   wd = clf.meta.get("train", {}).get("weight_decay", config.train.weight_decay)
   uniform_rep, uniform_all = (

@@ -6,7 +6,7 @@ Given a frozen classifier ``apply_fn(params, x) -> logits``, candidates ``x``
   L_total = L_kkt(X) + eta * L_kkt(A(X)) + beta_tv * L_tv(X)
             + beta_norm * L_norm(X),     L_kkt = L_stat + beta_primal * L_primal
 
-(METHOD.md section 2, Eq. 9 with Algorithm 1's weighting), by gradient
+(the paper's Eq. 9 with Algorithm 1's weighting), by gradient
 *descent* on X and lambda, each with its own optimiser, clipping X to the
 dataset's valid pixel range after every step.
 

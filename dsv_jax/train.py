@@ -3,7 +3,7 @@
 The recipe defaults to the paper's: Adam (lr 1e-3) with *coupled* L2 weight
 decay 5e-3 (the decay term is added to the gradient before Adam, as PyTorch's
 `Adam(weight_decay=...)` does). Coupled decay matters for DeepKKT: at a
-stationary point theta* = -sum_i grad L_i / (N wd) (METHOD.md section 3).
+stationary point theta* = -sum_i grad L_i / (N wd).
 
 Every random choice of a step (which samples form the batch, the
 augmentation) is derived from `fold_in(key, step)` or `fold_in(key, epoch)`,
@@ -374,10 +374,10 @@ def finish_full_batch(
 
   DeepKKT's stationarity condition assumes theta* is a stationary point of
   the training objective ``F = mean_i CE_i + (wd / 2) ||theta||^2`` (then
-  ``lambda_i = 1 / (N wd)`` represents theta* exactly; METHOD.md section
-  3). Minibatch Adam with augmentation stops short of it: on digits the
-  relative gradient ``||grad F|| / (wd ||theta||)`` (= the residual of the
-  uniform lambda) was 0.94 after training. This phase minimises F on the
+  ``lambda_i = 1 / (N wd)`` represents theta* exactly). Minibatch Adam with
+  augmentation stops short of it: on digits the relative gradient
+  ``||grad F|| / (wd ||theta||)`` (= the residual of the uniform lambda) was
+  0.94 after training. This phase minimises F on the
   un-augmented training set, full batch, by L-BFGS with an Armijo line
   search, over the leaves in ``mask`` (the others frozen: a scale-invariant
   leaf has no stationary point under weight decay, see

@@ -289,6 +289,12 @@ def test_synthesize_sigkill_resume_equals_uninterrupted(
   for key in ("stationarity", "primal", "stationarity_aug", "entropy"):
     assert key in rows[-1]
   assert "num_active" in rows[-1]
+  # The judges that share nothing with the classifier (and the sample
+  # quality distances, next to those of real validation images).
+  assert 0.0 <= record["classical_agreement"] <= 1.0
+  for key in ("pixels", "features"):
+    assert record[f"nn_distance_{key}"] > 0
+    assert record[f"nn_distance_{key}_real"] > 0
 
   clean = _with_classifier(tiny_classifier, tmp_path / "clean")
   res = _synth_cli(clean, *overrides, cache=cache)

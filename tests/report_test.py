@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from dsv_jax import configs, pipelines, report
+from dsv_jax import configs, pipelines, report, reproduction
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = (
@@ -86,12 +86,33 @@ def test_all_interrupted_resumes_without_redoing_finished_stages(tmp_path):
     assert os.path.getsize(wd / "report" / png) > 0, png
   results = json.load(open(wd / "report" / "results.json"))
   tiny = configs.get_config("digits", "tiny")
-  rows_per_k = 4 if tiny.report.baseline else 3
+  # Real shots, 0-shot from the other data set and from noise, real-init
+  # DSVs (and the KKT baseline).
+  rows_per_k = 5 if tiny.report.baseline else 4
   assert len(results["few_shot"]) == len(tiny.report.ipc) * rows_per_k
-  for row in results["few_shot"].values():
+  assert "k1/DSV (digits init)" in results["few_shot"]
+  assert "k1/DSV (noise init)" in results["few_shot"]
+  for name, row in results["few_shot"].items():
     assert len(row["accuracies"]) == tiny.retrain.num_models
     assert 0.0 <= row["mean"] <= 1.0
+    assert 0.0 <= row["classical_agreement"] <= 1.0
+    if name.startswith("k1/k random real"):
+      assert row["p_vs_shots"] is None
+      # Real images: the pixel judges recognise most of them.
+      assert row["classical_agreement"] >= 0.7
+    else:
+      assert 0.0 <= row["p_vs_shots"] <= 1.0
   assert -1.0 <= results["lambda_accuracy"]["pearson"] <= 1.0
+  assert 0.0 <= results["lambda_accuracy"]["pearson_p"] <= 1.0
+  for r in tiny.report.flip_ratios:
+    assert 0.0 <= results["decision"]["p"][str(float(r))] <= 1.0
+    assert results["decision"]["pairs"][str(float(r))] > 0
+  assert 0.0 <= results["ablation"]["p_retrain"] <= 1.0
+  assert results["meta"]["dataset"] == "digits"
+  # The reproduction table reads these results: every claim has a cell.
+  table = reproduction.markdown([reproduction.load_run(str(wd))])
+  assert len(table.splitlines()) >= 2 + len(reproduction.CLAIMS)
+  assert "k=1: " in table
   methods = ("random", "herding", "el2n", "selected", "selected_lambda")
   for k in tiny.report.coreset_ipc:
     rows = results["coreset"][f"k{k}"]
@@ -116,6 +137,20 @@ def test_all_interrupted_resumes_without_redoing_finished_stages(tmp_path):
     == (results["few_shot"])
   )
   assert again["lambda_accuracy_pearson"] == summary["lambda_accuracy_pearson"]
+
+  # Without the other data set offline, the few-shot table skips its
+  # 0-shot rows and says why, instead of failing the report.
+  c = configs.get_config("digits", "tiny")
+  c.synth.other_dataset = "idx"
+  c.synth.other_data_dir = str(tmp_path / "no_such_folder")
+  clf, ds = pipelines.load_classifier(str(wd)), pipelines.load_data(c)
+  md, res = report.few_shot_section(
+    c, str(wd), report.RetrainRows(c, str(wd), clf, ds)
+  )
+  assert "0-shot rows from idx are missing" in md
+  assert "no_such_folder" in md
+  assert len(res) == len(c.report.ipc) * (rows_per_k - 1)
+  assert not any("idx init" in name for name in res)
 
 
 def test_flip_rates_known_answer():
@@ -147,5 +182,22 @@ def test_report_config_and_missing_stage_errors(tmp_path):
   with pytest.raises(ValueError, match="report.zero_shot_init"):
     report.run_report(c, str(tmp_path))
   c = configs.get_config("digits", "tiny")
+  c.report.detail_ipc = 7
+  with pytest.raises(ValueError, match="report.detail_ipc: 7 must be one of"):
+    report.run_report(c, str(tmp_path))
+  c = configs.get_config("digits", "tiny")
+  c.synth.other_dataset = "moon"
+  with pytest.raises(ValueError, match="synth.other_dataset: unknown dataset"):
+    report.run_report(c, str(tmp_path))
+  c = configs.get_config("digits", "tiny")
   with pytest.raises(FileNotFoundError, match="'train' stage"):
     report.run_report(c, str(tmp_path))
+
+
+def test_literature_rows_are_labelled_and_only_where_published():
+  md = report.literature_table("fashion_mnist")
+  assert "published numbers, not run here" in md
+  assert "| DC | 70.5 | 82.3 | 83.6 |" in md
+  assert "| DSA | 70.6 | 84.6 | 88.7 |" in md
+  assert "| KIP (to NN) | 73.8 | 86.8 | 87.8 |" in md
+  assert report.literature_table("digits") == ""

@@ -13,6 +13,9 @@ def cifar_config(dataset: str, arg: str | None):
   args = common.parse_arg(arg, tiny=False)
   c = common.base_config()
   c.data.name = dataset
+  # 0-shot DSVs start from the other CIFAR (the paper: "data from other
+  # datasets"); svhn_cropped works too.
+  c.synth.other_dataset = "cifar100" if dataset == "cifar10" else "cifar10"
   c.model.width = 128
   c.model.depth = 3
   c.train.steps = 20000

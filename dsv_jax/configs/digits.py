@@ -40,7 +40,7 @@ def get_config(arg: str | None = None):
   # EL2N baseline of the coreset table: scored after 10% of training.
   c.report.el2n_steps = 80
   # Synthesis: no flip in A(x), for the same reason (the classifier never
-  # saw flipped digits); the other strengths are METHOD.md's.
+  # saw flipped digits); the other strengths are the paper's.
   c.synth.aug_flip = 0.0
   # Retraining recipe, chosen on the validation split (10 noise-init DSVs
   # vs 10 random real images per class, 5 seeds; benchmarks/README.md,
