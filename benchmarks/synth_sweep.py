@@ -122,7 +122,7 @@ def main():
       sub.synth.classifier = os.path.abspath(args.workdir)
       sub.synth.init = args.init
       # As the report's sub-runs (report.shot_run).
-      sub.synth.steps = config.report.synth_steps or config.synth.steps
+      sub.synth.steps = report.sub_run_steps(config, args.init)
       sub.synth.num_per_class = k
       settings = list(zip(keys, values, strict=True))
       for key, value in settings:

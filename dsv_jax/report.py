@@ -34,6 +34,7 @@ from absl import logging
 
 from dsv_jax import (
   artifacts,
+  checkpoints,
   data,
   pipelines,
   reproduction,
@@ -67,6 +68,20 @@ def _sub_config(
   return sub
 
 
+def _discard_stale_checkpoints(ckpt_dir: str, digest: str) -> None:
+  """Removes `ckpt_dir` if its latest checkpoint is of another config."""
+  if not os.path.isdir(ckpt_dir):
+    return
+  ckptr = checkpoints.RunCheckpointer(ckpt_dir)
+  try:
+    meta = ckptr.read_meta()
+  finally:
+    ckptr.close()
+  if meta is not None and meta.get("config_hash") != digest:
+    logging.info("Report: discarding %s (another config).", ckpt_dir)
+    shutil.rmtree(ckpt_dir)
+
+
 def _run_stage_once(
   runner: Callable[[ml_collections.ConfigDict, str], dict],
   config: ml_collections.ConfigDict,
@@ -75,18 +90,28 @@ def _run_stage_once(
 ) -> dict:
   """Runs `stage` in `sub_workdir` unless it already finished there.
 
-  A finished record with another config hash is redone (its checkpoints
-  removed); an unfinished one resumes from its checkpoints.
+  A sub-run finished or interrupted under another config is redone from
+  scratch (its checkpoints removed: the report owns these folders, and its
+  config changed); an interrupted one of this config resumes.
   """
   record = pipelines.stage_record(sub_workdir, stage)
   digest = pipelines.config_hash(config, stage)
   if record is not None and record["config_hash"] == digest:
     return record["results"]
+  ckpt_dir = os.path.join(sub_workdir, "ckpt", stage)
   if record is not None:
-    shutil.rmtree(os.path.join(sub_workdir, "ckpt", stage), ignore_errors=True)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+  _discard_stale_checkpoints(ckpt_dir, digest)
   os.makedirs(sub_workdir, exist_ok=True)
   logging.info("Report: running %s in %s.", stage, sub_workdir)
   return runner(config, sub_workdir)
+
+
+def sub_run_steps(config: ml_collections.ConfigDict, init: str) -> int:
+  """Synthesis steps of a report sub-run from `init` (see `synth_run`)."""
+  if init == "noise":
+    return config.synth.steps
+  return config.report.synth_steps or config.synth.steps
 
 
 def synth_run(
@@ -97,11 +122,15 @@ def synth_run(
 ) -> tuple[artifacts.DSVSet, dict, str]:
   """A synthesis sub-run `report/runs/<name>`; returns (dsv, results, dir).
 
-  When the sub-run's settings are exactly those of the workdir's own
-  finished `synthesize` stage, that stage's output is used instead of
-  synthesising the same set twice.
+  Steps: sub-runs that start from images (real, other) run
+  `report.synth_steps` (they start on the data and settle early); noise
+  sub-runs run `synth.steps`, the budget an image needs to form. When the
+  sub-run's settings are exactly those of the workdir's own finished
+  `synthesize` stage, that stage's output is used instead of synthesising
+  the same set twice.
   """
-  steps = config.report.synth_steps or config.synth.steps
+  init = overrides.get("synth.init", config.synth.init)
+  steps = sub_run_steps(config, init)
   sub = _sub_config(config, workdir, **{"synth.steps": steps, **overrides})
   main = _sub_config(config, workdir)
   record = pipelines.stage_record(workdir, "synthesize")
@@ -156,6 +185,9 @@ def baseline_run(
     # checkpoints (which a resumed run would rightly refuse).
     shutil.rmtree(os.path.join(out_dir, "ckpt"), ignore_errors=True)
     os.remove(marker)
+  _discard_stale_checkpoints(
+    os.path.join(out_dir, "ckpt", "baseline"), baseline.config_hash(sub)
+  )
   os.makedirs(out_dir, exist_ok=True)
   # The sub-run folder is its workdir (checkpoints); synth.classifier
   # points at the main workdir's classifier.
@@ -265,13 +297,14 @@ def _active_hard(dsv: artifacts.DSVSet) -> tuple[np.ndarray, np.ndarray]:
 # Sections. Each returns (markdown, results).
 
 
-# Published Fashion-MNIST distillation and coreset numbers (ConvNet, test
+# Published Fashion-MNIST coreset and distillation numbers (ConvNet, test
 # accuracy %, 1 / 10 / 50 images per class; the DC and KIP papers), shown
-# as context under the few-shot table. Not run here.
+# as context under the few-shot table (sections 1 and 2). Not run here.
 LITERATURE = {
   "fashion_mnist": (
     ("random real", (51.4, 73.8, 82.5)),
     ("herding", (67.0, 71.1, 71.9)),
+    ("forgetting", (42.0, 53.9, 55.0)),
     ("DC", (70.5, 82.3, 83.6)),
     ("DSA", (70.6, 84.6, 88.7)),
     ("KIP (to NN)", (73.8, 86.8, 87.8)),
@@ -590,7 +623,7 @@ def entropy_protocol_run(config, workdir, clf, ds) -> dict[str, np.ndarray]:
   """
   rc, info = config.report, clf.info
   c = info.num_classes
-  steps = rc.synth_steps or config.synth.steps
+  steps = sub_run_steps(config, "real")
   per_class = max(1, rc.protocol_candidates // c)
   path = os.path.join(workdir, "report", "runs", "entropy_protocol.npz")
   digest = pipelines.config_hash(
@@ -1198,5 +1231,6 @@ __all__ = [
   "run_report",
   "shot_run",
   "strips_section",
+  "sub_run_steps",
   "synth_run",
 ]

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from dsv_jax import configs, pipelines, report, reproduction
+from dsv_jax import checkpoints, configs, pipelines, report, reproduction
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = (
@@ -198,6 +198,32 @@ def test_literature_rows_are_labelled_and_only_where_published():
   md = report.literature_table("fashion_mnist")
   assert "published numbers, not run here" in md
   assert "| DC | 70.5 | 82.3 | 83.6 |" in md
+  assert "| forgetting | 42.0 | 53.9 | 55.0 |" in md
   assert "| DSA | 70.6 | 84.6 | 88.7 |" in md
   assert "| KIP (to NN) | 73.8 | 86.8 | 87.8 |" in md
   assert report.literature_table("digits") == ""
+
+
+def test_noise_sub_runs_get_the_full_synthesis_budget():
+  c = configs.get_config("digits")
+  c.synth.steps, c.report.synth_steps = 1000, 150
+  # Image inits start on the data and settle early; noise needs the budget.
+  assert report.sub_run_steps(c, "real") == 150
+  assert report.sub_run_steps(c, "other") == 150
+  assert report.sub_run_steps(c, "noise") == 1000
+  c.report.synth_steps = 0
+  assert report.sub_run_steps(c, "real") == 1000
+
+
+def test_stale_interrupted_sub_run_is_discarded_not_refused(tmp_path):
+  # A report sub-run interrupted under an older config (a real Orbax
+  # checkpoint) is redone from scratch; one of this config is kept to resume.
+  ckpt_dir = str(tmp_path / "ckpt" / "synthesize")
+  ckptr = checkpoints.RunCheckpointer(ckpt_dir)
+  ckptr.save(3, {"x": np.zeros(2, np.float32)}, {"config_hash": "old"})
+  ckptr.close()
+  report._discard_stale_checkpoints(ckpt_dir, "old")
+  assert os.path.isdir(ckpt_dir)
+  report._discard_stale_checkpoints(ckpt_dir, "new")
+  assert not os.path.exists(ckpt_dir)
+  report._discard_stale_checkpoints(ckpt_dir, "new")  # Nothing there: fine.

@@ -228,7 +228,9 @@ def base_config() -> ml_collections.ConfigDict:
   # case, where stationarity has to make data) or "other".
   c.report.zero_shot_init = "noise"
   c.report.detail_ipc = 10
-  # Synthesis steps of the report's sub-runs; 0 = synth.steps.
+  # Synthesis steps of the report's sub-runs that start from images (real,
+  # other; they start on the data); 0 = synth.steps. Noise sub-runs always
+  # run synth.steps.
   c.report.synth_steps = 0
   # Include the KKT-reconstruction baseline rows (dsv_jax.baseline).
   c.report.baseline = True
