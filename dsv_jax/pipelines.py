@@ -89,13 +89,23 @@ _STAGE_SECTIONS = {
 # stage under `all` nor discards an interrupted stage's checkpoint.
 _PROGRESS_KEYS = ("log_every", "ckpt_every", "eval_every")
 
+# Options added after runs existed, at the value that reproduces the
+# behaviour from before them: left out of the hashes at that value, so a
+# new option does not redo hours of finished stages that it cannot change.
+_NEUTRAL_DEFAULTS = {("kkt", "norm_center"): "mean"}
+
 
 def config_hash(config: ml_collections.ConfigDict, stage: str) -> str:
   """A short hash of the config sections that `stage` depends on."""
   d = config.to_dict()
   relevant = {
     k: (
-      {kk: v for kk, v in d[k].items() if kk not in _PROGRESS_KEYS}
+      {
+        kk: v
+        for kk, v in d[k].items()
+        if kk not in _PROGRESS_KEYS
+        and _NEUTRAL_DEFAULTS.get((k, kk), object()) != v
+      }
       if isinstance(d.get(k), dict)
       else d.get(k)
     )
@@ -183,6 +193,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in ("eta", "beta_primal", "beta_stationarity", "beta_tv"):
       need(k[key] >= 0, f"kkt.{key}", "must be >= 0.")
     need(k.beta_norm >= 0, "kkt.beta_norm", "must be >= 0.")
+    need(
+      k.norm_center in NORM_CENTERS,
+      "kkt.norm_center",
+      f"must be one of {NORM_CENTERS}.",
+    )
 
 
 def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
@@ -474,6 +489,7 @@ def load_classifier(path: str) -> Classifier:
 # Synthesis, editing, interpolation.
 
 INITS = ("noise", "real", "other")
+NORM_CENTERS = ("mean", "min")
 OPTIMIZERS = ("adam", "sgd")
 
 
@@ -494,6 +510,7 @@ def synth_kwargs(
     "beta_stationarity": k.beta_stationarity,
     "beta_tv": k.beta_tv,
     "beta_norm": k.beta_norm,
+    "norm_center": info.pixel_min if k.norm_center == "min" else 0.0,
     "gated": k.gated,
     "distance": k.distance,
     "method": k.method,

@@ -115,13 +115,22 @@ def tv_prior(x: jax.Array, active: jax.Array | None = None) -> jax.Array:
   return _masked_mean(dh + dw, active)
 
 
-def norm_prior(x: jax.Array, active: jax.Array | None = None) -> jax.Array:
-  """Per-image squared L2 norm per pixel, ``mean_i mean_p x_ip^2``.
+def norm_prior(
+  x: jax.Array,
+  active: jax.Array | None = None,
+  center: jax.typing.ArrayLike = 0.0,
+) -> jax.Array:
+  """Per-image squared distance per pixel to ``center``,
+  ``mean_i mean_p (x_ip - center)^2``.
 
-  In normalised space 0 is the dataset mean, so this pulls candidates
-  towards the mean image (DeepInversion's L2 prior, scaled per pixel).
+  In normalised space 0 is the dataset mean, so by default this pulls
+  candidates towards the mean image (DeepInversion's L2 prior, scaled per
+  pixel); ``center = pixel_min`` pulls the pixels the classifier does not
+  use towards the darkest value, the background of digit and clothing
+  images.
   """
-  return _masked_mean(jnp.mean(jnp.square(x), axis=(1, 2, 3)), active)
+  d = x - jnp.asarray(center, x.dtype)
+  return _masked_mean(jnp.mean(jnp.square(d), axis=(1, 2, 3)), active)
 
 
 # ----------------------------------------------------------------------------
@@ -373,6 +382,7 @@ def make_synthesizer(
   beta_stationarity: float = 1.0,
   beta_tv: float = 0.0,
   beta_norm: float = 0.0,
+  norm_center: jax.typing.ArrayLike = 0.0,
   gated: bool = True,
   distance: str = kkt.DEFAULT_DISTANCE,
   dual: str = "softplus",
@@ -398,6 +408,9 @@ def make_synthesizer(
       stationarity computation entirely.
     beta_tv: weight beta2 of `tv_prior`.
     beta_norm: weight beta3 of `norm_prior`.
+    norm_center: the image `norm_prior` pulls towards (a scalar or one
+      value per channel, normalised space): 0 the dataset mean, ``pixel_min``
+      a dark background.
     gated: gated primal cross-entropy (Eq. 7); False: plain mean CE.
     distance: stationarity distance, one of `kkt.DISTANCES`. Default
       `kkt.DEFAULT_DISTANCE` (``"cosine"``, measured: see there); the
@@ -526,7 +539,7 @@ def make_synthesizer(
       total = total + beta_tv * tv
       aux["tv"] = tv
     if beta_norm > 0:
-      nrm = norm_prior(x, active)
+      nrm = norm_prior(x, active, norm_center)
       total = total + beta_norm * nrm
       aux["norm"] = nrm
     aux["total"] = total

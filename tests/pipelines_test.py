@@ -85,6 +85,23 @@ def test_config_change_redoes_stage(tmp_path):
   assert pipelines.stage_record(wd, "train")["results"]["steps"] == 4
 
 
+def test_a_new_option_at_its_neutral_default_keeps_old_hashes():
+  # A config from before kkt.norm_center existed hashes as one with it at
+  # "mean" (what it did before), so finished runs are not redone; "min"
+  # changes synthesis and must redo it.
+  new = configs.get_config("digits")
+  old = configs.get_config("digits")
+  with old.unlocked():
+    del old.kkt["norm_center"]
+  assert pipelines.config_hash(new, "synthesize") == pipelines.config_hash(
+    old, "synthesize"
+  )
+  new.kkt.norm_center = "min"
+  assert pipelines.config_hash(new, "synthesize") != pipelines.config_hash(
+    old, "synthesize"
+  )
+
+
 def test_progress_keys_do_not_change_the_stage_hashes():
   base = configs.get_config("digits")
   for stage in pipelines.STAGES:

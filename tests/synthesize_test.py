@@ -112,6 +112,40 @@ def test_beta_stationarity_changes_the_step_gradients(model):
   np.testing.assert_allclose(gl3, 3 * gl1, rtol=1e-4, atol=1e-9)
 
 
+def test_norm_prior_pulls_towards_its_center(model):
+  apply_fn, params, info = model
+  x = np.asarray(jax.random.normal(jax.random.key(3), (3, *SHAPE)))
+  c = np.asarray(info.pixel_min, np.float32)
+  np.testing.assert_allclose(
+    sz.norm_prior(x, center=c), np.mean((x - c) ** 2), rtol=1e-5
+  )
+  assert float(sz.norm_prior(np.broadcast_to(c, x.shape), center=c)) == 0.0
+  # In the synthesizer the norm term's x-gradient is beta (2 / D)(x - c)
+  # per image (the mean over active images and pixels): with every other
+  # term off, it points from the center to x.
+  x0 = _x0(len(LABELS))
+  d = int(np.prod(SHAPE))
+  synth = sz.make_synthesizer(
+    apply_fn,
+    params,
+    **_kwargs(
+      info,
+      beta_stationarity=0.0,
+      beta_primal=0.0,
+      eta=0.0,
+      beta_tv=0.0,
+      beta_norm=1.0,
+      norm_center=c,
+    ),
+  )
+  state = synth.init_fn(jax.random.key(0), x0, LABELS)
+  gx, _ = jax.grad(synth.loss_fn, has_aux=True)(
+    state.x, state.lambda_param, state.active, LABELS, jax.random.key(1)
+  )
+  want = 2.0 * (np.asarray(state.x) - c) / (d * len(LABELS))
+  np.testing.assert_allclose(gx, want, rtol=1e-4, atol=1e-8)
+
+
 def test_resume_from_checkpoint_equals_uninterrupted(synth, tmp_path):
   key = jax.random.key(3)
   full = sz.synthesize(synth, key, _x0(8), LABELS, steps=6)

@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.kkt.beta_stationarity = 1.0
   c.kkt.beta_tv = 0.0  # beta2 of synthesize.tv_prior (squared-L2 TV).
   c.kkt.beta_norm = 0.0  # beta3 of synthesize.norm_prior (mean x^2).
+  # What the norm prior pulls towards: "mean" (the mean image) or "min"
+  # (pixel_min: the dark background of digit and clothing images).
+  c.kkt.norm_center = "mean"
   # The library's default (kkt.DEFAULT_DISTANCE, "cosine"; why: there).
   c.kkt.distance = kkt.DEFAULT_DISTANCE
   c.kkt.gated = True  # Eq. 7's gated cross-entropy.
