@@ -106,7 +106,7 @@ def test_other_claims_known_answers():
   assert reproduction.interpolation(res)[1] is True
   res["lambda_accuracy"]["pearson"] = -0.4
   assert reproduction.pearson(res)[1] is False
-  res["strips"]["interpolate"]["prob_b"] = [0, 0.9, 0.6]  # Not monotone.
+  res["strips"]["interpolate"]["prob_b"] = [0, 0.9, 0.4]  # Ends on a.
   assert reproduction.interpolation(res)[1] is False
   # Nothing measured: no verdict, and the cell says so.
   assert reproduction.coreset({}) == ("not run", None)
