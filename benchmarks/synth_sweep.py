@@ -30,7 +30,6 @@ import itertools
 import os
 import time
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -66,13 +65,12 @@ def synthesize(config, out_dir):
   return dsv, results
 
 
-def real_shots(config, k):
+def real_shots(config, clf, k):
   """Training indices of the k real images per class a real init starts
   from (the same candidates' key as the synthesize stage)."""
   sub = ml_collections.ConfigDict(config.to_dict())
   sub.synth.init, sub.synth.num_per_class = "real", k
-  clf = pipelines.load_classifier(sub.synth.classifier)
-  key = jax.random.fold_in(jax.random.key(sub.seed), 3)
+  key = pipelines.synthesis_key(sub)
   return np.asarray(pipelines._initial_candidates(sub, clf, key)[3])
 
 
@@ -131,7 +129,7 @@ def main():
       name = "_".join([f"{args.init}_k{k}", *(f"{a}{b}" for a, b in settings)])
       dsv, record = synthesize(sub, os.path.join(args.out, name))
       sets = {"dsv": retrain_stage.set_rows(dsv, soft=False)}
-      idx = real_shots(sub, k)
+      idx = real_shots(sub, clf, k)
       if k not in real_rows:
         sets["real"] = (ds.train["image"][idx], ds.train["label"][idx])
       rows = retrain_stage.retrain_sets(config, clf, ds, sets)

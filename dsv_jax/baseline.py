@@ -265,7 +265,7 @@ def run_baseline(
   digest = config_hash(config)
   clf = pipelines._classifier_for(config, workdir)
   info = clf.info
-  key = jax.random.fold_in(jax.random.key(config.seed), 3)
+  key = pipelines.synthesis_key(config)
   x0, targets, source, index = pipelines._initial_candidates(config, clf, key)
   labels = np.asarray(synthesize.target_labels(targets), np.int32)
   recon = make_reconstructor(

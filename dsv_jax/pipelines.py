@@ -533,6 +533,12 @@ def _classifier_for(config, workdir) -> "Classifier":
   return load_classifier(config.synth.classifier or workdir)
 
 
+def synthesis_key(config: ml_collections.ConfigDict) -> jax.Array:
+  """The synthesize stage's key: its candidates, and every run that must
+  start from the same candidates (the KKT baseline, the sweeps)."""
+  return jax.random.fold_in(jax.random.key(config.seed), 3)
+
+
 def _initial_candidates(config, clf, key):
   """(x0, targets, source, source_index) of the synthesize stage."""
   sy, info = config.synth, clf.info
@@ -677,7 +683,7 @@ def run_synthesize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   digest = config_hash(config, "synthesize")
   clf = _classifier_for(config, workdir)
   info, sy = clf.info, config.synth
-  key = jax.random.fold_in(jax.random.key(config.seed), 3)
+  key = synthesis_key(config)
   x0, targets, source, index = _initial_candidates(config, clf, key)
   synth = synthesize.make_synthesizer(
     clf.apply_fn, clf.params, **synth_kwargs(config, info)
@@ -790,6 +796,30 @@ def run_synthesize(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
+# Classical judges fitted per training split (data config and seed name
+# it): a report fits them once, not once per synthesis sub-run (25 s each
+# on Fashion-MNIST, 2 cores).
+_CLASSICAL_JUDGES: dict[str, dict[str, Any]] = {}
+
+
+def classical_judges(
+  config: ml_collections.ConfigDict, ds: data.Dataset
+) -> dict[str, Any]:
+  """`judges.fit_classical` on `ds` (= `load_data(config)`), cached."""
+  from dsv_jax import judges
+
+  key = json.dumps(
+    {"data": config.data.to_dict(), "seed": config.seed},
+    sort_keys=True,
+    default=str,
+  )
+  if key not in _CLASSICAL_JUDGES:
+    _CLASSICAL_JUDGES[key] = judges.fit_classical(
+      ds.train["image"], ds.train["label"], ds.info
+    )
+  return _CLASSICAL_JUDGES[key]
+
+
 def judge_dsvs(
   config: ml_collections.ConfigDict,
   clf: "Classifier",
@@ -810,9 +840,10 @@ def judge_dsvs(
   except FileNotFoundError as e:
     logging.info("No training data for the classical judges: %s", e)
     return {}
-  fitted = judges.fit_classical(ds.train["image"], ds.train["label"], ds.info)
   fm = clf.functional
-  agreement = judges.classical_agreement(fitted, images, labels, ds.info)
+  agreement = judges.classical_agreement(
+    classical_judges(config, ds), images, labels, ds.info
+  )
   dist = judges.nearest_real_distance(
     images,
     labels,

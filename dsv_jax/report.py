@@ -235,7 +235,6 @@ class RetrainRows:
     ds: data.Dataset,
   ):
     self.config, self.clf, self.ds = config, clf, ds
-    self._judges = None
     self.path = os.path.join(workdir, "report", "retrain_rows.json")
     self.cache = {}
     if os.path.exists(self.path):
@@ -268,18 +267,15 @@ class RetrainRows:
   def classical_agreement(self, images: np.ndarray, labels: np.ndarray):
     """Mean classical agreement (`judges`) of ``images`` with ``labels``.
 
-    The judges are fitted on the real training split once per report.
+    The judges are fitted on the real training split (once per process,
+    shared with the synthesis sub-runs: `pipelines.classical_judges`).
     """
     from dsv_jax import judges
 
-    if self._judges is None:
-      self._judges = judges.fit_classical(
-        self.ds.train["image"], self.ds.train["label"], self.ds.info
-      )
-    agreement = judges.classical_agreement(
-      self._judges, images, labels, self.ds.info
-    )
-    return agreement["mean"]
+    fitted = pipelines.classical_judges(self.config, self.ds)
+    return judges.classical_agreement(fitted, images, labels, self.ds.info)[
+      "mean"
+    ]
 
 
 def _pct(row: dict | None) -> str:

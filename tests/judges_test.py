@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from dsv_jax import data, judges
+from dsv_jax import configs, data, judges, pipelines
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +71,15 @@ def test_nearest_real_distance_known_answer(digits):
     want.append(min(np.linalg.norm(raw[i] - raw[j]) for j in same))
   assert out["pixels_real"] == pytest.approx(np.mean(want), rel=1e-5)
   assert out["pixels_real"] > 0.5
+
+
+def test_pipeline_judges_are_fitted_once_per_training_split():
+  # The report's many synthesis sub-runs share one fit of the judges.
+  c = configs.get_config("digits", "tiny")
+  ds = pipelines.load_data(c)
+  first = pipelines.classical_judges(c, ds)
+  assert pipelines.classical_judges(c, ds) is first
+  c.data.max_train = 150  # Another training split: its own fit.
+  other = pipelines.classical_judges(c, pipelines.load_data(c))
+  assert other is not first
+  assert len(other["1nn"].classes_) == 10
