@@ -1,11 +1,12 @@
 """Sharding candidates over a one-axis ``data`` mesh.
 
-The only module of dsv_jax that touches ``jax.sharding``. The layout is the
-one of STYLE.md: parameters and optimiser state are replicated (``P()``);
-candidates, targets, multipliers and masks are split along their leading
-axis over the ``data`` axis (``P("data")``). Under ``jax.jit`` XLA then turns
-the lambda-weighted gradient sum of the stationarity term into an
-all-reduce; no ``shard_map`` or ``psum`` is needed.
+The only module of dsv_jax that touches ``jax.sharding``. The layout is
+the usual data-parallel one: parameters and optimiser state are replicated
+(``P()``); candidates, targets, multipliers and masks are split along
+their leading axis over the ``data`` axis (``P("data")``). Under
+``jax.jit`` XLA then turns the lambda-weighted gradient sum of the
+stationarity term into an all-reduce; no ``shard_map`` or ``psum`` is
+needed.
 
 The mesh axis uses ``AxisType.Auto`` (``jax.make_mesh`` defaults to Explicit
 axis types, which would make sharding part of every array's type).
