@@ -116,11 +116,12 @@ def main():
   real_rows = {}
   for k in (int(v) for v in args.ipc.split(",")):
     for values in itertools.product(*(v for _, v in grid)):
-      sub = ml_collections.ConfigDict(config.to_dict())
+      # The recipe the report's sub-runs from this init run; grid values
+      # replace its settings (synth.steps is the image recipe's for --init
+      # real or other).
+      sub = pipelines.synthesis_recipe(config, args.init)
       sub.synth.classifier = os.path.abspath(args.workdir)
       sub.synth.init = args.init
-      # As the report's sub-runs (report.shot_run).
-      sub.synth.steps = report.sub_run_steps(config, args.init)
       sub.synth.num_per_class = k
       settings = list(zip(keys, values, strict=True))
       for key, value in settings:

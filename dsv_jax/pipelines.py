@@ -92,11 +92,54 @@ _PROGRESS_KEYS = ("log_every", "ckpt_every", "eval_every")
 # Options added after runs existed, at the value that reproduces the
 # behaviour from before them: left out of the hashes at that value, so a
 # new option does not redo hours of finished stages that it cannot change.
-_NEUTRAL_DEFAULTS = {("kkt", "norm_center"): "mean"}
+_NEUTRAL_DEFAULTS = {
+  ("kkt", "norm_center"): "mean",
+  # `synthesis_recipe` leaves these at their neutral values: the hash of a
+  # synthesis depends on the recipe it runs, not on the other init's.
+  ("synth", "image_steps"): 0,
+  ("synth", "image_lr_x"): 0.0,
+  ("synth", "image_priors"): True,
+}
+# Stages that synthesise, and the init whose recipe they run (None: the
+# config's synth.init); their hashes are of `synthesis_recipe`.
+_RECIPE_INIT = {
+  "synthesize": None,
+  "retrain": None,
+  "edit": "real",
+  "interpolate": "real",
+}
+IMAGE_INITS = ("real", "other")
+
+
+def synthesis_recipe(
+  config: ml_collections.ConfigDict, init: str | None = None
+) -> ml_collections.ConfigDict:
+  """The config a synthesis from `init` (default `synth.init`) runs with.
+
+  Candidates that start from images (`IMAGE_INITS`; editing and
+  interpolation start from real images too) run `synth.image_steps` steps
+  at `synth.image_lr_x` (0: `synth.steps` / `synth.lr_x`), without the TV
+  and norm priors unless `synth.image_priors`. The copy returned has the
+  effective values in `synth.steps`, `synth.lr_x`, `kkt.beta_tv` and
+  `kkt.beta_norm`, and the `image_*` keys at their neutral values.
+  """
+  init = init or config.synth.init
+  out = ml_collections.ConfigDict(config.to_dict())
+  sy = out.synth
+  if init in IMAGE_INITS:
+    sy.steps = sy.image_steps or sy.steps
+    sy.lr_x = sy.image_lr_x or sy.lr_x
+    if not sy.image_priors:
+      out.kkt.beta_tv = 0.0
+      out.kkt.beta_norm = 0.0
+  sy.image_steps, sy.image_lr_x, sy.image_priors = 0, 0.0, True
+  return out
 
 
 def config_hash(config: ml_collections.ConfigDict, stage: str) -> str:
   """A short hash of the config sections that `stage` depends on."""
+  if stage in _RECIPE_INIT and "synth" in config:
+    config = synthesis_recipe(config, _RECIPE_INIT[stage])
   d = config.to_dict()
   relevant = {
     k: (
@@ -184,6 +227,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       need(sy[key] >= 0, f"synth.{key}", "must be >= 0.")
     for key in ("lr_x", "lr_lambda"):
       need(sy[key] > 0, f"synth.{key}", "must be > 0.")
+    for key in ("image_steps", "image_lr_x"):
+      need(sy[key] >= 0, f"synth.{key}", f"must be >= 0 (0: synth.{key[6:]}).")
     need(0 <= sy.delta <= 1, "synth.delta", "must lie in [0, 1].")
     need(
       sy.lambda_low <= sy.lambda_high,
@@ -679,6 +724,7 @@ def run_synthesize(config: ml_collections.ConfigDict, workdir: str) -> dict:
     A dict with survival, source accuracy, entropy, timing and steps.
   """
   validate_config(config)
+  config = synthesis_recipe(config)
   workdir = os.path.abspath(workdir)
   digest = config_hash(config, "synthesize")
   clf = _classifier_for(config, workdir)
@@ -699,10 +745,14 @@ def run_synthesize(config: ml_collections.ConfigDict, workdir: str) -> dict:
     keep_through_step=ckptr.latest_step() or 0,
   )
   logging.info(
-    "Synthesising %d candidates (%s init, %d steps) on %d device(s).",
+    "Synthesising %d candidates (%s init, %d steps, lr_x %g, TV %g, norm %g) "
+    "on %d device(s).",
     len(targets),
     sy.init,
     sy.steps,
+    sy.lr_x,
+    config.kkt.beta_tv,
+    config.kkt.beta_norm,
     parallel.num_shards(mesh),
   )
   t0 = time.perf_counter()
@@ -939,6 +989,7 @@ def run_edit(config: ml_collections.ConfigDict, workdir: str) -> dict:
     requested target.
   """
   validate_config(config)
+  config = synthesis_recipe(config, "real")
   workdir = os.path.abspath(workdir)
   digest = config_hash(config, "edit")
   clf = _classifier_for(config, workdir)
@@ -1001,6 +1052,7 @@ def run_interpolate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     A dict with the probability of class b at each delta.
   """
   validate_config(config)
+  config = synthesis_recipe(config, "real")
   workdir = os.path.abspath(workdir)
   digest = config_hash(config, "interpolate")
   clf = _classifier_for(config, workdir)
@@ -1144,6 +1196,7 @@ def run(
 
 
 __all__ = [
+  "IMAGE_INITS",
   "INITS",
   "STAGES",
   "Classifier",
@@ -1158,5 +1211,6 @@ __all__ = [
   "run_train",
   "stage_record",
   "synth_kwargs",
+  "synthesis_recipe",
   "validate_config",
 ]

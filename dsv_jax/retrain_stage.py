@@ -10,9 +10,11 @@ same evaluation split, so rows differ only in their training images.
 
 Outputs: `workdir/retrain/results.json` and the stage record. Importable:
 `retrain_sets(config, clf, ds, sets)` retrains any named sets (used by the
-report for its own rows).
+report for its own rows). Every row records its `row_key`, so the report
+reuses the rows it would otherwise train again (the DSV and selected sets).
 """
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -62,6 +64,28 @@ def model_fn_of(clf: pipelines.Classifier) -> retrain.ModelFn:
     return models.functional(pipelines._build(name, kwargs, clf.info, seed))
 
   return model_fn
+
+
+def row_key(
+  config: ml_collections.ConfigDict,
+  images: np.ndarray,
+  targets: np.ndarray,
+  eval_split: str | None = None,
+) -> str:
+  """Digest of a retraining row: its images, targets, recipe and seed.
+
+  Two rows with the same key train the same models on the same data and
+  evaluate them on the same split (`eval_split`, default
+  `retrain.eval_split`): one result serves both.
+  """
+  recipe = config.retrain.to_dict()
+  recipe["eval_split"] = eval_split or recipe["eval_split"]
+  h = hashlib.sha256()
+  for a in (images, targets):
+    h.update(np.ascontiguousarray(a).tobytes())
+  extra = {"recipe": recipe, "seed": config.seed}
+  h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+  return h.hexdigest()[:16]
 
 
 def set_rows(
@@ -191,6 +215,8 @@ def run_retrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     sources[name] = path
   rows = retrain_sets(config, clf, ds, sets)
+  for name, (images, targets) in sets.items():
+    rows[name]["key"] = row_key(config, images, targets)
   for name, path in sources.items():
     rows[name]["source_dir"] = path
   results = {
@@ -227,6 +253,7 @@ __all__ = [
   "model_fn_of",
   "random_like",
   "retrain_sets",
+  "row_key",
   "run_retrain",
   "set_rows",
   "validate_retrain_config",

@@ -331,3 +331,26 @@ def test_synthesize_sigkill_resume_equals_uninterrupted(
   np.testing.assert_array_equal(orb.images, a.images)
   for name in ("grid.png", "curves.png", "dsv.npz"):
     assert os.path.getsize(killed / "synthesize" / name) > 0
+
+
+def test_image_init_stages_run_the_image_recipe(tmp_path, tiny_classifier):
+  from dsv_jax import artifacts
+
+  def synth(name, init, **synth_kv):
+    c = _tiny()
+    c.synth.init = init
+    for k, v in synth_kv.items():
+      c.synth[k] = v
+    wd = _with_classifier(tiny_classifier, tmp_path / name)
+    out = pipelines.run_synthesize(c, str(wd))
+    return out, artifacts.load_dsv(str(wd / "synthesize"))[0].images
+
+  real, _ = synth("real", "real", steps=6, image_steps=3)
+  noise, _ = synth("noise", "noise", steps=6, image_steps=3)
+  assert (real["steps"], noise["steps"]) == (3, 6)
+  # The image lr replaces synth.lr_x, whatever synth.lr_x says.
+  _, a = synth("a", "real", lr_x=0.5, image_lr_x=0.01)
+  _, b = synth("b", "real", lr_x=0.01, image_lr_x=0.0)
+  _, c = synth("c", "real", lr_x=0.01, image_lr_x=0.5)
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(b, c)

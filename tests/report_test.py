@@ -138,6 +138,23 @@ def test_all_interrupted_resumes_without_redoing_finished_stages(tmp_path):
   )
   assert again["lambda_accuracy_pearson"] == summary["lambda_accuracy_pearson"]
 
+  # The retrain stage's rows serve the report: the same DSV set under the
+  # same recipe is not trained twice; under another recipe it is.
+  from dsv_jax import artifacts, retrain_stage
+
+  clf, ds = pipelines.load_classifier(str(wd)), pipelines.load_data(tiny)
+  dsv, _ = artifacts.load_dsv(str(wd / "synthesize"))
+  images, labels = retrain_stage.set_rows(dsv, soft=False)
+  stage_rows = json.load(open(wd / "retrain" / "results.json"))["rows"]
+  row = report.RetrainRows(tiny, str(wd), clf, ds)("DSV", images, labels)
+  assert row["accuracies"] == stage_rows["dsv"]["accuracies"]
+  assert row["time_s"] == stage_rows["dsv"]["time_s"]
+  assert row["name"] == "DSV"
+  other = configs.get_config("digits", "tiny")
+  other.retrain.steps += 1
+  key = retrain_stage.row_key(other, images, labels, "test")
+  assert key not in report.RetrainRows(other, str(wd), clf, ds).cache
+
   # Without the other data set offline, the few-shot table skips its
   # 0-shot rows and says why, instead of failing the report.
   c = configs.get_config("digits", "tiny")
@@ -204,15 +221,45 @@ def test_literature_rows_are_labelled_and_only_where_published():
   assert report.literature_table("digits") == ""
 
 
-def test_noise_sub_runs_get_the_full_synthesis_budget():
+def test_image_inits_run_their_own_recipe():
   c = configs.get_config("digits")
-  c.synth.steps, c.report.synth_steps = 1000, 150
-  # Image inits start on the data and settle early; noise needs the budget.
-  assert report.sub_run_steps(c, "real") == 150
-  assert report.sub_run_steps(c, "other") == 150
-  assert report.sub_run_steps(c, "noise") == 1000
-  c.report.synth_steps = 0
-  assert report.sub_run_steps(c, "real") == 1000
+  c.synth.steps, c.synth.lr_x, c.kkt.beta_tv, c.kkt.beta_norm = 1000, 0.05, 1, 2
+  c.synth.image_steps, c.synth.image_lr_x = 150, 0.01
+  noise = pipelines.synthesis_recipe(c, "noise")
+  assert (noise.synth.steps, noise.synth.lr_x) == (1000, 0.05)
+  assert (noise.kkt.beta_tv, noise.kkt.beta_norm) == (1, 2)
+  for init in ("real", "other"):
+    r = pipelines.synthesis_recipe(c, init)
+    assert (r.synth.steps, r.synth.lr_x) == (150, 0.01)
+    assert (r.kkt.beta_tv, r.kkt.beta_norm) == (0, 0)
+  c.synth.init = "other"  # The default init is the config's.
+  assert pipelines.synthesis_recipe(c).synth.steps == 150
+  c.synth.image_steps, c.synth.image_priors = 0, True
+  r = pipelines.synthesis_recipe(c, "real")
+  assert r.synth.steps == 1000 and r.kkt.beta_norm == 2
+
+
+def test_a_synthesis_hash_depends_only_on_the_recipe_it_runs():
+  def h(stage, init="noise", **kv):
+    c = configs.get_config("digits")
+    c.synth.init = init
+    for key, v in kv.items():
+      section, field = key.split("__")
+      c[section][field] = v
+    return pipelines.config_hash(c, stage)
+
+  # The image recipe does not touch a noise synthesis, and the priors (off
+  # for images) do not touch an image one; each redoes its own.
+  assert h("synthesize", synth__image_steps=77) == h("synthesize")
+  assert h("synthesize", "real", synth__image_steps=77) != h(
+    "synthesize", "real"
+  )
+  assert h("synthesize", "real", kkt__beta_tv=5.0) == h("synthesize", "real")
+  assert h("synthesize", kkt__beta_tv=5.0) != h("synthesize")
+  # Editing starts from real images; the report runs both recipes.
+  assert h("edit", synth__image_lr_x=0.2) != h("edit")
+  assert h("edit", kkt__beta_tv=5.0) == h("edit")
+  assert h("report", synth__image_steps=77) != h("report")
 
 
 def test_stale_interrupted_sub_run_is_discarded_not_refused(tmp_path):

@@ -101,6 +101,11 @@ def test_other_claims_known_answers():
   assert reproduction.pearson(res)[1] is True
   assert reproduction.flips(res)[1] is True
   assert reproduction.synthesis_entropy(res)[1] is True
+  curves = res["boundary"]["entropy_curves"]
+  curves["noise init, k=10"] = [1.5, 0.8]
+  assert reproduction.synthesis_entropy(res)[1] == "partly"
+  curves["real init, k=10"] = [1.0, 0.2]
+  assert reproduction.synthesis_entropy(res)[1] is False
   assert reproduction.protocol_entropy(res)[1] is True
   assert reproduction.editing(res)[1] is False  # 50% < 90%.
   assert reproduction.interpolation(res)[1] is True

@@ -115,6 +115,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.synth.optimizer = "adam"  # For x and lambda, each with its own lr.
   c.synth.lr_x = 0.01
   c.synth.lr_lambda = 0.05
+  # Candidates that start from images (init real or other; edit and
+  # interpolate too) run their own recipe: they start on the data and
+  # settle early, and the priors and large steps that help noise pull them
+  # off it (measured on digits; benchmarks/README.md, synth_sweep).
+  # 0 = synth.steps / synth.lr_x; image_priors False: kkt.beta_tv and
+  # kkt.beta_norm apply to noise init only. pipelines.synthesis_recipe.
+  c.synth.image_steps = 0
+  c.synth.image_lr_x = 0.0
+  c.synth.image_priors = False
   # Dual feasibility: "mask" (paper: drop lambda < 0) or "softplus"
   # (lambda = softplus(s): nobody is dropped); softplus measured better.
   c.synth.dual = "softplus"
@@ -231,10 +240,6 @@ def base_config() -> ml_collections.ConfigDict:
   # case, where stationarity has to make data) or "other".
   c.report.zero_shot_init = "noise"
   c.report.detail_ipc = 10
-  # Synthesis steps of the report's sub-runs that start from images (real,
-  # other; they start on the data); 0 = synth.steps. Noise sub-runs always
-  # run synth.steps.
-  c.report.synth_steps = 0
   # Include the KKT-reconstruction baseline rows (dsv_jax.baseline).
   c.report.baseline = True
   # Decision criteria: test images per class, added norm / image norm.
@@ -258,6 +263,7 @@ def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 3
   c.synth.num_per_class = 2
   c.synth.steps = 6
+  c.synth.image_steps = 0  # Image inits run synth.steps too.
   c.synth.log_every = 2
   c.synth.ckpt_every = 3
   c.select.max_iters = 6
@@ -283,7 +289,6 @@ def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.report.el2n_models = 2
   c.report.el2n_steps = 3
   c.report.protocol_candidates = 20
-  c.report.synth_steps = 0
   c.report.flip_images = 2
   c.report.flip_ratios = (0.5,)
   return c
