@@ -8,7 +8,7 @@ imported here):
   select      matrix-free lambda fit over a training set (`fit_lambdas`)
   retrain     K fresh models trained together on a DSV set
   artifacts   the DSV set format (`save_dsv` / `load_dsv`)
-  data, models, augment, train, checkpoints, pipelines, configs
+  data, models, augment, train, checkpoints, configs
 """
 
 from dsv_jax import (
@@ -20,7 +20,6 @@ from dsv_jax import (
   kkt,
   models,
   parallel,
-  pipelines,
   retrain,
   select,
   synthesize,
@@ -55,7 +54,6 @@ __all__ = [
   "parallel",
   "per_sample_grad_dots",
   "per_sample_grads",
-  "pipelines",
   "primal_loss",
   "retrain",
   "select",

@@ -279,8 +279,8 @@ def retrain(
   Args:
     model_fn: ``seed -> FunctionalModel``, a freshly initialised model of
       the architecture to retrain (e.g. ``lambda s: models.functional(
-      pipelines._build(name, kwargs, info, s))``). Every call must give the
-      same architecture.
+      models.build_model(name, key=jax.random.key(s), ...))``). Every call
+      must give the same architecture.
     images: ``float[N, H, W, C]`` training images (normalised space),
       shared by the K models, or ``float[K, N, H, W, C]``: one set per
       model (e.g. K different random subsets trained with the same seeds

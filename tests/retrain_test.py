@@ -21,11 +21,12 @@ from dsv_jax import (
   augment,
   configs,
   models,
-  pipelines,
   retrain,
-  retrain_stage,
   synthesize,
 )
+from dsv_jax.experiment import common, registry
+from dsv_jax.experiment import workdir as wdir
+from dsv_jax.experiment.stages import retrain as retrain_stage
 
 SHAPE = (8, 8, 1)
 C = 3
@@ -306,8 +307,8 @@ def tiny_workdir(tmp_path_factory):
   """
   wd = str(tmp_path_factory.mktemp("retrain_wd"))
   config = configs.get_config("digits", "tiny")
-  pipelines.run(config, wd, "train")
-  ds = pipelines.load_data(config)
+  registry.run(config, wd, "train")
+  ds = common.load_data(config)
   labels = synthesize.class_targets(config.synth.num_per_class, 10)
   x, _ = synthesize.real_init(jax.random.key(0), ds.train, labels)
   soft = synthesize.blend_targets(labels, (labels + 1) % 10, 0.3, 10)
@@ -328,7 +329,7 @@ def test_run_retrain_stage(tiny_workdir):
     active=np.arange(5) < 4,
     source="train",
   )
-  summary = pipelines.run(config, wd, "retrain")["retrain"]
+  summary = registry.run(config, wd, "retrain")["retrain"]
   with open(os.path.join(wd, "retrain", "results.json")) as f:
     full = json.load(f)
   rows = full["rows"]
@@ -344,8 +345,8 @@ def test_run_retrain_stage(tiny_workdir):
   assert rows["select"]["num_images"] == 4
   assert rows["random_select"]["per_class"] == rows["select"]["per_class"]
   assert full["eval_split"] == "test"
-  record = pipelines.stage_record(wd, "retrain")
-  assert record["config_hash"] == pipelines.config_hash(config, "retrain")
+  record = wdir.stage_record(wd, "retrain")
+  assert record["config_hash"] == registry.stage_hash(config, wd, "retrain")
   assert record["results"] == summary
 
 
