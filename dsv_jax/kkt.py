@@ -37,17 +37,20 @@ trainable part as ``params``::
 """
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.custom_derivatives import SymbolicZero
 
+from dsv_jax import checks
 from dsv_jax.types import ApplyFn, Params, PyTree
 
-DISTANCES = ("l1_mean", "l2_sq", "cosine")
+Distance = Literal["l1_mean", "l2_sq", "cosine"]
+Method = Literal["fast", "reverse"]
+DISTANCES: tuple[Distance, ...] = get_args(Distance)
 # The default stationarity distance of every DeepKKT objective here and of
 # synthesis (`dsv_jax.synthesize`, the packaged configs). Cosine is
 # scale-free: its value lies in [0, 2] whatever the size and scale of
@@ -59,139 +62,8 @@ DISTANCES = ("l1_mean", "l2_sq", "cosine")
 # swamps the primal term); on a near-uniform one cosine 0.85, l1_mean 0.72.
 # Selection uses l2_sq (`dsv_jax.select.DEFAULT_DISTANCE`): its
 # complementary-slackness term needs a distance that is not scale-free.
-DEFAULT_DISTANCE = "cosine"
-METHODS = ("fast", "reverse")
-
-# Soft targets are accepted when every row sums to 1 within this tolerance
-# (or 8 machine epsilons of their dtype, whichever is larger: bf16 rows).
-_SOFT_TARGET_ATOL = 1e-4
-
-
-# ----------------------------------------------------------------------------
-# Validation (shapes at trace time, values only for concrete arrays).
-
-
-def _is_concrete(a: Any) -> bool:
-  return not isinstance(a, jax.core.Tracer)
-
-
-def _check_targets_shape(targets: jax.Array, n: int | None) -> None:
-  if targets.ndim == 1:
-    if not jnp.issubdtype(targets.dtype, jnp.integer):
-      raise ValueError(
-        f"1-D targets must be integer labels, got dtype {targets.dtype}."
-      )
-  elif targets.ndim == 2:
-    if not jnp.issubdtype(targets.dtype, jnp.floating):
-      raise ValueError(
-        f"2-D (soft) targets must be floating, got dtype {targets.dtype}."
-      )
-  else:
-    raise ValueError(
-      "targets must be int labels [N] or soft targets float[N, C], got shape "
-      f"{targets.shape}."
-    )
-  if n is not None and targets.shape[0] != n:
-    raise ValueError(
-      f"targets has {targets.shape[0]} rows but x has {n} samples."
-    )
-
-
-def _check_logits_vs_targets(
-  logits_shape: Sequence[int], targets: jax.Array, what: str
-) -> int:
-  """Checks ``[N, C]`` logits against targets; returns C."""
-  if len(logits_shape) != 2:
-    raise ValueError(
-      f"{what} must be logits of shape [N, C], got shape {tuple(logits_shape)}."
-    )
-  n, c = logits_shape
-  if n != targets.shape[0]:
-    raise ValueError(f"{what} has {n} rows but targets has {targets.shape[0]}.")
-  if targets.ndim == 2 and targets.shape[1] != c:
-    raise ValueError(
-      f"soft targets have {targets.shape[1]} classes but {what} has {c}."
-    )
-  return c
-
-
-def _check_target_values(targets: jax.Array, num_classes: int) -> None:
-  """Value checks, skipped under tracing (jit, grad, vmap)."""
-  if not _is_concrete(targets):
-    return
-  # On the host: jnp reductions would be traced when a concrete array is
-  # closed over by a jitted function.
-  targets = jax.device_get(targets)
-  if targets.ndim == 1:
-    if targets.size and (
-      int(targets.min()) < 0 or int(targets.max()) >= num_classes
-    ):
-      raise ValueError(
-        f"int targets must lie in [0, {num_classes}), got values in "
-        f"[{int(targets.min())}, {int(targets.max())}]."
-      )
-  else:
-    eps = float(jnp.finfo(targets.dtype).eps)
-    atol = max(_SOFT_TARGET_ATOL, 8 * eps)
-    row_sums = targets.sum(axis=-1)
-    if (targets < 0).any() or (abs(row_sums - 1) > atol).any():
-      raise ValueError(
-        "soft targets must be non-negative rows summing to 1 (atol "
-        f"{atol:g}); row sums lie in [{float(row_sums.min()):g}, "
-        f"{float(row_sums.max()):g}] and the minimum entry is "
-        f"{float(targets.min()):g}."
-      )
-
-
-def _validate(
-  apply_fn: ApplyFn,
-  params: Params,
-  x: jax.Array,
-  targets: jax.Array,
-  lambdas: jax.Array | None = None,
-  active: jax.Array | None = None,
-) -> int:
-  """Checks every argument of a public KKT function; returns C."""
-  if x.ndim < 1:
-    raise ValueError("x must have a leading sample axis [N, ...].")
-  n = x.shape[0]
-  _check_targets_shape(targets, n)
-  if lambdas is not None:
-    if lambdas.shape != (n,):
-      raise ValueError(
-        f"lambdas must have shape [N] = ({n},), got {lambdas.shape}."
-      )
-    if not jnp.issubdtype(lambdas.dtype, jnp.floating):
-      raise ValueError(f"lambdas must be floating, got {lambdas.dtype}.")
-  if active is not None:
-    if active.shape != (n,) or active.dtype != jnp.bool_:
-      raise ValueError(
-        f"active must be bool[N] = bool[{n}], got {active.dtype}"
-        f"{list(active.shape)}."
-      )
-  # Abstract evaluation: no FLOPs, and it works on tracers too.
-  out = jax.eval_shape(apply_fn, params, x)
-  if not hasattr(out, "shape"):
-    raise ValueError(
-      f"apply_fn must return one logits array [N, C], got {type(out)}."
-    )
-  num_classes = _check_logits_vs_targets(out.shape, targets, "apply_fn output")
-  _check_target_values(targets, num_classes)
-  return num_classes
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-  if value not in choices:
-    raise ValueError(f"{name} must be one of {choices}, got {value!r}.")
-
-
-def _check_chunk_size(chunk_size: int | None) -> None:
-  if chunk_size is not None and (
-    not isinstance(chunk_size, int) or chunk_size < 1
-  ):
-    raise ValueError(
-      f"chunk_size must be a positive int or None, got {chunk_size!r}."
-    )
+DEFAULT_DISTANCE: Distance = "cosine"
+METHODS: tuple[Method, ...] = get_args(Method)
 
 
 # ----------------------------------------------------------------------------
@@ -341,8 +213,8 @@ def weighted_loss_grad(
      [0. 0.]]
   """
   x, targets, lambdas = map(jnp.asarray, (x, targets, lambdas))
-  _check_chunk_size(chunk_size)
-  _validate(apply_fn, params, x, targets, lambdas)
+  checks.check_chunk_size(chunk_size)
+  checks.check_kkt_inputs(apply_fn, params, x, targets, lambdas)
   return _weighted_grad_and_logits(
     apply_fn, params, x, targets, lambdas, chunk_size
   )[0]
@@ -399,7 +271,8 @@ def stationarity_residual(
 # Distances D(theta*, -g) between the weights and the reconstruction.
 
 
-def _num_scalars(tree: PyTree) -> int:
+def num_scalars(tree: PyTree) -> int:
+  """P, the number of scalars in a pytree (``l1_mean`` averages over it)."""
   return sum(leaf.size for leaf in jax.tree.leaves(tree))
 
 
@@ -407,7 +280,7 @@ def _l1_mean(params: Params, g: Params) -> jax.Array:
   # Mean over all P scalars of the flattened vector, not a mean of per-leaf
   # means (the two differ as soon as leaves differ in size).
   sums = jax.tree.map(lambda p, q: jnp.sum(jnp.abs(p + q)), params, g)
-  return sum(jax.tree.leaves(sums)) / _num_scalars(params)
+  return sum(jax.tree.leaves(sums)) / num_scalars(params)
 
 
 def _l2_sq(params: Params, g: Params) -> jax.Array:
@@ -432,6 +305,23 @@ _DISTANCE_FNS: dict[str, Callable[[Params, Params], jax.Array]] = {
   "l2_sq": _l2_sq,
   "cosine": _cosine,
 }
+
+
+def distance_fn(distance: Distance) -> Callable[[Params, Params], jax.Array]:
+  """The stationarity distance ``(theta*, g) -> D(theta*, -g)`` by name.
+
+  ``g`` is the reconstruction ``sum_i lambda_i grad_theta L_i`` (a pytree
+  like ``theta*``); see `stationarity_loss` for the formulas.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from dsv_jax import kkt
+    >>> theta = {"w": jnp.array([1.0, -2.0])}
+    >>> print(kkt.distance_fn("l2_sq")(theta, {"w": jnp.array([0.0, 1.0])}))
+    2.0
+  """
+  checks.check_choice("distance", distance, DISTANCES)
+  return _DISTANCE_FNS[distance]
 
 
 # ----------------------------------------------------------------------------
@@ -621,8 +511,8 @@ def stationarity_loss(
   targets: jax.typing.ArrayLike,
   lambdas: jax.typing.ArrayLike,
   *,
-  distance: str = DEFAULT_DISTANCE,
-  method: str = "fast",
+  distance: Distance = DEFAULT_DISTANCE,
+  method: Method = "fast",
   chunk_size: int | None = None,
 ) -> jax.Array:
   """Stationarity loss ``D(theta*, -sum_i lambda_i grad_theta L_i)``.
@@ -668,10 +558,10 @@ def stationarity_loss(
     ((4, 3), (4,))
   """
   x, targets, lambdas = map(jnp.asarray, (x, targets, lambdas))
-  _check_choice("distance", distance, DISTANCES)
-  _check_choice("method", method, METHODS)
-  _check_chunk_size(chunk_size)
-  _validate(apply_fn, params, x, targets, lambdas)
+  checks.check_choice("distance", distance, DISTANCES)
+  checks.check_choice("method", method, METHODS)
+  checks.check_chunk_size(chunk_size)
+  checks.check_kkt_inputs(apply_fn, params, x, targets, lambdas)
   return _stationarity_and_logits(
     apply_fn,
     params,
@@ -741,16 +631,12 @@ def primal_loss(
     1.1269
   """
   logits, targets = jnp.asarray(logits), jnp.asarray(targets)
-  _check_targets_shape(targets, None)
-  num_classes = _check_logits_vs_targets(logits.shape, targets, "logits")
-  _check_target_values(targets, num_classes)
+  checks.check_targets_shape(targets, None)
+  num_classes = checks.check_logits_vs_targets(logits.shape, targets, "logits")
+  checks.check_target_values(targets, num_classes)
   if active is not None:
     active = jnp.asarray(active)
-    if active.shape != targets.shape[:1] or active.dtype != jnp.bool_:
-      raise ValueError(
-        f"active must be bool[N] = bool[{targets.shape[0]}], got "
-        f"{active.dtype}{list(active.shape)}."
-      )
+    checks.check_active(active, targets.shape[0])
   return _primal_loss(logits, targets, gated=gated, active=active)
 
 
@@ -765,8 +651,8 @@ def deepkkt_loss(
   beta_stationarity: float = 1.0,
   beta_primal: float = 1.0,
   gated: bool = True,
-  distance: str = DEFAULT_DISTANCE,
-  method: str = "fast",
+  distance: Distance = DEFAULT_DISTANCE,
+  method: Method = "fast",
   chunk_size: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DeepKKT loss ``L_kkt = beta_stat * L_stat + beta_primal * L_primal``.
@@ -822,10 +708,10 @@ def deepkkt_loss(
   """
   x, targets, lambdas = map(jnp.asarray, (x, targets, lambdas))
   active = None if active is None else jnp.asarray(active)
-  _check_choice("distance", distance, DISTANCES)
-  _check_choice("method", method, METHODS)
-  _check_chunk_size(chunk_size)
-  _validate(apply_fn, params, x, targets, lambdas, active)
+  checks.check_choice("distance", distance, DISTANCES)
+  checks.check_choice("method", method, METHODS)
+  checks.check_chunk_size(chunk_size)
+  checks.check_kkt_inputs(apply_fn, params, x, targets, lambdas, active)
   effective = lambdas if active is None else jnp.where(active, lambdas, 0.0)
   stationarity, logits = _stationarity_and_logits(
     apply_fn,
@@ -901,7 +787,7 @@ def per_sample_grads(
     (4, 3, 2)
   """
   x, targets = jnp.asarray(x), jnp.asarray(targets)
-  _validate(apply_fn, params, x, targets)
+  checks.check_kkt_inputs(apply_fn, params, x, targets)
 
   def one(xi, ti):
     return jax.grad(
@@ -954,8 +840,8 @@ def per_sample_grad_dots(
     [-1.5  1.5 -1.5  1.5]
   """
   x, targets = jnp.asarray(x), jnp.asarray(targets)
-  _check_chunk_size(chunk_size)
-  _validate(apply_fn, params, x, targets)
+  checks.check_chunk_size(chunk_size)
+  checks.check_kkt_inputs(apply_fn, params, x, targets)
   if jax.tree.structure(direction) != jax.tree.structure(params):
     raise ValueError("direction must be a pytree with the structure of params.")
 
@@ -979,8 +865,12 @@ __all__ = [
   "DEFAULT_DISTANCE",
   "DISTANCES",
   "METHODS",
+  "Distance",
+  "Method",
   "cross_entropy",
   "deepkkt_loss",
+  "distance_fn",
+  "num_scalars",
   "per_sample_grad_dots",
   "per_sample_grads",
   "primal_loss",

@@ -78,8 +78,24 @@ def init_state(fm: FunctionalModel, tx: optax.GradientTransformation):
   )
 
 
-def _batch_indices(key, step, *, num_examples: int, batch_size: int):
-  """Indices of the batch at `step`: epochs are seeded permutations."""
+def batch_indices(
+  key: jax.Array,
+  step: jax.typing.ArrayLike,
+  *,
+  num_examples: int,
+  batch_size: int,
+) -> jax.Array:
+  """Indices of the batch at ``step``: epochs are seeded permutations.
+
+  Epoch ``e`` is the permutation ``permutation(fold_in(key, e),
+  num_examples)`` cut into ``num_examples // batch_size`` consecutive
+  batches (the remainder of each epoch is skipped), so any step's batch is
+  a pure function of ``(key, step)`` and a resumed run sees the same
+  batches. Used by `make_train_step` and `dsv_jax.retrain`; jittable.
+
+  Returns:
+    int ``[batch_size]`` indices into ``[0, num_examples)``.
+  """
   steps_per_epoch = num_examples // batch_size
   epoch, pos = jnp.divmod(step, steps_per_epoch)
   perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
@@ -116,7 +132,7 @@ def make_train_step(
         f"batch_size {batch_size} exceeds the {num_examples} training "
         "examples; lower train.batch_size."
       )
-    idx = _batch_indices(
+    idx = batch_indices(
       data_key, state.step, num_examples=num_examples, batch_size=batch_size
     )
     images = data["image"][idx]
@@ -611,6 +627,7 @@ __all__ = [
   "SCHEDULES",
   "TrainState",
   "UNHEALTHY_ENTROPY_FRACTION",
+  "batch_indices",
   "health_warning",
   "init_state",
   "make_eval_fn",
