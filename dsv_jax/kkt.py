@@ -24,9 +24,16 @@ residual, ``d/dx <u, g(x, lambda)>`` is the reverse-mode gradient of a
 forward-mode directional derivative of the weighted loss along the fixed
 parameter direction ``u`` (reverse-of-jvp), and the lambda-gradient is that
 directional derivative itself. It is exact and measured faster than the plain
-reverse-over-reverse formulation, which ``method="reverse"`` keeps (it also
-supports forward-mode autodiff and closures over differentiated values,
-which a ``custom_vjp`` does not). See ``benchmarks/README.md``.
+reverse-over-reverse formulation, which ``method="reverse"`` keeps. See
+``benchmarks/README.md``.
+
+Both methods differentiate with respect to everything ``apply_fn`` closes
+over, too (bilevel and meta-learning uses: an outer ``jax.grad`` over a
+value inside ``apply_fn``): the fast method hoists closed-over values into
+explicit inputs of its custom VJP (as ``jax.closure_convert`` would). Forward
+mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) works with
+``method="reverse"`` only: on the fast method JAX raises ``TypeError:
+can't apply forward-mode autodiff (jvp) to a custom_vjp function``.
 
 Stationarity over a subset of the parameters (the paper's last-layer transfer
 experiment): close over the frozen part in ``apply_fn`` and pass only the
@@ -329,9 +336,14 @@ def distance_fn(distance: Distance) -> Callable[[Params, Params], jax.Array]:
 
 
 class _Static(NamedTuple):
-  """Non-differentiable configuration of the custom-VJP stationarity loss."""
+  """Non-differentiable configuration of the custom-VJP stationarity loss.
 
-  apply_fn: ApplyFn
+  ``apply_fn`` is ``(params, x, consts) -> logits``: the model with every
+  value it closes over that may carry a derivative hoisted into ``consts``
+  (`_hoist_closure`), so that the custom VJP sees them as inputs.
+  """
+
+  apply_fn: Callable[[Params, jax.Array, list[jax.Array]], jax.Array]
   treedef: Any
   distance: str
   chunk_size: int | None
@@ -343,6 +355,7 @@ class _Perturbed:
   """Which inputs are being differentiated (a leafless residual)."""
 
   params: tuple[bool, ...]
+  consts: tuple[bool, ...]
   x: bool
   targets: bool
   lambdas: bool
@@ -351,6 +364,7 @@ class _Perturbed:
 def _stationarity_reverse(
   static: _Static,
   param_leaves: list[jax.Array],
+  consts: list[jax.Array],
   x: jax.Array,
   targets: jax.Array,
   lambdas: jax.Array,
@@ -358,7 +372,12 @@ def _stationarity_reverse(
   """(D(theta*, g), logits); autodiff through it is reverse-over-reverse."""
   params = jax.tree.unflatten(static.treedef, param_leaves)
   g, logits = _weighted_grad_and_logits(
-    static.apply_fn, params, x, targets, lambdas, static.chunk_size
+    lambda p, xc: static.apply_fn(p, xc, consts),
+    params,
+    x,
+    targets,
+    lambdas,
+    static.chunk_size,
   )
   return _DISTANCE_FNS[static.distance](params, g), logits
 
@@ -366,18 +385,25 @@ def _stationarity_reverse(
 _stationarity_fast = jax.custom_vjp(_stationarity_reverse, nondiff_argnums=(0,))
 
 
-def _stationarity_fast_fwd(static, param_leaves, x, targets, lambdas):
+def _stationarity_fast_fwd(static, param_leaves, consts, x, targets, lambdas):
   perturbed = _Perturbed(
     params=tuple(leaf.perturbed for leaf in param_leaves),
+    consts=tuple(c.perturbed for c in consts),
     x=x.perturbed,
     targets=targets.perturbed,
     lambdas=lambdas.perturbed,
   )
   param_leaves = [leaf.value for leaf in param_leaves]
+  consts = [c.value for c in consts]
   x, targets, lambdas = x.value, targets.value, lambdas.value
   params = jax.tree.unflatten(static.treedef, param_leaves)
   g, logits = _weighted_grad_and_logits(
-    static.apply_fn, params, x, targets, lambdas, static.chunk_size
+    lambda p, xc: static.apply_fn(p, xc, consts),
+    params,
+    x,
+    targets,
+    lambdas,
+    static.chunk_size,
   )
   loss, distance_vjp = jax.vjp(_DISTANCE_FNS[static.distance], params, g)
   # u_theta = dD/dtheta* (direct), u = dD/dg: fixed directions for the
@@ -385,41 +411,47 @@ def _stationarity_fast_fwd(static, param_leaves, x, targets, lambdas):
   u_theta, u = distance_vjp(jnp.ones_like(loss))
   if not any(perturbed.params):
     u_theta = None
-  residuals = (param_leaves, x, targets, lambdas, u_theta, u, perturbed)
+  residuals = (param_leaves, consts, x, targets, lambdas, u_theta, u, perturbed)
   return (loss, logits), residuals
 
 
 def _stationarity_fast_bwd(static, residuals, cotangents):
-  param_leaves, x, targets, lambdas, u_theta, u, perturbed = residuals
+  param_leaves, consts, x, targets, lambdas, u_theta, u, perturbed = residuals
   ct_loss, ct_logits = cotangents
   if isinstance(ct_loss, SymbolicZero):
     ct_loss = jnp.zeros((), lambdas.dtype)
   if isinstance(ct_logits, SymbolicZero):
     ct_logits = None
-  num_params = len(param_leaves)
-  # Inputs of h below, in order: the parameter leaves, then x and targets.
-  # lambdas never enter h: d/dlambda_i of sum_i lambda_i d_i is d_i itself.
+  num_params, num_consts = len(param_leaves), len(consts)
+  # Inputs of h below, in order: the parameter leaves, the closed-over
+  # constants, then x and targets. lambdas never enter h: d/dlambda_i of
+  # sum_i lambda_i d_i is d_i itself. Parameters and constants are shared
+  # by every sample (their cotangents add up over chunks); x and targets
+  # are per sample.
   diff_idx = [i for i, p in enumerate(perturbed.params) if p]
+  diff_idx += [num_params + i for i, p in enumerate(perturbed.consts) if p]
+  num_shared = len(diff_idx)
   if perturbed.x:
-    diff_idx.append(num_params)
+    diff_idx.append(num_params + num_consts)
   if perturbed.targets:
-    diff_idx.append(num_params + 1)
+    diff_idx.append(num_params + num_consts + 1)
 
   def chunk_grads(xc, tc, lc, ctl):
-    inputs = [*param_leaves, xc, tc]
+    inputs = [*param_leaves, *consts, xc, tc]
 
     def h(diff_values):
       # ct_loss * <u, grad_theta sum_i lambda_i L_i> + <ct_logits, logits>
       # as a forward-mode directional derivative along u; its gradient with
-      # respect to (theta, x, targets) is the full VJP of the loss.
+      # respect to (theta, consts, x, targets) is the full VJP of the loss.
       full = list(inputs)
       for i, value in zip(diff_idx, diff_values, strict=True):
         full[i] = value
       params = jax.tree.unflatten(static.treedef, full[:num_params])
-      xx, tt = full[num_params:]
+      cs = full[num_params : num_params + num_consts]
+      xx, tt = full[num_params + num_consts :]
 
       def per_sample_loss(p):
-        logits = static.apply_fn(p, xx)
+        logits = static.apply_fn(p, xx, cs)
         return cross_entropy(logits, tt), logits
 
       _, dots, logits = jax.jvp(per_sample_loss, (params,), (u,), has_aux=True)
@@ -439,14 +471,10 @@ def _stationarity_fast_bwd(static, residuals, cotangents):
     return diff_cts, (ct_loss * dots).astype(lambdas.dtype)
 
   n = x.shape[0]
-  num_diff_params = sum(perturbed.params)
   plan = _chunk_plan(n, static.chunk_size)
   if plan is None:
     diff_cts, ct_lambdas = chunk_grads(x, targets, lambdas, ct_logits)
-    param_cts, data_cts = (
-      diff_cts[:num_diff_params],
-      diff_cts[num_diff_params:],
-    )
+    shared_cts, data_cts = diff_cts[:num_shared], diff_cts[num_shared:]
   else:
     chunk, pad = plan
     xs = (
@@ -460,31 +488,29 @@ def _stationarity_fast_bwd(static, residuals, cotangents):
 
     def body(acc, xs_c):
       diff_cts, ct_l = chunk_grads(*xs_c)
-      acc = [
-        a + c for a, c in zip(acc, diff_cts[:num_diff_params], strict=True)
-      ]
-      return acc, (diff_cts[num_diff_params:], ct_l)
+      acc = [a + c for a, c in zip(acc, diff_cts[:num_shared], strict=True)]
+      return acc, (diff_cts[num_shared:], ct_l)
 
-    init = [
-      jnp.zeros_like(leaf)
-      for leaf, p in zip(param_leaves, perturbed.params, strict=True)
-      if p
-    ]
-    param_cts, (data_cts, ct_lambdas) = jax.lax.scan(body, init, xs)
+    shared_inputs = [*param_leaves, *consts]
+    init = [jnp.zeros_like(shared_inputs[i]) for i in diff_idx[:num_shared]]
+    shared_cts, (data_cts, ct_lambdas) = jax.lax.scan(body, init, xs)
     data_cts = [_from_chunks(c, n) for c in data_cts]
     ct_lambdas = _from_chunks(ct_lambdas, n)
 
+  shared_cts = iter(shared_cts)
   out_params: list[jax.Array | None] = [None] * num_params
   direct = None if u_theta is None else jax.tree.leaves(u_theta)
-  param_cts = iter(param_cts)
   for i, p in enumerate(perturbed.params):
     if p:
-      out_params[i] = next(param_cts) + ct_loss * direct[i]
+      out_params[i] = next(shared_cts) + ct_loss * direct[i]
+  out_consts: list[jax.Array | None] = [
+    next(shared_cts) if p else None for p in perturbed.consts
+  ]
   data_cts = iter(data_cts)
   ct_x = next(data_cts) if perturbed.x else None
   ct_targets = next(data_cts) if perturbed.targets else None
   ct_lambdas = ct_lambdas if perturbed.lambdas else None
-  return out_params, ct_x, ct_targets, ct_lambdas
+  return out_params, out_consts, ct_x, ct_targets, ct_lambdas
 
 
 _stationarity_fast.defvjp(
@@ -499,9 +525,62 @@ def _stationarity_and_logits(
   # protocol would otherwise have to unflatten arbitrary custom pytree nodes
   # (e.g. nnx.State) around its CustomVJPPrimal records.
   leaves, treedef = jax.tree.flatten(params)
-  static = _Static(apply_fn, treedef, distance, chunk_size)
-  fn = _stationarity_fast if method == "fast" else _stationarity_reverse
-  return fn(static, leaves, x, targets, lambdas)
+  if method == "reverse":
+    static = _Static(
+      lambda p, xc, _: apply_fn(p, xc), treedef, distance, chunk_size
+    )
+    return _stationarity_reverse(static, leaves, [], x, targets, lambdas)
+  # A custom VJP must not close over values that are being differentiated
+  # (an outer jax.grad over something apply_fn closes over: bilevel and
+  # meta-learning uses): hoist them into explicit inputs. The converted
+  # function is traced for the shape it is called with, one chunk.
+  plan = _chunk_plan(x.shape[0], chunk_size)
+  rows = x.shape[0] if plan is None else plan[0]
+  example_x = jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype)
+  converted, consts = _hoist_closure(apply_fn, params, example_x)
+  static = _Static(converted, treedef, distance, chunk_size)
+  return _stationarity_fast(static, leaves, consts, x, targets, lambdas)
+
+
+def _hoist_closure(
+  apply_fn: ApplyFn, params: Params, example_x: jax.ShapeDtypeStruct
+) -> tuple[Callable[[Params, jax.Array, list], jax.Array], list[jax.Array]]:
+  """``apply_fn`` with the tracers it closes over as explicit inputs.
+
+  Returns ``(converted, consts)`` with ``converted(params, x, consts) ==
+  apply_fn(params, x)`` for ``x`` of the shape and dtype of ``example_x``;
+  ``consts`` are the tracers of enclosing transformations that
+  ``apply_fn`` closes over (concrete arrays stay closed over). What
+  ``jax.closure_convert`` does, without its cache: that cache holds every
+  converted function, and with it every array its closure captured, alive
+  (measured: an eager loop of 5 steps kept all 5 of its 4 MB closed-over
+  arrays).
+  """
+  closed, out_shape = jax.make_jaxpr(apply_fn, return_shape=True)(
+    params, example_x
+  )
+  num_args = len(jax.tree.leaves((params, example_x)))
+  if len(closed.jaxpr.invars) != num_args:
+    raise NotImplementedError(
+      "this JAX version traces closures differently: use method='reverse'."
+    )
+  is_tracer = [isinstance(c, jax.core.Tracer) for c in closed.consts]
+  kept = [
+    None if t else c for c, t in zip(closed.consts, is_tracer, strict=True)
+  ]
+  hoisted = [c for c, t in zip(closed.consts, is_tracer, strict=True) if t]
+  out_tree = jax.tree.structure(out_shape)
+
+  def converted(p, xx, consts):
+    given = iter(consts)
+    all_consts = [
+      next(given) if t else c for c, t in zip(kept, is_tracer, strict=True)
+    ]
+    flat = jax.tree.leaves((p, xx))
+    out = jax.core.eval_jaxpr(closed.jaxpr, all_consts, *flat)
+    return jax.tree.unflatten(out_tree, out)
+
+  return converted, hoisted
 
 
 def stationarity_loss(
@@ -531,9 +610,10 @@ def stationarity_loss(
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
     lambdas: ``float[N]`` multipliers.
     distance: one of ``DISTANCES``.
-    method: ``"fast"`` (custom VJP, reverse-of-jvp; reverse mode only) or
-      ``"reverse"`` (plain reverse-over-reverse autodiff; any mode). Values
-      and gradients agree.
+    method: ``"fast"`` (custom VJP, reverse-of-jvp; reverse mode only:
+      ``jax.jvp`` raises a ``TypeError``) or ``"reverse"`` (plain
+      reverse-over-reverse autodiff; any mode). Values and gradients agree,
+      with respect to every argument and to what ``apply_fn`` closes over.
     chunk_size: samples per pass; None for a single pass.
 
   Returns:
@@ -661,7 +741,9 @@ def deepkkt_loss(
   (``active[i]`` False, e.g. lambda went negative) get a zero multiplier in
   the stationarity term and are left out of the primal average; their
   gradients are zero. ``jax.grad`` with respect to ``x`` and ``lambdas``
-  takes the fast custom-VJP path when ``method="fast"``.
+  (or anything else, closed-over values of ``apply_fn`` included) takes the
+  fast custom-VJP path when ``method="fast"``; forward mode needs
+  ``method="reverse"``.
 
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
