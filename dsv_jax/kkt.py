@@ -35,6 +35,12 @@ mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) works with
 ``method="reverse"`` only: on the fast method JAX raises ``TypeError:
 can't apply forward-mode autodiff (jvp) to a custom_vjp function``.
 
+Two equivalent interfaces: the functions below take ``apply_fn`` and the
+configuration on every call (``deepkkt_loss(apply_fn, params, x, targets,
+lambdas, distance=...)``); ``make_deepkkt_loss(apply_fn, distance=...)``
+binds them once, optax-style, and returns ``loss(params, x, targets,
+lambdas, active=None)``, which ``jax.jit`` takes as it is.
+
 Stationarity over a subset of the parameters (the paper's last-layer transfer
 experiment): close over the frozen part in ``apply_fn`` and pass only the
 trainable part as ``params``::
@@ -830,6 +836,78 @@ def deepkkt_loss(
   return total, aux
 
 
+DeepKKTLoss = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def make_deepkkt_loss(
+  apply_fn: ApplyFn,
+  *,
+  beta_stationarity: float = 1.0,
+  beta_primal: float = 1.0,
+  gated: bool = True,
+  distance: Distance = DEFAULT_DISTANCE,
+  method: Method = "fast",
+  chunk_size: int | None = None,
+) -> DeepKKTLoss:
+  """`deepkkt_loss` with the model and its configuration bound (optax-style).
+
+  Returns ``loss(params, x, targets, lambdas, active=None) -> (total,
+  aux)``, equal to ``deepkkt_loss(apply_fn, params, x, targets, lambdas,
+  active=active, **config)``. Every argument of ``loss`` is an array or a
+  pytree of arrays (``active`` may be None), so ``jax.jit(loss)`` needs no
+  static arguments and ``jax.grad(loss, argnums=(1, 3), has_aux=True)``
+  differentiates with respect to ``x`` and ``lambdas``. The configuration
+  is checked here, once.
+
+  Args:
+    apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
+    beta_stationarity, beta_primal, gated, distance, method, chunk_size:
+      as in `deepkkt_loss`.
+
+  Returns:
+    The loss function.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from dsv_jax import kkt
+    >>> apply_fn = lambda p, x: x @ p["w"]
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> x, targets = jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])
+    >>> loss = kkt.make_deepkkt_loss(apply_fn, beta_primal=0.5)
+    >>> total, aux = jax.jit(loss)(params, x, targets, jnp.ones(4))
+    >>> print(f"{total:.4f}")
+    1.1733
+    >>> grad_fn = jax.jit(jax.grad(loss, argnums=(1, 3), has_aux=True))
+    >>> (gx, gl), aux = grad_fn(params, x, targets, jnp.ones(4))
+    >>> gx.shape, gl.shape
+    ((4, 3), (4,))
+  """
+  checks.check_choice("distance", distance, DISTANCES)
+  checks.check_choice("method", method, METHODS)
+  checks.check_chunk_size(chunk_size)
+  config = {
+    "beta_stationarity": beta_stationarity,
+    "beta_primal": beta_primal,
+    "gated": gated,
+    "distance": distance,
+    "method": method,
+    "chunk_size": chunk_size,
+  }
+
+  def loss(
+    params: Params,
+    x: jax.typing.ArrayLike,
+    targets: jax.typing.ArrayLike,
+    lambdas: jax.typing.ArrayLike,
+    active: jax.typing.ArrayLike | None = None,
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return deepkkt_loss(
+      apply_fn, params, x, targets, lambdas, active=active, **config
+    )
+
+  return loss
+
+
 # ----------------------------------------------------------------------------
 # Per-sample gradients: explicit (reference) and matrix-free products.
 
@@ -950,8 +1028,10 @@ __all__ = [
   "Distance",
   "Method",
   "cross_entropy",
+  "DeepKKTLoss",
   "deepkkt_loss",
   "distance_fn",
+  "make_deepkkt_loss",
   "num_scalars",
   "per_sample_grad_dots",
   "per_sample_grads",

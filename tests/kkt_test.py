@@ -688,6 +688,49 @@ def test_jit_no_recompilation(x64, method):
 
 
 # ----------------------------------------------------------------------------
+# The factory.
+
+
+def test_make_deepkkt_loss_equals_deepkkt_loss_jitted_and_differentiated(x64):
+  apply_fn, params, x, targets, lambdas = make_problem("conv", soft=True)
+  active = jnp.arange(N) % 3 != 1
+  config = dict(
+    beta_stationarity=0.5,
+    beta_primal=0.7,
+    gated=False,
+    distance="l1_mean",
+    chunk_size=3,
+  )
+  loss = kkt.make_deepkkt_loss(apply_fn, **config)
+
+  def reference(params, x, targets, lambdas, active=None):
+    return kkt.deepkkt_loss(
+      apply_fn, params, x, targets, lambdas, active=active, **config
+    )
+
+  argnums = (0, 1, 2, 3)
+  for act in (None, active):
+    expected = reference(params, x, targets, lambdas, act)
+    assert_trees_close(loss(params, x, targets, lambdas, act), expected)
+    # No static arguments: every argument of loss is an array (or None).
+    jitted = jax.jit(loss)(params, x, targets, lambdas, act)
+    assert_trees_close(jitted, expected)
+    grads = jax.jit(jax.grad(loss, argnums, has_aux=True))(
+      params, x, targets, lambdas, act
+    )
+    expected_grads = jax.grad(reference, argnums, has_aux=True)(
+      params, x, targets, lambdas, act
+    )
+    assert_trees_close(grads, expected_grads, rtol=1e-9)
+  with pytest.raises(ValueError, match="distance must be one of"):
+    kkt.make_deepkkt_loss(apply_fn, distance="l3")
+  with pytest.raises(ValueError, match="method must be one of"):
+    kkt.make_deepkkt_loss(apply_fn, method="fwd")
+  with pytest.raises(ValueError, match="chunk_size"):
+    kkt.make_deepkkt_loss(apply_fn, chunk_size=0)
+
+
+# ----------------------------------------------------------------------------
 # Errors.
 
 
