@@ -55,7 +55,6 @@ from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.custom_derivatives import SymbolicZero
 
 from dsv_jax import checks
@@ -135,9 +134,13 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     >>> print(kkt.cross_entropy(logits, jnp.array([0, 3])))
     [1.3862944 1.3862944]
   """
+  # The operations of optax's softmax_cross_entropy(_with_integer_labels),
+  # written out: importing optax imports absl.logging and absl.flags, which
+  # this module's import must not.
   if targets.ndim == 1:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  return optax.softmax_cross_entropy(logits, targets)
+    label_logits = jnp.take_along_axis(logits, targets[:, None], axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - label_logits[:, 0]
+  return -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
 
 
 def _weighted_grad_and_logits(
