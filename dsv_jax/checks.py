@@ -32,6 +32,22 @@ def is_concrete(a: Any) -> bool:
   return not isinstance(a, jax.core.Tracer)
 
 
+def error_summary(error: BaseException) -> str:
+  """``"Type: first line of the message"``, for a one-line error report.
+
+  Pair it with ``raise ... from error``: the summary says what failed, the
+  chained cause keeps the whole message and traceback.
+
+  Examples:
+    >>> from dsv_jax import checks
+    >>> checks.error_summary(ZeroDivisionError("division by zero\\nmore"))
+    'ZeroDivisionError: division by zero'
+  """
+  lines = str(error).strip().splitlines()
+  name = type(error).__name__
+  return f"{name}: {lines[0]}" if lines else name
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
   """Raises unless ``value`` is one of ``choices``.
 
@@ -185,5 +201,6 @@ __all__ = [
   "check_logits_vs_targets",
   "check_target_values",
   "check_targets_shape",
+  "error_summary",
   "is_concrete",
 ]

@@ -324,11 +324,11 @@ def retrain(
   fm = fms[0]
   try:
     out = jax.eval_shape(fm.eval_apply, fm.params, fm.state, one_set[:1])
-  except Exception as e:  # noqa: BLE001 -- any model error means misfit.
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+  except Exception as e:  # noqa: BLE001 -- reported, with e as the cause.
     raise ValueError(
-      f"images of shape {images.shape} do not fit the model ({first})."
-    ) from None
+      f"images of shape {images.shape} do not fit the model "
+      f"({checks.error_summary(e)})."
+    ) from e
   if per_model:
     targets = np.asarray(targets)
     if targets.shape[:2] != images.shape[:2]:

@@ -302,11 +302,11 @@ def check_candidates(
     raise ValueError(f"x0 must be images [N, H, W, C], got {x0.shape}.")
   try:
     out = jax.eval_shape(apply_fn, params, x0)
-  except Exception as e:  # noqa: BLE001 -- any model error means misfit.
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+  except Exception as e:  # noqa: BLE001 -- reported, with e as the cause.
     raise ValueError(
-      f"x0 of shape {x0.shape} does not fit the model ({first})."
-    ) from None
+      f"x0 of shape {x0.shape} does not fit the model "
+      f"({checks.error_summary(e)})."
+    ) from e
   if targets.ndim not in (1, 2) or targets.shape[0] != x0.shape[0]:
     raise ValueError(
       f"targets of shape {targets.shape} do not match the {x0.shape[0]} "

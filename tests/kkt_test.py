@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from dsv_jax import kkt
+from dsv_jax import checks, kkt
 
 N, D, C = 7, 5, 3  # samples, MLP input features, classes
 
@@ -803,9 +803,10 @@ def test_value_errors_for_concrete_targets_only(x64):
 # Docstring examples.
 
 
-def test_doctests():
+@pytest.mark.parametrize("module", [kkt, checks], ids=lambda m: m.__name__)
+def test_doctests(module):
   result = doctest.testmod(
-    kkt, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
   )
   assert result.attempted > 0
   assert result.failed == 0
