@@ -129,6 +129,11 @@ class SolverState(NamedTuple):
     objective: ``F(x_k)``.
     max_step: the largest ``||mu_{j+1} - mu_j||`` so far (the stopping
       rule's scale).
+    converged: bool scalar, the stopping rule fired: `fit_lambdas` resumed
+      from this state does no further iteration. False by default, e.g.
+      for a state restored from a checkpoint written before the field
+      existed (`dsv_jax.checkpoints.RunCheckpointer.restore` keeps this
+      default when the checkpoint lacks it).
   """
 
   step: jax.Array
@@ -140,6 +145,10 @@ class SolverState(NamedTuple):
   lipschitz: jax.Array
   objective: jax.Array
   max_step: jax.Array
+  # A numpy array, not a jax one: a module-level jax array would initialise
+  # the backend at import, and Orbax restores into a numpy array but not
+  # into a numpy scalar. Never mutated.
+  converged: jax.Array = np.array(False)
 
 
 class Represented(NamedTuple):
@@ -178,7 +187,8 @@ class FitInfo(NamedTuple):
     objective: the solver's objective F (see the module docstring).
     iterations: total solver iterations (including resumed ones).
     time_s: wall time of this call (compilation included).
-    converged: the stopping rule fired before ``max_iters``.
+    converged: the stopping rule fired before ``max_iters`` (in this call,
+      or in the fit whose converged state it resumed).
     capped: samples that push away from theta* (``<theta*, -g_i> <= 0``;
       only with ``slackness > 0``): no contribution reward, and lambda at
       most the best constant lambda (a soft margin).
@@ -686,7 +696,10 @@ def fit_lambdas(
     l1_smoothing: Huber width of ``l1_mean``'s gradient, relative to
       ``mean|theta*|``.
     mesh: a ``data`` mesh (`parallel.make_mesh`); all devices if None.
-    state: a `SolverState` to resume from (e.g. a restored checkpoint).
+    state: a `SolverState` to resume from (e.g. a restored checkpoint); a
+      converged one (``state.converged``) is returned as it is, with no
+      further iteration, whatever ``tol`` and ``max_iters`` (to go on with
+      a smaller ``tol``: ``state._replace(converged=np.array(False))``).
     callback: called after every iteration with the state and its metrics.
 
   Returns:
@@ -880,6 +893,7 @@ def fit_lambdas(
       lipschitz=jnp.float32(lip),
       objective=jnp.float32(objective(g0, mu0)),
       max_step=jnp.float32(0.0),
+      converged=jnp.asarray(False),
     )
   elif state.contributions.shape != (n,):
     raise ValueError(
@@ -894,7 +908,9 @@ def fit_lambdas(
     )
 
   history = []
-  converged = False
+  # A state that already converged (e.g. a checkpoint of a finished fit)
+  # stays converged: no iteration, the same lambdas.
+  converged = bool(state.converged)
   step = int(state.step)
   while step < max_iters and not converged:
     t_iter = time.perf_counter()
@@ -961,9 +977,11 @@ def fit_lambdas(
       "restart": int(restart),
       "s_per_iter": time.perf_counter() - t_iter,
     }
-    state = state._replace(max_step=jnp.float32(max_step))
-    history.append(row)
     converged = change <= tol or (slackness == 0 and residual <= tol)
+    state = state._replace(
+      max_step=jnp.float32(max_step), converged=jnp.asarray(converged)
+    )
+    history.append(row)
     if callback is not None:
       callback(state, row)
 
