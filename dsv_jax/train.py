@@ -13,7 +13,7 @@ computes exactly the same steps s+1, ... as an uninterrupted run.
 
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +22,11 @@ import optax
 from absl import logging
 
 from dsv_jax import augment, parallel
-from dsv_jax.checkpoints import RunCheckpointer
 from dsv_jax.models import FunctionalModel
 from dsv_jax.types import Params, PyTree
+
+if TYPE_CHECKING:  # Orbax is imported only by those who checkpoint.
+  from dsv_jax.checkpoints import RunCheckpointer
 
 
 class TrainState(NamedTuple):
@@ -239,7 +241,7 @@ def train_classifier(
   eval_split: dict | None = None,
   eval_every: int = 0,
   log_every: int = 100,
-  checkpointer: RunCheckpointer | None = None,
+  checkpointer: "RunCheckpointer | None" = None,
   ckpt_every: int = 0,
   ckpt_meta: dict[str, Any] | None = None,
   on_metrics: Callable[[dict[str, Any]], None] | None = None,
@@ -380,7 +382,7 @@ def finish_full_batch(
   tol: float = 0.01,
   memory: int = 10,
   chunk_size: int = 1024,
-  checkpointer: RunCheckpointer | None = None,
+  checkpointer: "RunCheckpointer | None" = None,
   ckpt_every: int = 0,
   ckpt_meta: dict[str, Any] | None = None,
   log_every: int = 10,

@@ -67,6 +67,21 @@ def test_core_import_loads_no_heavy_dependency(module):
   assert out["loaded"] == []
 
 
+@pytest.mark.parametrize(
+  "module", ["dsv_jax.synthesize", "dsv_jax.train", "dsv_jax.retrain"]
+)
+def test_training_modules_load_no_checkpointing_or_plotting(module):
+  # These log through absl.logging (which imports absl.flags) via optax and
+  # train; checkpointing, plotting and dataset builders stay out.
+  heavy = [m for m in HEAVY if not m.startswith("absl")]
+  out = run_python(
+    "import importlib, json, sys\n"
+    f"importlib.import_module({module!r})\n"
+    f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))\n"
+  )
+  assert out == []
+
+
 def test_package_names_load_lazily():
   out = run_python(
     "import json, sys\n"
