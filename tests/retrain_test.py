@@ -276,6 +276,18 @@ def test_clear_errors(change, match):
     )
 
 
+def test_model_errors_keep_their_cause():
+  def broken_eval(params, state, x):
+    raise ZeroDivisionError("division by zero inside the model")
+
+  model_fn = lambda seed: _mlp(seed)._replace(eval_apply=broken_eval)
+  with pytest.raises(ValueError, match="ZeroDivisionError: division") as info:
+    retrain.retrain(
+      model_fn, X, Y, EX, EY, **dict(RECIPE, num_models=1, seed=0)
+    )
+  assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
 def _save_set(directory, images, targets, info, active=None, source="real"):
   n = len(images)
   artifacts.save_dsv(

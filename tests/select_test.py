@@ -12,6 +12,7 @@ from sklearn.svm import SVC
 
 from dsv_jax import (
   artifacts,
+  checkpoints,
   configs,
   kkt,
   parallel,
@@ -324,6 +325,62 @@ def test_resume_state_continues_exactly():
     select.fit_lambdas(
       _linear, params, x[:20], labels[:20], state=half.state, **kwargs
     )
+
+
+def test_resume_from_converged_state_does_no_iteration():
+  # SolverState.converged: before it existed, a fit resumed from the state
+  # of a converged fit (e.g. its checkpoint) iterated on, past the tol it
+  # had met.
+  params, x, labels = _linear_problem()
+  kwargs = {"tol": 1e-2, "chunk_size": 16, "mesh": parallel.make_mesh(1)}
+  lambdas, info = select.fit_lambdas(
+    _linear, params, x, labels, max_iters=300, **kwargs
+  )
+  assert info.converged and info.iterations < 300
+  assert bool(info.state.converged)
+  rows = []
+  resumed, again = select.fit_lambdas(
+    _linear,
+    params,
+    x,
+    labels,
+    max_iters=300,
+    state=info.state,
+    callback=lambda state, row: rows.append(row),
+    **kwargs,
+  )
+  assert rows == [] and again.history == []
+  assert again.iterations == info.iterations and again.converged
+  np.testing.assert_array_equal(resumed, lambdas)
+
+
+def test_solver_state_checkpoints_old_and_new_restore(tmp_path):
+  params, x, labels = _linear_problem()
+  kwargs = {"tol": 1e-2, "chunk_size": 16, "mesh": parallel.make_mesh(1)}
+  _, info = select.fit_lambdas(
+    _linear, params, x, labels, max_iters=300, **kwargs
+  )
+  fields = [f for f in select.SolverState._fields if f != "converged"]
+  old = {f: getattr(info.state, f) for f in fields}  # Written before it.
+  # The select stage's restore target: a zero state, `converged` left out.
+  target = select.SolverState(**jax.tree.map(jnp.zeros_like, old))
+  for name, state, converged in [
+    ("old", old, False),
+    ("new", info.state, True),
+  ]:
+    ckptr = checkpoints.RunCheckpointer(tmp_path / name)
+    ckptr.save(int(info.state.step), state, {})
+    step, restored, _ = ckptr.restore(target)
+    assert isinstance(restored, select.SolverState)
+    assert bool(restored.converged) is converged
+    np.testing.assert_array_equal(
+      restored.contributions, info.state.contributions
+    )
+    _, resumed = select.fit_lambdas(
+      _linear, params, x, labels, max_iters=step + 2, state=restored, **kwargs
+    )
+    # An old checkpoint does not know it converged: it iterates again.
+    assert bool(resumed.history) is not converged
 
 
 def test_slackness_caps_samples_pushing_away():

@@ -332,6 +332,17 @@ def test_bad_input_errors(synth):
     sz.make_synthesizer(lambda p, x: x, {}, dual="relu")
 
 
+def test_model_errors_keep_their_cause():
+  # A bug inside the model is reported with its type and first line, and
+  # chained: its traceback is not lost behind "does not fit the model".
+  def broken(params, x):
+    raise ZeroDivisionError("division by zero inside the model")
+
+  with pytest.raises(ValueError, match="ZeroDivisionError: division") as info:
+    sz.check_candidates(broken, {}, _x0(8), LABELS)
+  assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
 def test_missing_classifier_is_a_clear_error(tmp_path):
   config = pipelines_config()
   with pytest.raises(FileNotFoundError, match="Run the `train` stage"):
