@@ -280,19 +280,19 @@ def _make_operator(
   @jax.jit
   def add_grad(acc, p, xc, tc, lc):
     logits, vjp = jax.vjp(lambda q: apply_fn(q, xc), p)
-    r = jax.lax.stop_gradient(_prob_residual(logits, tc))
+    r = jax.lax.stop_gradient(prob_residual(logits, tc))
     (g,) = vjp(lc[:, None] * r)
     return jax.tree.map(jnp.add, acc, g)
 
   @partial(jax.jit, out_shardings=batch)
   def dots(p, xc, tc, u):
     logits, tangent = jax.jvp(lambda q: apply_fn(q, xc), (p,), (u,))
-    return jnp.sum(_prob_residual(logits, tc) * tangent, -1)
+    return jnp.sum(prob_residual(logits, tc) * tangent, -1)
 
   @partial(jax.jit, out_shardings=(batch, batch))
   def residual_norms(p, xc, tc):
     logits = apply_fn(p, xc)
-    r = _prob_residual(logits, tc)
+    r = prob_residual(logits, tc)
     labels = tc if tc.ndim == 1 else jnp.argmax(tc, -1)
     return jnp.sqrt(jnp.sum(r * r, -1)), jnp.argmax(logits, -1) == labels
 
@@ -362,7 +362,7 @@ def _sq_norm(tree: PyTree) -> jax.Array:
   return sum(jnp.vdot(a, a) for a in jax.tree.leaves(tree))
 
 
-def _prob_residual(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def prob_residual(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """``softmax(z_i) - y_i``, the cross-entropy's gradient at the logits.
 
   For int labels the target entry is minus the sum of the other
@@ -398,7 +398,7 @@ def _leaf_dots_and_norms(apply_fn, params, x, targets):
   def one(args):
     xi, ti = args
     logits, vjp = jax.vjp(lambda p: apply_fn(p, xi[None]), params)
-    r = jax.lax.stop_gradient(_prob_residual(logits, ti[None]))
+    r = jax.lax.stop_gradient(prob_residual(logits, ti[None]))
     r = r / jnp.maximum(jnp.max(jnp.abs(r)), jnp.finfo(r.dtype).tiny)
     g = jax.tree.leaves(vjp(r)[0])
     dots = jnp.stack([jnp.vdot(a, b) for a, b in zip(leaves, g, strict=True)])
@@ -410,7 +410,7 @@ def _leaf_dots_and_norms(apply_fn, params, x, targets):
 
 @partial(jax.jit, static_argnums=0)
 def _residual_norms_chunk(apply_fn, params, x, targets):
-  r = _prob_residual(apply_fn(params, x), targets)
+  r = prob_residual(apply_fn(params, x), targets)
   return jnp.sqrt(jnp.sum(r * r, -1))
 
 
@@ -1281,6 +1281,7 @@ __all__ = [
   "fit_lambdas",
   "per_class_sums",
   "precision_recall_at_k",
+  "prob_residual",
   "random_per_class",
   "rank_per_class",
   "represented_leaves",
