@@ -28,7 +28,9 @@ import time
 
 import jax
 
-from dsv_jax import configs, data, pipelines, synthesize
+from dsv_jax import configs, data, synthesize
+from dsv_jax.experiment import common
+from dsv_jax.experiment.stages import train as train_stage
 
 # Shapes and class counts of the configs whose data may be missing offline.
 SHAPES = {
@@ -98,18 +100,18 @@ def main(argv=None):
     source = "real"
     if name in SHAPES:
       try:
-        pipelines.load_data(c)
+        common.load_data(c)
       except (FileNotFoundError, ValueError, RuntimeError):
         if fashion is None:
           fashion = data.load_dataset(
             "fashion_mnist", max_train=args.max_train or None
           )
         ds = stand_in(name, fashion)
-        pipelines.load_data = lambda cfg, ds=ds: ds
+        common.load_data = lambda cfg, ds=ds: ds
         source = "Fashion-MNIST stand-in"
     t0 = time.perf_counter()
-    res = pipelines.run_train(c, os.path.join(root, name))
-    pipelines.load_data = _LOAD_DATA
+    res = train_stage.run(c, os.path.join(root, name))
+    common.load_data = _LOAD_DATA
     rows.append((name, source, c.train.steps, res, time.perf_counter() - t0))
     print(f"# {name} done in {rows[-1][-1]:.0f} s", flush=True)
   print(
@@ -131,7 +133,7 @@ def main(argv=None):
     )
 
 
-_LOAD_DATA = pipelines.load_data
+_LOAD_DATA = common.load_data
 
 if __name__ == "__main__":
   main()

@@ -26,7 +26,9 @@ import time
 import jax
 import numpy as np
 
-from dsv_jax import artifacts, configs, pipelines, retrain_stage
+from dsv_jax import artifacts, configs
+from dsv_jax.experiment import common
+from dsv_jax.experiment.stages import retrain as retrain_stage
 
 SET_DIRS = {"dsv": "synthesize", "select": "select"}
 
@@ -115,8 +117,8 @@ def main():
   r = config.retrain
   args.seed = config.seed if args.seed is None else args.seed
   wd = r.weight_decay if args.weight_decay is None else args.weight_decay
-  clf = pipelines.load_classifier(args.workdir)
-  ds = pipelines.load_data(config)
+  clf = common.load_classifier(args.workdir)
+  ds = common.load_data(config)
   sets = load_sets(args, config, ds, clf.info.num_classes)
   val = ds.split("validation")
   # Each grid point is the config's recipe with the swept keys replaced, run

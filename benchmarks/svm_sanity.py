@@ -152,7 +152,7 @@ def evaluate(
   # Per-sample gradients of the linear model in closed form, g_i = (x_i r_i^T,
   # r_i) with r_i = softmax - onehot formed without cancellation (autodiff
   # of the cross-entropy rounds 1 - p_iy to 0 for confident samples).
-  r = np.asarray(select._prob_residual(linear_apply(params, x), y))
+  r = np.asarray(select.prob_residual(linear_apply(params, x), y))
   gmat = np.concatenate(
     [r, (x[:, :, None] * r[:, None, :]).reshape(len(x), -1)], 1
   ).T  # Leaf order of jax.tree.leaves(params): b, w.

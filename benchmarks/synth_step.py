@@ -32,13 +32,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dsv_jax import augment, kkt, models, pipelines
+from dsv_jax import augment, kkt, models
 from dsv_jax import synthesize as sz
+from dsv_jax.experiment import common
 
 
 def _model(args):
   if args.clf:
-    clf = pipelines.load_classifier(args.clf)
+    clf = common.load_classifier(args.clf)
     info = clf.info
     return (
       clf.apply_fn,

@@ -33,7 +33,11 @@ import time
 import ml_collections
 import numpy as np
 
-from dsv_jax import artifacts, configs, pipelines, report, retrain_stage
+from dsv_jax import artifacts, configs
+from dsv_jax.experiment import common
+from dsv_jax.experiment.report import cache as report_cache
+from dsv_jax.experiment.stages import retrain as retrain_stage
+from dsv_jax.experiment.stages import synthesize as synthesize_stage
 
 
 def parse_grid(items: list[str], config: ml_collections.ConfigDict):
@@ -58,9 +62,7 @@ def synthesize(config, out_dir):
   The report's own sub-run runner: a finished run with the same settings is
   reused, an interrupted one resumes.
   """
-  results = report._run_stage_once(
-    pipelines.run_synthesize, config, out_dir, "synthesize"
-  )
+  results = report_cache.run_stage_once(synthesize_stage, config, out_dir)
   dsv, _ = artifacts.load_dsv(os.path.join(out_dir, "synthesize"))
   return dsv, results
 
@@ -70,8 +72,8 @@ def real_shots(config, clf, k):
   from (the same candidates' key as the synthesize stage)."""
   sub = ml_collections.ConfigDict(config.to_dict())
   sub.synth.init, sub.synth.num_per_class = "real", k
-  key = pipelines.synthesis_key(sub)
-  return np.asarray(pipelines._initial_candidates(sub, clf, key)[3])
+  key = common.synthesis_key(sub)
+  return np.asarray(common.initial_candidates(sub, clf, key)[3])
 
 
 def main():
@@ -98,8 +100,8 @@ def main():
   config.retrain.eval_split = "validation"
   grid = parse_grid(args.grid, config)
   keys = [k for k, _ in grid]
-  clf = pipelines.load_classifier(args.workdir)
-  ds = pipelines.load_data(config)
+  clf = common.load_classifier(args.workdir)
+  ds = common.load_data(config)
   r = config.retrain
   print(
     f"config {args.config}, classifier {args.workdir}, recipe lr "
@@ -119,7 +121,7 @@ def main():
       # The recipe the report's sub-runs from this init run; grid values
       # replace its settings (synth.steps is the image recipe's for --init
       # real or other).
-      sub = pipelines.synthesis_recipe(config, args.init)
+      sub = common.synthesis_recipe(config, args.init)
       sub.synth.classifier = os.path.abspath(args.workdir)
       sub.synth.init = args.init
       sub.synth.num_per_class = k

@@ -20,35 +20,17 @@ As for DeepKKT, ``sum_i lambda_i grad m_i = grad_theta sum_i lambda_i m_i``
 is ONE backward pass, and its derivative in x and lambda is grad-of-grad.
 
 `make_reconstructor` returns a `synthesize.Synthesizer` over a
-`synthesize.SynthState`, so `pipelines.run_synthesis_loop` drives it
-(sharding, checkpoints, resume). `run_baseline` runs it from the synthesize
-stage's initial candidates and writes a DSV set.
+`synthesize.SynthState`, so any synthesis loop drives it (the report's run:
+`dsv_jax.experiment.report.kkt_baseline`).
 """
-
-import hashlib
-import json
-import os
-import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 import optax
-from absl import logging
 
-from dsv_jax import (
-  checkpoints,
-  parallel,
-  pipelines,
-  synthesize,
-  viz,
-)
+from dsv_jax import synthesize
 from dsv_jax.synthesize import Synthesizer, SynthState
 from dsv_jax.types import ApplyFn, Params
-
-# Config sections the baseline's outputs depend on (its checkpoint hash).
-SECTIONS = ("seed", "data", "model", "train", "synth", "baseline")
 
 
 def margins(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -230,122 +212,4 @@ def make_reconstructor(
   return Synthesizer(init_fn, step_fn, lambdas_fn, loss_fn)
 
 
-def config_hash(config: ml_collections.ConfigDict) -> str:
-  """A short hash of the config sections in `SECTIONS`."""
-  d = config.to_dict()
-  relevant = {k: d.get(k) for k in SECTIONS}
-  blob = json.dumps(relevant, sort_keys=True, default=str)
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def run_baseline(
-  config: ml_collections.ConfigDict, workdir: str, out_dir: str
-) -> dict:
-  """Runs the reconstruction baseline and writes its DSV set to `out_dir`.
-
-  Starts from the very candidates the synthesize stage starts from
-  (`pipelines._initial_candidates`, same key; soft targets reduced to
-  their argmax), with `config.baseline`'s optimisation settings, resuming
-  from ``workdir/ckpt/baseline`` if interrupted.
-
-  Returns:
-    A dict with the fraction of candidates the source model classifies as
-    their target, their mean entropy and margin, the final stationarity
-    residual, timing and steps.
-  """
-  pipelines.validate_config(config)
-  workdir, out_dir = os.path.abspath(workdir), os.path.abspath(out_dir)
-  bl = config.baseline
-  for key in ("steps", "log_every"):
-    if bl[key] < 1:
-      raise ValueError(f"Config key baseline.{key}: must be >= 1.")
-  for key in ("lr_x", "lr_lambda"):
-    if bl[key] <= 0:
-      raise ValueError(f"Config key baseline.{key}: must be > 0.")
-  digest = config_hash(config)
-  clf = pipelines._classifier_for(config, workdir)
-  info = clf.info
-  key = pipelines.synthesis_key(config)
-  x0, targets, source, index = pipelines._initial_candidates(config, clf, key)
-  labels = np.asarray(synthesize.target_labels(targets), np.int32)
-  recon = make_reconstructor(
-    clf.apply_fn,
-    clf.params,
-    x_tx=optax.adam(bl.lr_x),
-    lambda_tx=optax.adam(bl.lr_lambda),
-    lambda_min=bl.lambda_min,
-    beta_lambda=bl.beta_lambda,
-    lambda_init=(bl.lambda_low, bl.lambda_high),
-    pixel_min=info.pixel_min,
-    pixel_max=info.pixel_max,
-  )
-  ckpt_dir = os.path.join(workdir, "ckpt", "baseline")
-  ckptr = checkpoints.RunCheckpointer(ckpt_dir)
-  pipelines._check_resumable(ckptr, ckpt_dir, digest, "baseline")
-  mesh = parallel.make_mesh(config.synth.num_devices or None)
-  t0 = time.perf_counter()
-  state, n, resumed, rows = pipelines.run_synthesis_loop(
-    recon,
-    key,
-    x0,
-    labels,
-    steps=bl.steps,
-    mesh=mesh,
-    checkpointer=ckptr,
-    ckpt_every=bl.ckpt_every,
-    ckpt_meta={"config_hash": digest},
-    log_every=bl.log_every,
-    name="baseline",
-  )
-  ckptr.close()
-  wall = time.perf_counter() - t0
-  x = np.asarray(state.x)[:n]
-  active = np.asarray(state.active)[:n]
-  desc = pipelines.save_described_dsv(
-    out_dir,
-    clf,
-    images=x,
-    targets=labels,
-    lambdas=np.asarray(recon.lambdas_fn(state))[:n],
-    active=active,
-    source=source,
-    source_index=index,
-    config_hash=digest,
-    extra={
-      "seed": config.seed,
-      "init": config.synth.init,
-      "steps": bl.steps,
-      "method": "haim_buzaglo_margin",
-    },
-  )
-  viz.class_grid(
-    os.path.join(out_dir, "grid.png"),
-    x,
-    labels,
-    info,
-    max_per_class=min(config.synth.num_per_class, 10),
-    title=f"Haim/Buzaglo reconstruction ({config.synth.init} init, "
-    f"{bl.steps} steps)",
-  )
-  results = {
-    "num_candidates": n,
-    "steps": bl.steps,
-    "resumed_from_step": resumed,
-    "target_fraction": float(np.mean(desc["prediction"] == labels)),
-    "entropy_mean": float(desc["entropy"].mean()),
-    "margin_mean": float(desc["margin"].mean()),
-    "stationarity_last": rows[-1]["stationarity"] if rows else float("nan"),
-    "time_s": wall,
-  }
-  logging.info("Baseline reconstruction done: %s", results)
-  return results
-
-
-__all__ = [
-  "SECTIONS",
-  "config_hash",
-  "make_reconstructor",
-  "margins",
-  "reconstruction_loss",
-  "run_baseline",
-]
+__all__ = ["make_reconstructor", "margins", "reconstruction_loss"]

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from dsv_jax import checks
 from dsv_jax.types import PyTree
 
 
@@ -75,28 +76,64 @@ class RunCheckpointer:
   def restore(self, target: PyTree, step: int | None = None):
     """Restores `(step, state, meta)` into the structure of `target`.
 
-    Returns None when there is no checkpoint yet; raises a ValueError when
-    the stored state does not have the structure of `target`.
+    Returns None when there is no checkpoint yet; raises a ValueError, with
+    Orbax's error as its cause, when the stored state cannot be restored
+    into `target` (another structure, or a damaged checkpoint).
+
+    A NamedTuple state that gained fields since the checkpoint was written
+    still restores it: fields with a default (NamedTuple puts them last)
+    that the checkpoint lacks keep `target`'s values (e.g.
+    `dsv_jax.select.SolverState.converged`).
     """
     step = self._manager.latest_step() if step is None else step
     if step is None:
       return None
     try:
-      restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-        ),
-      )
+      state, meta = self._restore(step, target)
     except ValueError as e:
-      # Orbax's message lists whole arrays; keep only its first line.
-      first_line = str(e).splitlines()[0]
-      raise ValueError(
-        f"The checkpoint at step {step} in {self.directory} does not match "
-        f"the state of this run ({first_line}). Resume with the config that "
-        "wrote it, or delete the directory to start over."
-      ) from None
-    return step, restored.state, restored.meta
+      older = self._restore_without_new_fields(step, target)
+      if older is None:
+        # Orbax's message lists whole arrays: one line of it here, all of
+        # it in the chained cause.
+        raise ValueError(
+          f"The checkpoint at step {step} in {self.directory} does not match "
+          f"the state of this run or is damaged ({checks.error_summary(e)}). "
+          "Resume with the config that wrote it, or delete the directory to "
+          "start over."
+        ) from e
+      state, meta = older
+    return step, state, meta
+
+  def _restore(self, step: int, target: PyTree) -> tuple[PyTree, Any]:
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+      ),
+    )
+    return restored.state, restored.meta
+
+  def _restore_without_new_fields(self, step: int, target: PyTree):
+    """`(state, meta)` of a checkpoint written before `target`'s type
+    gained its trailing defaulted fields, or None."""
+    cls = type(target)
+    fields = getattr(cls, "_fields", None)
+    defaults = getattr(cls, "_field_defaults", {})
+    if not isinstance(target, tuple) or not fields:
+      return None
+    # NamedTuples are stored as {field: value}; try without the last k
+    # defaulted fields, k = 1, 2, ...
+    for k in range(1, len(fields) + 1):
+      if fields[-k] not in defaults:
+        return None
+      kept = {f: getattr(target, f) for f in fields[:-k]}
+      try:
+        state, meta = self._restore(step, kept)
+      except ValueError:
+        continue
+      missing = {f: getattr(target, f) for f in fields[-k:]}
+      return cls(**state, **missing), meta
+    return None
 
   def close(self) -> None:
     self._manager.close()
@@ -150,7 +187,7 @@ def load_classifier_arrays(path: str | os.PathLike, target: PyTree) -> PyTree:
     except (ValueError, KeyError) as e:
       raise ValueError(
         f"The classifier checkpoint at {path} does not match the model "
-        f"built from its config: {e}"
+        f"built from its config ({checks.error_summary(e)})."
       ) from e
 
 

@@ -17,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsv_jax import pipelines
+from dsv_jax.experiment import registry
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/digits.py[:arg].", lock_config=True
@@ -26,7 +26,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output/resume directory.")
 _STAGE = flags.DEFINE_enum(
   "stage",
   None,
-  [*pipelines.STAGES, "all"],
+  [*registry.STAGES, "all"],
   "Stage to run; default: config.stage.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
@@ -42,7 +42,7 @@ def main(argv):
     jax.process_count(),
     jax.devices(),
   )
-  results = pipelines.run(_CONFIG.value, _WORKDIR.value, _STAGE.value)
+  results = registry.run(_CONFIG.value, _WORKDIR.value, _STAGE.value)
   for stage, res in results.items():
     summary = ", ".join(
       f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

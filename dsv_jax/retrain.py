@@ -32,7 +32,7 @@ Randomness, all derived from ``key = jax.random.key(seed)``:
 
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -40,14 +40,14 @@ import numpy as np
 import optax
 from absl import logging
 
-from dsv_jax import augment, kkt, train
+from dsv_jax import augment, checks, kkt, train
 from dsv_jax.models import FunctionalModel
 from dsv_jax.synthesize import check_images
 from dsv_jax.types import Params, PyTree
 
 ModelFn = Callable[[int], FunctionalModel]
-VECTORIZE = ("vmap", "unroll")
-_SOFT_ATOL = 1e-4  # Tolerance on soft-target row sums (as kkt.py's).
+Vectorize = Literal["vmap", "unroll"]
+VECTORIZE: tuple[Vectorize, ...] = get_args(Vectorize)
 
 
 class RetrainResult(NamedTuple):
@@ -96,29 +96,11 @@ def _check_inputs(images, targets, eval_images, eval_labels, num_classes):
       f"targets of shape {targets.shape} do not match the {len(images)} "
       "images (need int [N] or soft float [N, C])."
     )
-  if targets.ndim == 1:
-    if not np.issubdtype(targets.dtype, np.integer):
-      raise ValueError(
-        f"1-D targets must be integer labels, got dtype {targets.dtype}."
-      )
-    if targets.min() < 0 or targets.max() >= num_classes:
-      raise ValueError(
-        f"int targets must lie in [0, {num_classes}), got values in "
-        f"[{targets.min()}, {targets.max()}]."
-      )
-  elif targets.ndim == 2 and targets.shape[1] == num_classes:
-    sums = targets.sum(axis=-1)
-    if (targets < 0).any() or (np.abs(sums - 1) > _SOFT_ATOL).any():
-      raise ValueError(
-        "soft targets must be non-negative rows summing to 1; row sums lie "
-        f"in [{sums.min():g}, {sums.max():g}], minimum entry "
-        f"{targets.min():g}."
-      )
-  else:
-    raise ValueError(
-      f"targets must be int [N] or soft float [N, {num_classes}], got shape "
-      f"{targets.shape}."
-    )
+  checks.check_targets_shape(targets, None)
+  checks.check_logits_vs_targets(
+    (len(images), num_classes), targets, "the model's output"
+  )
+  checks.check_target_values(targets, num_classes)
   eval_images = np.asarray(eval_images)
   eval_labels = np.asarray(eval_labels)
   if eval_images.ndim != 4 or eval_images.shape[1:] != images.shape[1:]:
@@ -164,7 +146,7 @@ def make_step(
   def step(params, model_state, opt_state, images, targets, key, t):
     data_key, aug_key = jax.random.split(key)
     n = images.shape[0]
-    idx = train._batch_indices(
+    idx = train.batch_indices(
       data_key, t, num_examples=n, batch_size=min(batch_size, n)
     )
     x = augment.flip_and_translate(
@@ -270,7 +252,7 @@ def retrain(
   flip: bool,
   max_shift: int,
   seed: int,
-  vectorize: str = "vmap",
+  vectorize: Vectorize = "vmap",
   eval_batch_size: int = 500,
   log_every: int = 0,
 ) -> RetrainResult:
@@ -279,8 +261,8 @@ def retrain(
   Args:
     model_fn: ``seed -> FunctionalModel``, a freshly initialised model of
       the architecture to retrain (e.g. ``lambda s: models.functional(
-      pipelines._build(name, kwargs, info, s))``). Every call must give the
-      same architecture.
+      models.build_model(name, key=jax.random.key(s), ...))``). Every call
+      must give the same architecture.
     images: ``float[N, H, W, C]`` training images (normalised space),
       shared by the K models, or ``float[K, N, H, W, C]``: one set per
       model (e.g. K different random subsets trained with the same seeds
@@ -315,10 +297,7 @@ def retrain(
     ValueError: an empty set, NaN/Inf pixels, labels out of range, soft
       rows not summing to 1, or shapes that do not fit the model.
   """
-  if vectorize not in VECTORIZE:
-    raise ValueError(
-      f"vectorize must be one of {VECTORIZE}, got {vectorize!r}."
-    )
+  checks.check_choice("vectorize", vectorize, VECTORIZE)
   for name, v in [
     ("num_models", num_models),
     ("steps", steps),
@@ -345,11 +324,11 @@ def retrain(
   fm = fms[0]
   try:
     out = jax.eval_shape(fm.eval_apply, fm.params, fm.state, one_set[:1])
-  except Exception as e:  # noqa: BLE001 -- any model error means misfit.
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+  except Exception as e:  # noqa: BLE001 -- reported, with e as the cause.
     raise ValueError(
-      f"images of shape {images.shape} do not fit the model ({first})."
-    ) from None
+      f"images of shape {images.shape} do not fit the model "
+      f"({checks.error_summary(e)})."
+    ) from e
   if per_model:
     targets = np.asarray(targets)
     if targets.shape[:2] != images.shape[:2]:
@@ -450,6 +429,7 @@ __all__ = [
   "ModelFn",
   "RetrainResult",
   "VECTORIZE",
+  "Vectorize",
   "make_step",
   "model_key",
   "model_seeds",

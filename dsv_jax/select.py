@@ -69,20 +69,23 @@ import math
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from dsv_jax import kkt, parallel
+from dsv_jax import checks, kkt, parallel
 from dsv_jax.types import ApplyFn, Params, PyTree
 
+Init = Literal["uniform", "zero"]
+Score = Literal["contribution", "lambda"]
+Wrt = Literal["auto", "all"]
 DISTANCES = kkt.DISTANCES
-INITS = ("uniform", "zero")
-SCORES = ("contribution", "lambda")
-WRT = ("auto", "all")
+INITS: tuple[Init, ...] = get_args(Init)
+SCORES: tuple[Score, ...] = get_args(Score)
+WRT: tuple[Wrt, ...] = get_args(Wrt)
 
 # The validated recipe (benchmarks/README.md, svm_sanity): squared-L2
 # stationarity with the complementary-slackness term at weight 0.3, from
@@ -92,10 +95,10 @@ WRT = ("auto", "all")
 # sets and 0.95 on 15 new ones (other generators, shapes and seeds); weight
 # 0.1 reached 0.85 / 0.78 in 200 iterations, 0.96 / 0.91 in 1000. The
 # library's defaults ARE this recipe; the packaged configs read them here.
-DEFAULT_DISTANCE = "l2_sq"
+DEFAULT_DISTANCE: kkt.Distance = "l2_sq"
 DEFAULT_SLACKNESS = 0.3
-DEFAULT_INIT = "uniform"
-DEFAULT_SCORE = "contribution"
+DEFAULT_INIT: Init = "uniform"
+DEFAULT_SCORE: Score = "contribution"
 DEFAULT_MAX_ITERS = 1000
 # Leaves (or sibling groups) whose scaling leaves every probed loss
 # unchanged, |sum_i <theta_S, g_i,S>| <= tol * sum_i ||theta_S|| ||g_i,S||
@@ -126,6 +129,11 @@ class SolverState(NamedTuple):
     objective: ``F(x_k)``.
     max_step: the largest ``||mu_{j+1} - mu_j||`` so far (the stopping
       rule's scale).
+    converged: bool scalar, the stopping rule fired: `fit_lambdas` resumed
+      from this state does no further iteration. False by default, e.g.
+      for a state restored from a checkpoint written before the field
+      existed (`dsv_jax.checkpoints.RunCheckpointer.restore` keeps this
+      default when the checkpoint lacks it).
   """
 
   step: jax.Array
@@ -137,6 +145,10 @@ class SolverState(NamedTuple):
   lipschitz: jax.Array
   objective: jax.Array
   max_step: jax.Array
+  # A numpy array, not a jax one: a module-level jax array would initialise
+  # the backend at import, and Orbax restores into a numpy array but not
+  # into a numpy scalar. Never mutated.
+  converged: jax.Array = np.array(False)
 
 
 class Represented(NamedTuple):
@@ -175,7 +187,8 @@ class FitInfo(NamedTuple):
     objective: the solver's objective F (see the module docstring).
     iterations: total solver iterations (including resumed ones).
     time_s: wall time of this call (compilation included).
-    converged: the stopping rule fired before ``max_iters``.
+    converged: the stopping rule fired before ``max_iters`` (in this call,
+      or in the fit whose converged state it resumed).
     capped: samples that push away from theta* (``<theta*, -g_i> <= 0``;
       only with ``slackness > 0``): no contribution reward, and lambda at
       most the best constant lambda (a soft margin).
@@ -267,19 +280,19 @@ def _make_operator(
   @jax.jit
   def add_grad(acc, p, xc, tc, lc):
     logits, vjp = jax.vjp(lambda q: apply_fn(q, xc), p)
-    r = jax.lax.stop_gradient(_prob_residual(logits, tc))
+    r = jax.lax.stop_gradient(prob_residual(logits, tc))
     (g,) = vjp(lc[:, None] * r)
     return jax.tree.map(jnp.add, acc, g)
 
   @partial(jax.jit, out_shardings=batch)
   def dots(p, xc, tc, u):
     logits, tangent = jax.jvp(lambda q: apply_fn(q, xc), (p,), (u,))
-    return jnp.sum(_prob_residual(logits, tc) * tangent, -1)
+    return jnp.sum(prob_residual(logits, tc) * tangent, -1)
 
   @partial(jax.jit, out_shardings=(batch, batch))
   def residual_norms(p, xc, tc):
     logits = apply_fn(p, xc)
-    r = _prob_residual(logits, tc)
+    r = prob_residual(logits, tc)
     labels = tc if tc.ndim == 1 else jnp.argmax(tc, -1)
     return jnp.sqrt(jnp.sum(r * r, -1)), jnp.argmax(logits, -1) == labels
 
@@ -332,13 +345,13 @@ def _huber_l1_mean(params: Params, g: Params, width: float) -> jax.Array:
     return jnp.sum(jnp.where(r < width, 0.5 * r * r / width, r - 0.5 * width))
 
   total = sum(jax.tree.leaves(jax.tree.map(leaf, params, g)))
-  return total / kkt._num_scalars(params)
+  return total / kkt.num_scalars(params)
 
 
 def _smooth_distance(distance: str, width: float) -> Callable:
   if distance == "l1_mean":
     return lambda p, g: _huber_l1_mean(p, g, width)
-  return kkt._DISTANCE_FNS[distance]
+  return kkt.distance_fn(distance)
 
 
 def _vdot(a: PyTree, b: PyTree) -> jax.Array:
@@ -349,7 +362,7 @@ def _sq_norm(tree: PyTree) -> jax.Array:
   return sum(jnp.vdot(a, a) for a in jax.tree.leaves(tree))
 
 
-def _prob_residual(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def prob_residual(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """``softmax(z_i) - y_i``, the cross-entropy's gradient at the logits.
 
   For int labels the target entry is minus the sum of the other
@@ -385,7 +398,7 @@ def _leaf_dots_and_norms(apply_fn, params, x, targets):
   def one(args):
     xi, ti = args
     logits, vjp = jax.vjp(lambda p: apply_fn(p, xi[None]), params)
-    r = jax.lax.stop_gradient(_prob_residual(logits, ti[None]))
+    r = jax.lax.stop_gradient(prob_residual(logits, ti[None]))
     r = r / jnp.maximum(jnp.max(jnp.abs(r)), jnp.finfo(r.dtype).tiny)
     g = jax.tree.leaves(vjp(r)[0])
     dots = jnp.stack([jnp.vdot(a, b) for a, b in zip(leaves, g, strict=True)])
@@ -397,7 +410,7 @@ def _leaf_dots_and_norms(apply_fn, params, x, targets):
 
 @partial(jax.jit, static_argnums=0)
 def _residual_norms_chunk(apply_fn, params, x, targets):
-  r = _prob_residual(apply_fn(params, x), targets)
+  r = prob_residual(apply_fn(params, x), targets)
   return jnp.sqrt(jnp.sum(r * r, -1))
 
 
@@ -524,7 +537,7 @@ def represented_leaves(
 
 
 def resolve_wrt(
-  wrt: str | PyTree,
+  wrt: Wrt | PyTree,
   apply_fn: ApplyFn,
   params: Params,
   x: jax.typing.ArrayLike,
@@ -536,7 +549,7 @@ def resolve_wrt(
   leaf; a pytree of bools like ``params`` is taken as given.
   """
   if isinstance(wrt, str):
-    kkt._check_choice("wrt", wrt, WRT)
+    checks.check_choice("wrt", wrt, WRT)
     if wrt == "auto":
       return represented_leaves(apply_fn, params, x, targets)
     wrt = jax.tree.map(lambda _: True, params)
@@ -592,8 +605,8 @@ def _check_finite(name: str, tree: PyTree) -> None:
 def _check_args(
   distance, init, slackness, max_iters, tol, chunk_size, l1_smoothing
 ):
-  kkt._check_choice("distance", distance, DISTANCES)
-  kkt._check_choice("init", init, INITS)
+  checks.check_choice("distance", distance, DISTANCES)
+  checks.check_choice("init", init, INITS)
   if slackness < 0:
     raise ValueError(f"slackness must be >= 0, got {slackness}.")
   if distance == "cosine" and slackness > 0:
@@ -626,10 +639,10 @@ def fit_lambdas(
   x: jax.typing.ArrayLike,
   targets: jax.typing.ArrayLike,
   *,
-  distance: str = DEFAULT_DISTANCE,
+  distance: kkt.Distance = DEFAULT_DISTANCE,
   slackness: float = DEFAULT_SLACKNESS,
-  init: str = DEFAULT_INIT,
-  wrt: str | PyTree = "auto",
+  init: Init = DEFAULT_INIT,
+  wrt: Wrt | PyTree = "auto",
   max_iters: int = DEFAULT_MAX_ITERS,
   tol: float = 1e-4,
   chunk_size: int = 1024,
@@ -683,7 +696,10 @@ def fit_lambdas(
     l1_smoothing: Huber width of ``l1_mean``'s gradient, relative to
       ``mean|theta*|``.
     mesh: a ``data`` mesh (`parallel.make_mesh`); all devices if None.
-    state: a `SolverState` to resume from (e.g. a restored checkpoint).
+    state: a `SolverState` to resume from (e.g. a restored checkpoint); a
+      converged one (``state.converged``) is returned as it is, with no
+      further iteration, whatever ``tol`` and ``max_iters`` (to go on with
+      a smaller ``tol``: ``state._replace(converged=np.array(False))``).
     callback: called after every iteration with the state and its metrics.
 
   Returns:
@@ -703,10 +719,12 @@ def fit_lambdas(
   n = x.shape[0] if x.ndim else 0
   if n == 0:
     raise ValueError("x holds no samples.")
-  kkt._validate(apply_fn, params, jnp.asarray(x[:1]), jnp.asarray(targets[:1]))
-  kkt._check_targets_shape(jnp.asarray(targets), n)
+  checks.check_kkt_inputs(
+    apply_fn, params, jnp.asarray(x[:1]), jnp.asarray(targets[:1])
+  )
+  checks.check_targets_shape(jnp.asarray(targets), n)
   num_classes = jax.eval_shape(apply_fn, params, x[:1]).shape[-1]
-  kkt._check_target_values(jnp.asarray(targets), num_classes)
+  checks.check_target_values(jnp.asarray(targets), num_classes)
   _check_finite("x", x)
   _check_finite("params", params)
   if targets.ndim == 2:
@@ -749,10 +767,10 @@ def fit_lambdas(
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   # l1_mean is a mean over the represented scalars only.
-  l1_fix = kkt._num_scalars(params) / num_represented
+  l1_fix = kkt.num_scalars(params) / num_represented
 
   def d_exact(p, g):
-    d = kkt._DISTANCE_FNS[distance](p, g)
+    d = kkt.distance_fn(distance)(p, g)
     return d * l1_fix if distance == "l1_mean" else d
 
   theta_sq = float(_sq_norm(params))
@@ -875,6 +893,7 @@ def fit_lambdas(
       lipschitz=jnp.float32(lip),
       objective=jnp.float32(objective(g0, mu0)),
       max_step=jnp.float32(0.0),
+      converged=jnp.asarray(False),
     )
   elif state.contributions.shape != (n,):
     raise ValueError(
@@ -889,7 +908,9 @@ def fit_lambdas(
     )
 
   history = []
-  converged = False
+  # A state that already converged (e.g. a checkpoint of a finished fit)
+  # stays converged: no iteration, the same lambdas.
+  converged = bool(state.converged)
   step = int(state.step)
   while step < max_iters and not converged:
     t_iter = time.perf_counter()
@@ -956,9 +977,11 @@ def fit_lambdas(
       "restart": int(restart),
       "s_per_iter": time.perf_counter() - t_iter,
     }
-    state = state._replace(max_step=jnp.float32(max_step))
-    history.append(row)
     converged = change <= tol or (slackness == 0 and residual <= tol)
+    state = state._replace(
+      max_step=jnp.float32(max_step), converged=jnp.asarray(converged)
+    )
+    history.append(row)
     if callback is not None:
       callback(state, row)
 
@@ -1065,7 +1088,7 @@ def select_dsvs(
   labels: jax.typing.ArrayLike,
   *,
   k: int,
-  score: str = DEFAULT_SCORE,
+  score: Score = DEFAULT_SCORE,
   **fit_kwargs,
 ) -> Selection:
   """Selects the top-``k`` Deep Support Vectors of every class from ``x``.
@@ -1104,7 +1127,7 @@ def select_dsvs(
     raise ValueError(
       f"labels must be int [N], got {labels.dtype}{list(labels.shape)}."
     )
-  kkt._check_choice("score", score, SCORES)
+  checks.check_choice("score", score, SCORES)
   num_classes = jax.eval_shape(apply_fn, params, np.asarray(x)[:1]).shape[-1]
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}.")
@@ -1134,7 +1157,7 @@ def scores(
   lambdas: np.ndarray,
   weights: np.ndarray,
   *,
-  score: str = DEFAULT_SCORE,
+  score: Score = DEFAULT_SCORE,
   rankable: np.ndarray | None = None,
 ) -> np.ndarray:
   """Per-sample ranking scores.
@@ -1148,7 +1171,7 @@ def scores(
   Returns:
     ``float32[N]``; higher ranks first.
   """
-  kkt._check_choice("score", score, SCORES)
+  checks.check_choice("score", score, SCORES)
   lambdas = np.asarray(lambdas, np.float32)
   out = (
     lambdas * np.asarray(weights, np.float32)
@@ -1247,14 +1270,18 @@ __all__ = [
   "DISTANCES",
   "FitInfo",
   "INITS",
+  "Init",
   "Represented",
   "SCORES",
+  "Score",
   "Selection",
   "SolverState",
   "WRT",
+  "Wrt",
   "fit_lambdas",
   "per_class_sums",
   "precision_recall_at_k",
+  "prob_residual",
   "random_per_class",
   "rank_per_class",
   "represented_leaves",

@@ -35,17 +35,18 @@ checkpoint reproduces an uninterrupted one.
 """
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dsv_jax import kkt
+from dsv_jax import checks, kkt
 from dsv_jax.types import ApplyFn, Params
 
-DUALS = ("mask", "softplus")
+Dual = Literal["mask", "softplus"]
+DUALS: tuple[Dual, ...] = get_args(Dual)
 
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -301,11 +302,11 @@ def check_candidates(
     raise ValueError(f"x0 must be images [N, H, W, C], got {x0.shape}.")
   try:
     out = jax.eval_shape(apply_fn, params, x0)
-  except Exception as e:  # noqa: BLE001 -- any model error means misfit.
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+  except Exception as e:  # noqa: BLE001 -- reported, with e as the cause.
     raise ValueError(
-      f"x0 of shape {x0.shape} does not fit the model ({first})."
-    ) from None
+      f"x0 of shape {x0.shape} does not fit the model "
+      f"({checks.error_summary(e)})."
+    ) from e
   if targets.ndim not in (1, 2) or targets.shape[0] != x0.shape[0]:
     raise ValueError(
       f"targets of shape {targets.shape} do not match the {x0.shape[0]} "
@@ -384,13 +385,13 @@ def make_synthesizer(
   beta_norm: float = 0.0,
   norm_center: jax.typing.ArrayLike = 0.0,
   gated: bool = True,
-  distance: str = kkt.DEFAULT_DISTANCE,
-  dual: str = "softplus",
+  distance: kkt.Distance = kkt.DEFAULT_DISTANCE,
+  dual: Dual = "softplus",
   lambda_init: tuple[float, float] = (0.5, 1.0),
   augment_fn: AugmentFn | None = None,
   pixel_min: jax.typing.ArrayLike | None = None,
   pixel_max: jax.typing.ArrayLike | None = None,
-  method: str = "fast",
+  method: kkt.Method = "fast",
   chunk_size: int | None = None,
 ) -> Synthesizer:
   """Builds the pure functions of DSV synthesis (Algorithm 1).
@@ -440,12 +441,10 @@ def make_synthesizer(
   References:
     Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 6-9, Algorithm 1.
   """
-  if dual not in DUALS:
-    raise ValueError(f"dual must be one of {DUALS}, got {dual!r}.")
-  if distance not in kkt.DISTANCES:
-    raise ValueError(
-      f"distance must be one of {kkt.DISTANCES}, got {distance!r}."
-    )
+  checks.check_choice("dual", dual, DUALS)
+  checks.check_choice("distance", distance, kkt.DISTANCES)
+  checks.check_choice("method", method, kkt.METHODS)
+  checks.check_chunk_size(chunk_size)
   low, high = map(float, lambda_init)
   if not low <= high:
     raise ValueError(f"lambda_init must be (low, high), got {lambda_init}.")
@@ -689,6 +688,7 @@ def interpolate(
 
 __all__ = [
   "DUALS",
+  "Dual",
   "SynthState",
   "Synthesizer",
   "blend_targets",

@@ -13,7 +13,7 @@ computes exactly the same steps s+1, ... as an uninterrupted run.
 
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +22,11 @@ import optax
 from absl import logging
 
 from dsv_jax import augment, parallel
-from dsv_jax.checkpoints import RunCheckpointer
 from dsv_jax.models import FunctionalModel
 from dsv_jax.types import Params, PyTree
+
+if TYPE_CHECKING:  # Orbax is imported only by those who checkpoint.
+  from dsv_jax.checkpoints import RunCheckpointer
 
 
 class TrainState(NamedTuple):
@@ -78,8 +80,24 @@ def init_state(fm: FunctionalModel, tx: optax.GradientTransformation):
   )
 
 
-def _batch_indices(key, step, *, num_examples: int, batch_size: int):
-  """Indices of the batch at `step`: epochs are seeded permutations."""
+def batch_indices(
+  key: jax.Array,
+  step: jax.typing.ArrayLike,
+  *,
+  num_examples: int,
+  batch_size: int,
+) -> jax.Array:
+  """Indices of the batch at ``step``: epochs are seeded permutations.
+
+  Epoch ``e`` is the permutation ``permutation(fold_in(key, e),
+  num_examples)`` cut into ``num_examples // batch_size`` consecutive
+  batches (the remainder of each epoch is skipped), so any step's batch is
+  a pure function of ``(key, step)`` and a resumed run sees the same
+  batches. Used by `make_train_step` and `dsv_jax.retrain`; jittable.
+
+  Returns:
+    int ``[batch_size]`` indices into ``[0, num_examples)``.
+  """
   steps_per_epoch = num_examples // batch_size
   epoch, pos = jnp.divmod(step, steps_per_epoch)
   perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
@@ -116,7 +134,7 @@ def make_train_step(
         f"batch_size {batch_size} exceeds the {num_examples} training "
         "examples; lower train.batch_size."
       )
-    idx = _batch_indices(
+    idx = batch_indices(
       data_key, state.step, num_examples=num_examples, batch_size=batch_size
     )
     images = data["image"][idx]
@@ -223,7 +241,7 @@ def train_classifier(
   eval_split: dict | None = None,
   eval_every: int = 0,
   log_every: int = 100,
-  checkpointer: RunCheckpointer | None = None,
+  checkpointer: "RunCheckpointer | None" = None,
   ckpt_every: int = 0,
   ckpt_meta: dict[str, Any] | None = None,
   on_metrics: Callable[[dict[str, Any]], None] | None = None,
@@ -364,7 +382,7 @@ def finish_full_batch(
   tol: float = 0.01,
   memory: int = 10,
   chunk_size: int = 1024,
-  checkpointer: RunCheckpointer | None = None,
+  checkpointer: "RunCheckpointer | None" = None,
   ckpt_every: int = 0,
   ckpt_meta: dict[str, Any] | None = None,
   log_every: int = 10,
@@ -611,6 +629,7 @@ __all__ = [
   "SCHEDULES",
   "TrainState",
   "UNHEALTHY_ENTROPY_FRACTION",
+  "batch_indices",
   "health_warning",
   "init_state",
   "make_eval_fn",

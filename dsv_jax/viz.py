@@ -1,4 +1,8 @@
-"""Matplotlib drawings of DSVs (Agg backend; never imported by core code).
+"""Matplotlib drawings of DSVs written to PNG files (never imported by core).
+
+Figures are drawn with matplotlib's object-oriented API on their own Agg
+canvas: importing or calling this module never selects a global backend
+nor imports pyplot, so inline figures in a notebook keep working.
 
 * `class_grid`: one row per class, images de-normalised to [0, 1].
 * `strip`: one row of images with titles (editing, interpolation).
@@ -9,12 +13,16 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+def _figure(figsize: tuple[float, float]) -> Figure:
+  """A figure on its own Agg canvas (no pyplot, no global backend)."""
+  fig = Figure(figsize=figsize)
+  FigureCanvasAgg(fig)
+  return fig
 
 
 def _to_display(images: Any, info: Any) -> np.ndarray:
@@ -59,9 +67,8 @@ def class_grid(
   mark = None if mark is None else np.asarray(mark)
   c = info.num_classes
   cols = max(1, max_per_class)
-  fig, axes = plt.subplots(
-    c, cols + 1, figsize=(0.9 * (cols + 1), 0.9 * c), squeeze=False
-  )
+  fig = _figure((0.9 * (cols + 1), 0.9 * c))
+  axes = fig.subplots(c, cols + 1, squeeze=False)
   for row in range(c):
     axes[row, 0].axis("off")
     axes[row, 0].text(
@@ -83,7 +90,6 @@ def class_grid(
   # Leave room for the title: tight_layout ignores suptitle.
   fig.tight_layout(pad=0.2, rect=(0, 0, 1, 0.95 if title else 1))
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def strip(
@@ -97,7 +103,8 @@ def strip(
   """Writes a PNG strip of ``[K, H, W, C]`` normalised images in a row."""
   shown = _to_display(images, info)
   k = len(shown)
-  fig, axes = plt.subplots(1, k, figsize=(1.2 * k, 1.5), squeeze=False)
+  fig = _figure((1.2 * k, 1.5))
+  axes = fig.subplots(1, k, squeeze=False)
   for i in range(k):
     _show(axes[0, i], shown[i])
     if titles is not None:
@@ -107,7 +114,6 @@ def strip(
   # Leave room for the title: tight_layout ignores suptitle.
   fig.tight_layout(pad=0.2, rect=(0, 0, 1, 0.95 if title else 1))
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def plot_curves(
@@ -138,9 +144,8 @@ def plot_curves(
   steps = [r["step"] for r in rows]
   cols = min(4, max(1, len(keys)))
   nrows = -(-len(keys) // cols)
-  fig, axes = plt.subplots(
-    nrows, cols, figsize=(3.0 * cols, 2.2 * nrows), squeeze=False
-  )
+  fig = _figure((3.0 * cols, 2.2 * nrows))
+  axes = fig.subplots(nrows, cols, squeeze=False)
   for i, key in enumerate(keys):
     ax = axes[i // cols, i % cols]
     ax.plot(steps, [r.get(key, np.nan) for r in rows])
@@ -153,7 +158,6 @@ def plot_curves(
     fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 __all__ = ["class_grid", "plot_curves", "strip"]

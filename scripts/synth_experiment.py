@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dsv_jax import augment, configs, data, pipelines, synthesize
+from dsv_jax import augment, configs, data, synthesize
+from dsv_jax.experiment import common
 
 
 def _defaults(dataset: str) -> dict:
@@ -68,8 +69,8 @@ def _parse(sets, dataset):
 
 
 def run(args, hp):
-  clf = pipelines.load_classifier(args.clf)
-  indep = pipelines.load_classifier(args.indep) if args.indep else None
+  clf = common.load_classifier(args.clf)
+  indep = common.load_classifier(args.indep) if args.indep else None
   info = clf.info
   c = info.num_classes
   labels = synthesize.class_targets(args.per_class, c)
@@ -167,7 +168,7 @@ def main():
   p.add_argument("--curve", action="store_true")
   p.add_argument("--set", action="append", default=[])
   args = p.parse_args()
-  dataset = pipelines.load_classifier(args.clf).info.name
+  dataset = common.load_classifier(args.clf).info.name
   print(json.dumps(run(args, _parse(args.set, dataset))), flush=True)
 
 

@@ -11,7 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from dsv_jax import artifacts, baseline, checkpoints, configs, pipelines
+from dsv_jax import artifacts, baseline, checkpoints, configs
+from dsv_jax.experiment import common, registry, synthesis_loop
+from dsv_jax.experiment.report import kkt_baseline
 
 SHAPE = (4, 4, 1)
 C = 3
@@ -135,11 +137,11 @@ def test_loop_resumes_from_checkpoint(tmp_path):
   recon = _recon()
   _, x, labels, _ = _problem(jnp.float32)
   key = jax.random.key(3)
-  full, *_ = pipelines.run_synthesis_loop(
+  full, *_ = synthesis_loop.run_synthesis_loop(
     recon, key, np.asarray(x), np.asarray(labels), steps=4, log_every=2
   )
   ckptr = checkpoints.RunCheckpointer(tmp_path / "ckpt")
-  pipelines.run_synthesis_loop(
+  synthesis_loop.run_synthesis_loop(
     recon,
     key,
     np.asarray(x),
@@ -148,7 +150,7 @@ def test_loop_resumes_from_checkpoint(tmp_path):
     checkpointer=ckptr,
     log_every=2,
   )
-  resumed, _, start, _ = pipelines.run_synthesis_loop(
+  resumed, _, start, _ = synthesis_loop.run_synthesis_loop(
     recon,
     key,
     np.asarray(x),
@@ -181,13 +183,13 @@ def test_clear_errors(kw, targets, match):
 def test_run_baseline_tiny_workdir(tmp_path):
   config = configs.get_config("digits", "tiny")
   wd = str(tmp_path / "wd")
-  pipelines.run(config, wd, "train")
+  registry.run(config, wd, "train")
   out = os.path.join(wd, "baseline")
-  res = baseline.run_baseline(config, wd, out)
+  res = kkt_baseline.run_baseline(config, wd, out)
   dsv, meta = artifacts.load_dsv(out)
-  clf = pipelines.load_classifier(wd)
+  clf = common.load_classifier(wd)
   key = jax.random.fold_in(jax.random.key(config.seed), 3)
-  x0, targets, source, index = pipelines._initial_candidates(config, clf, key)
+  x0, targets, source, index = common.initial_candidates(config, clf, key)
   n = len(targets)
   assert res["num_candidates"] == n and dsv.images.shape == x0.shape
   np.testing.assert_array_equal(dsv.targets, targets)
@@ -195,6 +197,6 @@ def test_run_baseline_tiny_workdir(tmp_path):
   np.testing.assert_array_equal(dsv.source_index, index)
   assert not np.allclose(dsv.images, x0)  # The candidates moved.
   assert meta["method"] == "haim_buzaglo_margin"
-  assert meta["config_hash"] == baseline.config_hash(config)
+  assert meta["config_hash"] == kkt_baseline.stage_hash(config)
   assert 0 <= res["target_fraction"] <= 1 and res["entropy_mean"] > 0
   assert os.path.getsize(os.path.join(out, "grid.png")) > 0

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from dsv_jax import configs, data, judges, pipelines
+from dsv_jax import configs, data, judges
+from dsv_jax.experiment import common
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +77,10 @@ def test_nearest_real_distance_known_answer(digits):
 def test_pipeline_judges_are_fitted_once_per_training_split():
   # The report's many synthesis sub-runs share one fit of the judges.
   c = configs.get_config("digits", "tiny")
-  ds = pipelines.load_data(c)
-  first = pipelines.classical_judges(c, ds)
-  assert pipelines.classical_judges(c, ds) is first
+  ds = common.load_data(c)
+  first = common.classical_judges(c, ds)
+  assert common.classical_judges(c, ds) is first
   c.data.max_train = 150  # Another training split: its own fit.
-  other = pipelines.classical_judges(c, pipelines.load_data(c))
+  other = common.classical_judges(c, common.load_data(c))
   assert other is not first
   assert len(other["1nn"].classes_) == 10

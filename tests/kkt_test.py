@@ -6,6 +6,7 @@ manager, so modules sharing the process are unaffected).
 """
 
 import doctest
+import gc
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from dsv_jax import kkt
+from dsv_jax import checks, kkt
 
 N, D, C = 7, 5, 3  # samples, MLP input features, classes
 
@@ -430,6 +431,87 @@ def test_subset_stationarity_by_closing_over_frozen_part(x64):
     np.testing.assert_allclose(gx, ref, rtol=1e-9, atol=1e-12)
 
 
+def _bilevel_problem():
+  """A loss of values closed over by apply_fn (bilevel / meta-learning)."""
+  apply_fn, params, x, targets, lambdas = make_problem("mlp", soft=True)
+  body, head = params["hidden"], params["head"]
+  scale = jnp.asarray(np.random.default_rng(5).uniform(0.5, 1.5, C))
+
+  def loss(body, scale, x, lambdas, method, chunk_size=None):
+    # Only the head is theta*; the body and a per-class logit scale are
+    # closed over, and differentiated by the outer grad.
+    head_apply = lambda h, xx: (
+      scale * mlp_apply({"hidden": body, "head": h}, xx)
+    )
+    return kkt.deepkkt_loss(
+      head_apply,
+      head,
+      x,
+      targets,
+      lambdas,
+      distance="l1_mean",
+      method=method,
+      chunk_size=chunk_size,
+    )[0]
+
+  return loss, (body, scale, x, lambdas)
+
+
+def test_fast_gradients_through_closed_over_values(x64):
+  # Before the closures were hoisted, the fast method raised
+  # UnexpectedTracerError here.
+  loss, args = _bilevel_problem()
+  grad_fn = jax.grad(loss, argnums=(0, 1, 2, 3))
+  reverse = grad_fn(*args, "reverse")
+  for chunk_size in (None, 3):
+    fast = grad_fn(*args, "fast", chunk_size)
+    assert_trees_close(fast, reverse, rtol=1e-9, atol=1e-12)
+  jitted = jax.jit(grad_fn, static_argnums=(4, 5))(*args, "fast", 3)
+  assert_trees_close(jitted, reverse, rtol=1e-9, atol=1e-12)
+
+
+def test_check_grads_through_closed_over_values(x64):
+  loss, (body, scale, x, lambdas) = _bilevel_problem()
+  jax.test_util.check_grads(
+    lambda body, scale: loss(body, scale, x, lambdas, "fast", 3),
+    (body, scale),
+    order=1,
+    modes=["rev"],
+  )
+
+
+def test_forward_mode_needs_the_reverse_method(x64):
+  apply_fn, params, x, targets, lambdas = make_problem("mlp")
+  loss = lambda x, method: kkt.stationarity_loss(
+    apply_fn, params, x, targets, lambdas, method=method
+  )
+  with pytest.raises(TypeError, match="forward-mode autodiff"):
+    jax.jvp(lambda x: loss(x, "fast"), (x,), (jnp.ones_like(x),))
+  _, tangent = jax.jvp(lambda x: loss(x, "reverse"), (x,), (jnp.ones_like(x),))
+  gx = jax.grad(loss)(x, "fast")
+  np.testing.assert_allclose(tangent, jnp.sum(gx), rtol=1e-9)
+
+
+def test_fast_method_keeps_no_closed_over_array_alive():
+  # jax.closure_convert's cache would hold every closed-over array.
+  apply_fn, params, x, targets, lambdas = make_problem("mlp")
+  shape = (123, 457)  # Recognisable among the live arrays.
+
+  def live():
+    return sum(a.shape == shape for a in jax.live_arrays())
+
+  before = live()
+  for i in range(3):
+    big = jnp.full(shape, float(i))
+    closure = lambda p, xx, big=big: apply_fn(p, xx) + big[0, :C]
+    jax.grad(
+      lambda x, f=closure: kkt.stationarity_loss(f, params, x, targets, lambdas)
+    )(x)
+    del big, closure
+  gc.collect()
+  assert live() == before
+
+
 # ----------------------------------------------------------------------------
 # Primal feasibility, masks, the total loss and its diagnostics.
 
@@ -606,6 +688,49 @@ def test_jit_no_recompilation(x64, method):
 
 
 # ----------------------------------------------------------------------------
+# The factory.
+
+
+def test_make_deepkkt_loss_equals_deepkkt_loss_jitted_and_differentiated(x64):
+  apply_fn, params, x, targets, lambdas = make_problem("conv", soft=True)
+  active = jnp.arange(N) % 3 != 1
+  config = dict(
+    beta_stationarity=0.5,
+    beta_primal=0.7,
+    gated=False,
+    distance="l1_mean",
+    chunk_size=3,
+  )
+  loss = kkt.make_deepkkt_loss(apply_fn, **config)
+
+  def reference(params, x, targets, lambdas, active=None):
+    return kkt.deepkkt_loss(
+      apply_fn, params, x, targets, lambdas, active=active, **config
+    )
+
+  argnums = (0, 1, 2, 3)
+  for act in (None, active):
+    expected = reference(params, x, targets, lambdas, act)
+    assert_trees_close(loss(params, x, targets, lambdas, act), expected)
+    # No static arguments: every argument of loss is an array (or None).
+    jitted = jax.jit(loss)(params, x, targets, lambdas, act)
+    assert_trees_close(jitted, expected)
+    grads = jax.jit(jax.grad(loss, argnums, has_aux=True))(
+      params, x, targets, lambdas, act
+    )
+    expected_grads = jax.grad(reference, argnums, has_aux=True)(
+      params, x, targets, lambdas, act
+    )
+    assert_trees_close(grads, expected_grads, rtol=1e-9)
+  with pytest.raises(ValueError, match="distance must be one of"):
+    kkt.make_deepkkt_loss(apply_fn, distance="l3")
+  with pytest.raises(ValueError, match="method must be one of"):
+    kkt.make_deepkkt_loss(apply_fn, method="fwd")
+  with pytest.raises(ValueError, match="chunk_size"):
+    kkt.make_deepkkt_loss(apply_fn, chunk_size=0)
+
+
+# ----------------------------------------------------------------------------
 # Errors.
 
 
@@ -678,9 +803,10 @@ def test_value_errors_for_concrete_targets_only(x64):
 # Docstring examples.
 
 
-def test_doctests():
+@pytest.mark.parametrize("module", [kkt, checks], ids=lambda m: m.__name__)
+def test_doctests(module):
   result = doctest.testmod(
-    kkt, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
   )
   assert result.attempted > 0
   assert result.failed == 0

@@ -11,7 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from dsv_jax import checkpoints, configs, pipelines, report, reproduction
+from dsv_jax import checkpoints, configs
+from dsv_jax.experiment import common, registry, report
+from dsv_jax.experiment import workdir as wdir
+from dsv_jax.experiment.report import cache as report_cache
+from dsv_jax.experiment.report import reproduction
+from dsv_jax.experiment.report import sections as report_sections
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = (
@@ -42,29 +47,74 @@ def _cli(workdir, *overrides, wait=True):
   return subprocess.run(cmd, capture_output=True, timeout=600, **kw)
 
 
+REFERENCE = os.path.join(os.path.dirname(__file__), "data", "tiny_reference")
+# Keys that differ between runs by nature (wall time, hashes, paths).
+_VOLATILE = ("time_s", "_per_s", "config_hash", "meta_json")
+
+
+def _volatile(key: str) -> bool:
+  return key == "report" or any(v in key for v in _VOLATILE)
+
+
+def _assert_matches_reference(wd):
+  """The tiny pipeline's results and arrays equal those committed from
+  before the experiment layer moved (tests/data/tiny_reference.*), up to
+  float round-off between machines."""
+  with open(REFERENCE + ".json") as f:
+    ref = json.load(f)
+  for stage, expected in ref.items():
+    got = wdir.stage_record(str(wd), stage)["results"]
+    for key, value in expected.items():
+      if _volatile(key):
+        continue
+      assert key in got, (stage, key)
+      if isinstance(value, str):
+        assert got[key] == value, (stage, key)
+        continue
+      np.testing.assert_allclose(
+        np.asarray(got[key], dtype=float),
+        np.asarray(value, dtype=float),
+        rtol=1e-3,
+        atol=5e-3,
+        err_msg=f"{stage}: {key}",
+      )
+  with np.load(REFERENCE + ".npz") as z:
+    for name in z.files:
+      sub, stem, key = name.split("/")
+      if _volatile(key):
+        continue
+      with np.load(wd / sub / f"{stem}.npz") as got:
+        a, b = got[key], z[name]
+        if a.dtype.kind in "fc":
+          np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+        else:
+          np.testing.assert_array_equal(a, b, err_msg=name)
+
+
 def test_all_interrupted_resumes_without_redoing_finished_stages(tmp_path):
   wd = tmp_path / "wd"
   proc = _cli(wd, wait=False)
   # Kill once train and select have finished, i.e. in a later stage.
   deadline = time.time() + 400
-  while pipelines.stage_record(str(wd), "select") is None:
+  while wdir.stage_record(str(wd), "select") is None:
     assert proc.poll() is None, "`all` ended before the kill"
     assert time.time() < deadline, "select never finished"
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  before = {s: pipelines.stage_record(str(wd), s) for s in pipelines.STAGES}
+  before = {s: wdir.stage_record(str(wd), s) for s in registry.STAGES}
   assert before["report"] is None
 
   res = _cli(wd)
   assert res.returncode == 0, res.stderr[-3000:]
-  for stage in pipelines.STAGES:
-    after = pipelines.stage_record(str(wd), stage)
+  for stage in registry.STAGES:
+    after = wdir.stage_record(str(wd), stage)
     assert after is not None, stage
     if before[stage] is not None:  # Finished before the kill: not redone.
       assert after["finished"] == before[stage]["finished"], stage
       assert f"Stage {stage} already finished; skipping" in res.stderr
 
+  _assert_matches_reference(wd)
   text = open(wd / "report" / "report.md").read()
   for header in SECTIONS:
     assert header in text, header
@@ -126,7 +176,7 @@ def test_all_interrupted_resumes_without_redoing_finished_stages(tmp_path):
   assert "| mean predictive entropy (max ln C = 2.303) |" in text
   assert "Finishing phase (full-batch L-BFGS" in text
   assert "Left out as unrepresentable" in text
-  summary = pipelines.stage_record(str(wd), "report")["results"]
+  summary = wdir.stage_record(str(wd), "report")["results"]
   assert summary["report"].endswith("report.md")
 
   # The report again: every sub-run and retraining row comes from its
@@ -140,29 +190,30 @@ def test_all_interrupted_resumes_without_redoing_finished_stages(tmp_path):
 
   # The retrain stage's rows serve the report: the same DSV set under the
   # same recipe is not trained twice; under another recipe it is.
-  from dsv_jax import artifacts, retrain_stage
+  from dsv_jax import artifacts
+  from dsv_jax.experiment.stages import retrain as retrain_stage
 
-  clf, ds = pipelines.load_classifier(str(wd)), pipelines.load_data(tiny)
+  clf, ds = common.load_classifier(str(wd)), common.load_data(tiny)
   dsv, _ = artifacts.load_dsv(str(wd / "synthesize"))
   images, labels = retrain_stage.set_rows(dsv, soft=False)
   stage_rows = json.load(open(wd / "retrain" / "results.json"))["rows"]
-  row = report.RetrainRows(tiny, str(wd), clf, ds)("DSV", images, labels)
+  row = report_cache.RetrainRows(tiny, str(wd), clf, ds)("DSV", images, labels)
   assert row["accuracies"] == stage_rows["dsv"]["accuracies"]
   assert row["time_s"] == stage_rows["dsv"]["time_s"]
   assert row["name"] == "DSV"
   other = configs.get_config("digits", "tiny")
   other.retrain.steps += 1
   key = retrain_stage.row_key(other, images, labels, "test")
-  assert key not in report.RetrainRows(other, str(wd), clf, ds).cache
+  assert key not in report_cache.RetrainRows(other, str(wd), clf, ds).cache
 
   # Without the other data set offline, the few-shot table skips its
   # 0-shot rows and says why, instead of failing the report.
   c = configs.get_config("digits", "tiny")
   c.synth.other_dataset = "idx"
   c.synth.other_data_dir = str(tmp_path / "no_such_folder")
-  clf, ds = pipelines.load_classifier(str(wd)), pipelines.load_data(c)
-  md, res = report.few_shot_section(
-    c, str(wd), report.RetrainRows(c, str(wd), clf, ds)
+  clf, ds = common.load_classifier(str(wd)), common.load_data(c)
+  md, res = report_sections.few_shot_section(
+    c, str(wd), report_cache.RetrainRows(c, str(wd), clf, ds)
   )
   assert "0-shot rows from idx are missing" in md
   assert "no_such_folder" in md
@@ -178,7 +229,7 @@ def test_flip_rates_known_answer():
   images = np.concatenate([images, images])  # Class 0, twice.
   labels = np.zeros(2, np.int32)
   added = np.array([[[[0.0]], [[1.0]]]], np.float32).reshape(1, 2, 1, 1)
-  rates = report.flip_rates(
+  rates = report_sections.flip_rates(
     apply_fn,
     params,
     added,
@@ -212,30 +263,30 @@ def test_report_config_and_missing_stage_errors(tmp_path):
 
 
 def test_literature_rows_are_labelled_and_only_where_published():
-  md = report.literature_table("fashion_mnist")
+  md = report_sections.literature_table("fashion_mnist")
   assert "published numbers, not run here" in md
   assert "| DC | 70.5 | 82.3 | 83.6 |" in md
   assert "| forgetting | 42.0 | 53.9 | 55.0 |" in md
   assert "| DSA | 70.6 | 84.6 | 88.7 |" in md
   assert "| KIP (to NN) | 73.8 | 86.8 | 87.8 |" in md
-  assert report.literature_table("digits") == ""
+  assert report_sections.literature_table("digits") == ""
 
 
 def test_image_inits_run_their_own_recipe():
   c = configs.get_config("digits")
   c.synth.steps, c.synth.lr_x, c.kkt.beta_tv, c.kkt.beta_norm = 1000, 0.05, 1, 2
   c.synth.image_steps, c.synth.image_lr_x = 150, 0.01
-  noise = pipelines.synthesis_recipe(c, "noise")
+  noise = common.synthesis_recipe(c, "noise")
   assert (noise.synth.steps, noise.synth.lr_x) == (1000, 0.05)
   assert (noise.kkt.beta_tv, noise.kkt.beta_norm) == (1, 2)
   for init in ("real", "other"):
-    r = pipelines.synthesis_recipe(c, init)
+    r = common.synthesis_recipe(c, init)
     assert (r.synth.steps, r.synth.lr_x) == (150, 0.01)
     assert (r.kkt.beta_tv, r.kkt.beta_norm) == (0, 0)
   c.synth.init = "other"  # The default init is the config's.
-  assert pipelines.synthesis_recipe(c).synth.steps == 150
+  assert common.synthesis_recipe(c).synth.steps == 150
   c.synth.image_steps, c.synth.image_priors = 0, True
-  r = pipelines.synthesis_recipe(c, "real")
+  r = common.synthesis_recipe(c, "real")
   assert r.synth.steps == 1000 and r.kkt.beta_norm == 2
 
 
@@ -246,7 +297,7 @@ def test_a_synthesis_hash_depends_only_on_the_recipe_it_runs():
     for key, v in kv.items():
       section, field = key.split("__")
       c[section][field] = v
-    return pipelines.config_hash(c, stage)
+    return registry.stage_hash(c, "/nonexistent-workdir", stage)
 
   # The image recipe does not touch a noise synthesis, and the priors (off
   # for images) do not touch an image one; each redoes its own.
@@ -269,8 +320,10 @@ def test_stale_interrupted_sub_run_is_discarded_not_refused(tmp_path):
   ckptr = checkpoints.RunCheckpointer(ckpt_dir)
   ckptr.save(3, {"x": np.zeros(2, np.float32)}, {"config_hash": "old"})
   ckptr.close()
-  report._discard_stale_checkpoints(ckpt_dir, "old")
+  report_cache.discard_stale_checkpoints(ckpt_dir, "old")
   assert os.path.isdir(ckpt_dir)
-  report._discard_stale_checkpoints(ckpt_dir, "new")
+  report_cache.discard_stale_checkpoints(ckpt_dir, "new")
   assert not os.path.exists(ckpt_dir)
-  report._discard_stale_checkpoints(ckpt_dir, "new")  # Nothing there: fine.
+  report_cache.discard_stale_checkpoints(
+    ckpt_dir, "new"
+  )  # Nothing there: fine.

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from dsv_jax import reproduction
+from dsv_jax.experiment.report import reproduction
 
 
 def _row(accs):

@@ -21,11 +21,12 @@ from dsv_jax import (
   augment,
   configs,
   models,
-  pipelines,
   retrain,
-  retrain_stage,
   synthesize,
 )
+from dsv_jax.experiment import common, registry
+from dsv_jax.experiment import workdir as wdir
+from dsv_jax.experiment.stages import retrain as retrain_stage
 
 SHAPE = (8, 8, 1)
 C = 3
@@ -275,6 +276,18 @@ def test_clear_errors(change, match):
     )
 
 
+def test_model_errors_keep_their_cause():
+  def broken_eval(params, state, x):
+    raise ZeroDivisionError("division by zero inside the model")
+
+  model_fn = lambda seed: _mlp(seed)._replace(eval_apply=broken_eval)
+  with pytest.raises(ValueError, match="ZeroDivisionError: division") as info:
+    retrain.retrain(
+      model_fn, X, Y, EX, EY, **dict(RECIPE, num_models=1, seed=0)
+    )
+  assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
 def _save_set(directory, images, targets, info, active=None, source="real"):
   n = len(images)
   artifacts.save_dsv(
@@ -306,8 +319,8 @@ def tiny_workdir(tmp_path_factory):
   """
   wd = str(tmp_path_factory.mktemp("retrain_wd"))
   config = configs.get_config("digits", "tiny")
-  pipelines.run(config, wd, "train")
-  ds = pipelines.load_data(config)
+  registry.run(config, wd, "train")
+  ds = common.load_data(config)
   labels = synthesize.class_targets(config.synth.num_per_class, 10)
   x, _ = synthesize.real_init(jax.random.key(0), ds.train, labels)
   soft = synthesize.blend_targets(labels, (labels + 1) % 10, 0.3, 10)
@@ -328,7 +341,7 @@ def test_run_retrain_stage(tiny_workdir):
     active=np.arange(5) < 4,
     source="train",
   )
-  summary = pipelines.run(config, wd, "retrain")["retrain"]
+  summary = registry.run(config, wd, "retrain")["retrain"]
   with open(os.path.join(wd, "retrain", "results.json")) as f:
     full = json.load(f)
   rows = full["rows"]
@@ -344,8 +357,8 @@ def test_run_retrain_stage(tiny_workdir):
   assert rows["select"]["num_images"] == 4
   assert rows["random_select"]["per_class"] == rows["select"]["per_class"]
   assert full["eval_split"] == "test"
-  record = pipelines.stage_record(wd, "retrain")
-  assert record["config_hash"] == pipelines.config_hash(config, "retrain")
+  record = wdir.stage_record(wd, "retrain")
+  assert record["config_hash"] == registry.stage_hash(config, wd, "retrain")
   assert record["results"] == summary
 
 

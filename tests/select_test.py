@@ -12,13 +12,15 @@ from sklearn.svm import SVC
 
 from dsv_jax import (
   artifacts,
+  checkpoints,
   configs,
   kkt,
   parallel,
-  pipelines,
   select,
-  select_stage,
 )
+from dsv_jax.experiment import registry
+from dsv_jax.experiment import workdir as wdir
+from dsv_jax.experiment.stages import select as select_stage
 
 
 def _linear(p, x):
@@ -325,6 +327,62 @@ def test_resume_state_continues_exactly():
     )
 
 
+def test_resume_from_converged_state_does_no_iteration():
+  # SolverState.converged: before it existed, a fit resumed from the state
+  # of a converged fit (e.g. its checkpoint) iterated on, past the tol it
+  # had met.
+  params, x, labels = _linear_problem()
+  kwargs = {"tol": 1e-2, "chunk_size": 16, "mesh": parallel.make_mesh(1)}
+  lambdas, info = select.fit_lambdas(
+    _linear, params, x, labels, max_iters=300, **kwargs
+  )
+  assert info.converged and info.iterations < 300
+  assert bool(info.state.converged)
+  rows = []
+  resumed, again = select.fit_lambdas(
+    _linear,
+    params,
+    x,
+    labels,
+    max_iters=300,
+    state=info.state,
+    callback=lambda state, row: rows.append(row),
+    **kwargs,
+  )
+  assert rows == [] and again.history == []
+  assert again.iterations == info.iterations and again.converged
+  np.testing.assert_array_equal(resumed, lambdas)
+
+
+def test_solver_state_checkpoints_old_and_new_restore(tmp_path):
+  params, x, labels = _linear_problem()
+  kwargs = {"tol": 1e-2, "chunk_size": 16, "mesh": parallel.make_mesh(1)}
+  _, info = select.fit_lambdas(
+    _linear, params, x, labels, max_iters=300, **kwargs
+  )
+  fields = [f for f in select.SolverState._fields if f != "converged"]
+  old = {f: getattr(info.state, f) for f in fields}  # Written before it.
+  # The select stage's restore target: a zero state, `converged` left out.
+  target = select.SolverState(**jax.tree.map(jnp.zeros_like, old))
+  for name, state, converged in [
+    ("old", old, False),
+    ("new", info.state, True),
+  ]:
+    ckptr = checkpoints.RunCheckpointer(tmp_path / name)
+    ckptr.save(int(info.state.step), state, {})
+    step, restored, _ = ckptr.restore(target)
+    assert isinstance(restored, select.SolverState)
+    assert bool(restored.converged) is converged
+    np.testing.assert_array_equal(
+      restored.contributions, info.state.contributions
+    )
+    _, resumed = select.fit_lambdas(
+      _linear, params, x, labels, max_iters=step + 2, state=restored, **kwargs
+    )
+    # An old checkpoint does not know it converged: it iterates again.
+    assert bool(resumed.history) is not converged
+
+
 def test_slackness_caps_samples_pushing_away():
   # Random weights: some samples push away from theta*; they get no
   # contribution reward and lambda at most the best constant lambda (a soft
@@ -411,7 +469,7 @@ def test_bad_inputs():
 @pytest.fixture(scope="module")
 def classifier_dir(tmp_path_factory):
   wd = tmp_path_factory.mktemp("clf")
-  pipelines.run(configs.get_config("digits", "tiny"), str(wd), "train")
+  registry.run(configs.get_config("digits", "tiny"), str(wd), "train")
   return wd
 
 
@@ -445,13 +503,13 @@ def test_stage_outputs_resume_and_mismatch(
 
   monkeypatch.setattr(select, "fit_lambdas", interrupted)
   with pytest.raises(KeyboardInterrupt):
-    select_stage.run_select(_config(), killed)
+    select_stage.run(_config(), killed)
   monkeypatch.setattr(select, "fit_lambdas", fit)
-  res = select_stage.run_select(_config(), killed)
+  res = select_stage.run(_config(), killed)
   assert res["resumed_from_iteration"] == 4 and res["iterations"] == 6
 
   clean = _workdir(classifier_dir, tmp_path / "clean")
-  clean_res = select_stage.run_select(_config(), clean)
+  clean_res = select_stage.run(_config(), clean)
   a = np.load(os.path.join(killed, "select", "lambdas.npz"))
   b = np.load(os.path.join(clean, "select", "lambdas.npz"))
   np.testing.assert_array_equal(a["lambdas"], b["lambdas"])
@@ -467,7 +525,7 @@ def test_stage_outputs_resume_and_mismatch(
   np.testing.assert_array_equal(
     dsv.source_index[::2], a["order"][a["class_start"][:-1]]
   )
-  assert meta["config_hash"] == pipelines.config_hash(_config(), "select")
+  assert meta["config_hash"] == registry.stage_hash(_config(), clean, "select")
   for name in ("grid.png", "metrics.jsonl", "dsv.npz"):
     assert os.path.getsize(os.path.join(clean, "select", name)) > 0
   rows = [
@@ -478,20 +536,20 @@ def test_stage_outputs_resume_and_mismatch(
   assert len(res["lambda_sum_per_class"]) == n_cls
   for key in ("selected_entropy_mean", "random_entropy_mean"):
     assert np.isfinite(res[key])
-  record = pipelines.stage_record(clean, "select")
+  record = wdir.stage_record(clean, "select")
   assert record["results"]["iterations"] == 6
 
   # A checkpoint of another config is not silently resumed.
   with pytest.raises(ValueError, match="different config"):
-    select_stage.run_select(_config(slackness=0.5), clean)
+    select_stage.run(_config(slackness=0.5), clean)
 
 
 def test_stage_rejects_too_few_samples_per_class(classifier_dir, tmp_path):
   wd = _workdir(classifier_dir, tmp_path / "wd")
   with pytest.raises(ValueError, match="fewer than the 50 per class"):
-    select_stage.run_select(_config(num_per_class=50), wd)
+    select_stage.run(_config(num_per_class=50), wd)
   with pytest.raises(ValueError, match="select.distance"):
-    select_stage.run_select(_config(distance="l3"), wd)
+    select_stage.run(_config(distance="l3"), wd)
 
 
 def test_library_defaults_are_the_configs_defaults():
@@ -516,3 +574,25 @@ def test_library_defaults_are_the_configs_defaults():
       select.DEFAULT_SCORE,
       "auto",
     )
+
+
+def test_a_finished_unconverged_fit_extends_under_all(classifier_dir, tmp_path):
+  # Raising select.max_iters resumes the finished fit from its last
+  # checkpoint; the hash leaves max_iters out, so the checkpoint is this
+  # config's and `all` sees the record as out of date.
+  wd = _workdir(classifier_dir, tmp_path / "wd")
+  short = _config(max_iters=3, tol=0.0)
+  first = select_stage.run(short, wd)
+  assert first["iterations"] == 3 and not first["converged"]
+  longer = _config(max_iters=5, tol=0.0)
+  assert select_stage.stage_hash(longer, wd) == select_stage.stage_hash(
+    short, wd
+  )
+  record = wdir.stage_record(wd, "select")
+  assert select_stage.is_current(record, short)
+  assert not select_stage.is_current(record, longer)
+  res = select_stage.run(longer, wd)
+  assert res["resumed_from_iteration"] == 3 and res["iterations"] == 5
+  # A converged fit is current whatever the budget.
+  record["results"]["converged"] = True
+  assert select_stage.is_current(record, _config(max_iters=500))

@@ -15,8 +15,10 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from dsv_jax import augment, checkpoints, data, models, parallel, pipelines
+from dsv_jax import augment, checkpoints, data, models, parallel
 from dsv_jax import synthesize as sz
+from dsv_jax.experiment import synthesis_loop
+from dsv_jax.experiment.stages import synthesize as synthesize_stage
 
 SHAPE = (8, 8, 1)
 C = 10
@@ -225,7 +227,7 @@ def test_sharded_equals_single_device(synth):
   key = jax.random.key(5)
   out = {}
   for devices in (1, 4):
-    state, n, _, _ = pipelines.run_synthesis_loop(
+    state, n, _, _ = synthesis_loop.run_synthesis_loop(
       synth,
       key,
       _x0(8),
@@ -248,7 +250,7 @@ def test_sharded_equals_single_device(synth):
 
 
 def test_padding_rows_stay_inactive(synth):
-  state, n, _, _ = pipelines.run_synthesis_loop(
+  state, n, _, _ = synthesis_loop.run_synthesis_loop(
     synth,
     jax.random.key(6),
     _x0(6),
@@ -330,10 +332,21 @@ def test_bad_input_errors(synth):
     sz.make_synthesizer(lambda p, x: x, {}, dual="relu")
 
 
+def test_model_errors_keep_their_cause():
+  # A bug inside the model is reported with its type and first line, and
+  # chained: its traceback is not lost behind "does not fit the model".
+  def broken(params, x):
+    raise ZeroDivisionError("division by zero inside the model")
+
+  with pytest.raises(ValueError, match="ZeroDivisionError: division") as info:
+    sz.check_candidates(broken, {}, _x0(8), LABELS)
+  assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
 def test_missing_classifier_is_a_clear_error(tmp_path):
   config = pipelines_config()
   with pytest.raises(FileNotFoundError, match="Run the `train` stage"):
-    pipelines.run_synthesize(config, str(tmp_path))
+    synthesize_stage.run(config, str(tmp_path))
 
 
 def pipelines_config():

@@ -29,7 +29,7 @@ def test_epochs_are_permutations():
   key = jax.random.key(0)
   idx = [
     np.asarray(
-      train._batch_indices(key, jnp.int32(s), num_examples=12, batch_size=4)
+      train.batch_indices(key, jnp.int32(s), num_examples=12, batch_size=4)
     )
     for s in range(6)
   ]

@@ -120,7 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   # settle early, and the priors and large steps that help noise pull them
   # off it (measured on digits; benchmarks/README.md, synth_sweep).
   # 0 = synth.steps / synth.lr_x; image_priors False: kkt.beta_tv and
-  # kkt.beta_norm apply to noise init only. pipelines.synthesis_recipe.
+  # kkt.beta_norm apply to noise init only. common.synthesis_recipe.
   c.synth.image_steps = 0
   c.synth.image_lr_x = 0.0
   c.synth.image_priors = False
@@ -169,8 +169,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.select.ckpt_every = 10
 
   # Retraining K fresh models on each DSV set and on random real images with
-  # the same per-class counts (dsv_jax.retrain_stage): one recipe for every
-  # row. The paper's retraining optimiser: Adam, lr 1e-4.
+  # the same per-class counts (experiment.stages.retrain): one recipe for
+  # every row. The paper's retraining optimiser: Adam, lr 1e-4.
   c.retrain = ml_collections.ConfigDict()
   c.retrain.num_models = 5  # K seeds, trained together in one jitted step.
   # Chosen on digits' VALIDATION split (10 per class, K=5, mean val acc

@@ -1,6 +1,6 @@
 """The `select` stage: DSVs selected from the classifier's training set.
 
-`run_select(config, workdir)` fits lambda over every training sample with
+`run(config, workdir)` fits lambda over every training sample with
 `select.fit_lambdas` (resuming from `ckpt/select`), ranks the samples per
 class by their contribution and writes into `workdir/select/`:
 
@@ -31,19 +31,39 @@ import numpy as np
 from absl import logging
 
 from dsv_jax import checkpoints, parallel, select, synthesize, viz
-from dsv_jax.pipelines import (
-  _check_resumable,
-  _jsonl_writer,
-  _mark_done,
-  config_hash,
-  load_classifier,
-  load_data,
-  save_described_dsv,
-  validate_config,
-)
+from dsv_jax.experiment import common
+from dsv_jax.experiment import workdir as wd
+
+NAME = "select"
+SECTIONS = ("seed", "data", "model", "train", "select")
+UPSTREAM = ("train",)
+CKPT_DIRS = ("select",)
+# A fit extends: raising select.max_iters resumes a finished, unconverged
+# fit from its last checkpoint instead of redoing it (`is_current`).
+_EXTENDABLE = (("select", "max_iters"),)
 
 
-def _validate(config: ml_collections.ConfigDict) -> None:
+def stage_hash(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The hash the stage records: its sections but max_iters, and the
+  classifier it selects for."""
+  return wd.config_hash(
+    config,
+    SECTIONS,
+    {"classifier": wd.classifier_digest(config.select.classifier or workdir)},
+    exclude=_EXTENDABLE,
+  )
+
+
+def is_current(record: dict, config: ml_collections.ConfigDict) -> bool:
+  """A finished fit serves `config` unless it stopped unconverged before
+  `select.max_iters` (then `all` resumes it to the new budget)."""
+  res = record["results"]
+  return bool(res.get("converged")) or (
+    res.get("iterations", 0) >= config.select.max_iters
+  )
+
+
+def validate_select_config(config: ml_collections.ConfigDict) -> None:
   """Fails fast, naming the key, on select values no run could use."""
   if "select" not in config:
     raise ValueError("Config key select: missing section.")
@@ -117,7 +137,7 @@ def _ranking(scores: np.ndarray, labels: np.ndarray, num_classes: int):
   return order, class_start, rank
 
 
-def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Selects DSVs from the training set.
 
   Uses the classifier of the `train` stage in `workdir` (or the path in
@@ -134,14 +154,14 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
       training samples, a classifier of another dataset, or a checkpoint of
       another config.
   """
-  validate_config(config)
-  _validate(config)
+  common.validate_config(config)
+  validate_select_config(config)
   s = config.select
   workdir = os.path.abspath(workdir)
-  digest = config_hash(config, "select")
-  clf = load_classifier(s.classifier or workdir)
+  digest = stage_hash(config, workdir)
+  clf = common.load_classifier(s.classifier or workdir)
   info = clf.info
-  ds = load_data(config)
+  ds = common.load_data(config)
   if ds.info.name != info.name or ds.info.num_classes != info.num_classes:
     raise ValueError(
       f"The classifier was trained on {info.name!r} ({info.num_classes} "
@@ -156,7 +176,7 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   ckpt_dir = os.path.join(workdir, "ckpt", "select")
   ckptr = checkpoints.RunCheckpointer(ckpt_dir)
-  _check_resumable(ckptr, ckpt_dir, digest, "selection")
+  wd.check_resumable(ckptr, ckpt_dir, digest, "selection")
   state = None
   resumed = 0
   restored = ckptr.restore(_state_target(clf.params, n))
@@ -165,7 +185,7 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info(
       "Resumed selection from iteration %d of %d.", resumed, s.max_iters
     )
-  on_metrics = _jsonl_writer(
+  on_metrics = wd.jsonl_writer(
     os.path.join(out_dir, "metrics.jsonl"), keep_through_step=resumed
   )
   meta = {"config_hash": digest}
@@ -230,19 +250,21 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   # The anchor: the uniform lambda = 1 / (N wd) is
   # exact at a stationary point of the classifier's training objective.
-  wd = clf.meta.get("train", {}).get("weight_decay", config.train.weight_decay)
+  decay = clf.meta.get("train", {}).get(
+    "weight_decay", config.train.weight_decay
+  )
   uniform_rep, uniform_all = (
     select.stationarity_residuals(
       clf.apply_fn,
       clf.params,
       x,
       labels,
-      np.full(n, 1.0 / (n * wd), np.float32),
+      np.full(n, 1.0 / (n * decay), np.float32),
       mask=represented.mask,
       chunk_size=s.chunk_size,
       mesh=mesh,
     )
-    if wd > 0
+    if decay > 0
     else (float("nan"), float("nan"))
   )
   logging.info(
@@ -267,7 +289,7 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rank_in_class=rank,
   )
   top = select.top_per_class(scores, labels, c, s.num_per_class)
-  desc = save_described_dsv(
+  desc = common.save_described_dsv(
     out_dir,
     clf,
     images=x[top],
@@ -331,8 +353,17 @@ def run_select(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for key in ("entropy", "margin", "confidence"):
       results[f"{name}_{key}_mean"] = float(np.mean(d[key]))
   logging.info("Selection done: %s", json.dumps(results))
-  _mark_done(workdir, "select", digest, results)
+  wd.mark_done(workdir, "select", digest, results)
   return results
 
 
-__all__ = ["run_select"]
+__all__ = [
+  "CKPT_DIRS",
+  "NAME",
+  "SECTIONS",
+  "UPSTREAM",
+  "is_current",
+  "run",
+  "stage_hash",
+  "validate_select_config",
+]

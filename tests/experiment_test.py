@@ -1,4 +1,5 @@
-"""Pipelines and the CLI: smoke run, stage records, SIGKILL resume, errors."""
+"""The experiment layer and the CLI: smoke run, stage records and hashes,
+SIGKILL resume, the workdir lock, errors."""
 
 import json
 import os
@@ -8,10 +9,20 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv_jax import checkpoints, configs, pipelines
+from dsv_jax import checkpoints, configs
+from dsv_jax.experiment import common, registry
+from dsv_jax.experiment import workdir as wdir
+from dsv_jax.experiment.report import validate_report_config
+from dsv_jax.experiment.stages import retrain as retrain_stage
+from dsv_jax.experiment.stages import select as select_stage
+from dsv_jax.experiment.stages import synthesize as synthesize_stage
+
+# A workdir with nothing in it: hashes of configs alone.
+NOWHERE = "/nonexistent-workdir"
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,12 +63,12 @@ def test_cli_smoke_train_stage(tmp_path):
   assert res.returncode == 0, res.stdout + res.stderr
   assert "[train]" in res.stdout and "test_accuracy=" in res.stdout
   assert os.path.exists(wd / "classifier" / "meta.json")
-  record = pipelines.stage_record(str(wd), "train")
-  assert record["config_hash"] == pipelines.config_hash(_tiny(), "train")
+  record = wdir.stage_record(str(wd), "train")
+  assert record["config_hash"] == registry.stage_hash(_tiny(), wd, "train")
   rows = [json.loads(line) for line in open(wd / "train_metrics.jsonl")]
   assert [r["step"] for r in rows] == [2, 4, 6]
   # The classifier loads back as an apply_fn usable by DeepKKT code.
-  clf = pipelines.load_classifier(str(wd))
+  clf = common.load_classifier(str(wd))
   assert clf.info.name == "digits"
   logits = clf.apply_fn(clf.params, np.zeros((2, 8, 8, 1), np.float32))
   assert logits.shape == (2, 10)
@@ -79,10 +90,10 @@ def test_cli_smoke_train_stage(tmp_path):
 
 def test_config_change_redoes_stage(tmp_path):
   wd = str(tmp_path / "wd")
-  pipelines.run(_tiny(), wd, "train")
-  out = pipelines.run(_tiny(steps=4, ckpt_every=2), wd, "train")
+  registry.run(_tiny(), wd, "train")
+  out = registry.run(_tiny(steps=4, ckpt_every=2), wd, "train")
   assert out["train"]["steps"] == 4
-  assert pipelines.stage_record(wd, "train")["results"]["steps"] == 4
+  assert wdir.stage_record(wd, "train")["results"]["steps"] == 4
 
 
 def test_a_new_option_at_its_neutral_default_keeps_old_hashes():
@@ -93,26 +104,30 @@ def test_a_new_option_at_its_neutral_default_keeps_old_hashes():
   old = configs.get_config("digits")
   with old.unlocked():
     del old.kkt["norm_center"]
-  assert pipelines.config_hash(new, "synthesize") == pipelines.config_hash(
-    old, "synthesize"
-  )
+
+  def h(c):
+    return registry.stage_hash(c, NOWHERE, "synthesize")
+
+  assert h(new) == h(old)
   new.kkt.norm_center = "min"
-  assert pipelines.config_hash(new, "synthesize") != pipelines.config_hash(
-    old, "synthesize"
-  )
+  assert h(new) != h(old)
 
 
 def test_progress_keys_do_not_change_the_stage_hashes():
   base = configs.get_config("digits")
-  for stage in pipelines.STAGES:
+  for stage in registry.STAGES:
     c = configs.get_config("digits")
     for section in ("train", "synth", "select", "retrain", "baseline"):
       for key in ("log_every", "ckpt_every", "eval_every"):
         if key in c[section]:
           c[section][key] += 7
-    assert pipelines.config_hash(c, stage) == pipelines.config_hash(base, stage)
+
+    def h(c, stage=stage):
+      return registry.stage_hash(c, NOWHERE, stage)
+
+    assert h(c) == h(base)
     c.train.steps += 1  # Every stage depends on the classifier's recipe.
-    assert pipelines.config_hash(c, stage) != pipelines.config_hash(base, stage)
+    assert h(c) != h(base)
 
 
 @pytest.mark.parametrize(
@@ -143,29 +158,27 @@ def test_unknown_config_arg():
 def test_every_packaged_config_passes_every_stage_check(name, arg):
   # A config only the long runs use (fashion_mnist, cifar) must not fail
   # its validation hours into `all`.
-  from dsv_jax import report, retrain_stage, select_stage
-
   c = configs.get_config(name, arg)
-  pipelines.validate_config(c)
-  select_stage._validate(c)
+  common.validate_config(c)
+  select_stage.validate_select_config(c)
   retrain_stage.validate_retrain_config(c)
-  report.validate_report_config(c)
+  validate_report_config(c)
 
 
 def test_missing_classifier_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="Run the `train` stage"):
-    pipelines.load_classifier(str(tmp_path))
+    common.load_classifier(str(tmp_path))
 
 
 def test_mismatched_classifier_checkpoint(tmp_path):
   wd = str(tmp_path / "wd")
-  pipelines.run(_tiny(), wd, "train")
+  registry.run(_tiny(), wd, "train")
   meta_path = os.path.join(wd, "classifier", "meta.json")
   meta = json.load(open(meta_path))
   meta["model"]["kwargs"]["width"] = 16  # Not the architecture stored.
   json.dump(meta, open(meta_path, "w"))
   with pytest.raises(ValueError, match="does not match the model"):
-    pipelines.load_classifier(wd)
+    common.load_classifier(wd)
 
 
 def test_interrupted_run_of_other_config_is_not_silently_resumed(tmp_path):
@@ -174,7 +187,7 @@ def test_interrupted_run_of_other_config_is_not_silently_resumed(tmp_path):
   ckptr.save(3, {"x": np.zeros(2)}, {"config_hash": "0123456789abcdef"})
   ckptr.close()
   with pytest.raises(ValueError, match="different config"):
-    pipelines.run(_tiny(), wd)
+    registry.run(_tiny(), wd)
 
 
 def _kill_after_first_checkpoint(proc, ckpt_dir):
@@ -209,7 +222,7 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
 
   res = _cli(killed, *overrides)
   assert res.returncode == 0, res.stderr
-  resumed_from = pipelines.stage_record(str(killed), "train")["results"][
+  resumed_from = wdir.stage_record(str(killed), "train")["results"][
     "resumed_from_step"
   ]
   assert 0 < resumed_from < steps
@@ -220,8 +233,8 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
   clean = tmp_path / "clean"
   res = _cli(clean, *overrides)
   assert res.returncode == 0, res.stderr
-  a = pipelines.load_classifier(str(killed)).params
-  b = pipelines.load_classifier(str(clean)).params
+  a = common.load_classifier(str(killed)).params
+  b = common.load_classifier(str(clean)).params
   jax.tree.map(
     lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b
   )
@@ -235,7 +248,7 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
 def tiny_classifier(tmp_path_factory):
   """A workdir holding the tiny digits classifier of the `train` stage."""
   wd = tmp_path_factory.mktemp("clf")
-  pipelines.run(_tiny(), str(wd), "train")
+  registry.run(_tiny(), str(wd), "train")
   return wd
 
 
@@ -296,7 +309,7 @@ def test_synthesize_sigkill_resume_equals_uninterrupted(
   res = _synth_cli(killed, *overrides, cache=cache)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "candidate_steps_per_s=" in res.stderr  # Progress output.
-  record = pipelines.stage_record(str(killed), "synthesize")["results"]
+  record = wdir.stage_record(str(killed), "synthesize")["results"]
   assert 0 < record["resumed_from_step"] < steps
   rows = [
     json.loads(line) for line in open(killed / "synthesize" / "metrics.jsonl")
@@ -342,7 +355,7 @@ def test_image_init_stages_run_the_image_recipe(tmp_path, tiny_classifier):
     for k, v in synth_kv.items():
       c.synth[k] = v
     wd = _with_classifier(tiny_classifier, tmp_path / name)
-    out = pipelines.run_synthesize(c, str(wd))
+    out = synthesize_stage.run(c, str(wd))
     return out, artifacts.load_dsv(str(wd / "synthesize"))[0].images
 
   real, _ = synth("real", "real", steps=6, image_steps=3)
@@ -354,3 +367,158 @@ def test_image_init_stages_run_the_image_recipe(tmp_path, tiny_classifier):
   _, c = synth("c", "real", lr_x=0.01, image_lr_x=0.5)
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(b, c)
+
+
+# ----------------------------------------------------------------------------
+# Workdir bookkeeping: the hash, the lock, the writers.
+
+
+def test_the_hash_covers_the_classifier_content_and_the_version(
+  tmp_path, tiny_classifier, monkeypatch
+):
+  import dsv_jax
+
+  ext = _with_classifier(tiny_classifier, tmp_path / "external")
+  c = _tiny()
+  c.synth.classifier = str(ext)
+  before = registry.stage_hash(c, NOWHERE, "synthesize")
+  # Retraining an external classifier redoes the stages that inverted it.
+  meta = ext / "classifier" / "meta.json"
+  meta.write_text(meta.read_text().replace('"seed": 0', '"seed": 7'))
+  assert registry.stage_hash(c, NOWHERE, "synthesize") != before
+  after = registry.stage_hash(c, NOWHERE, "synthesize")
+  monkeypatch.setattr(dsv_jax, "__version__", "99.0")
+  assert registry.stage_hash(c, NOWHERE, "synthesize") != after
+  # Downstream records are inputs: a redone upstream redoes the report.
+  wd = _with_classifier(tiny_classifier, tmp_path / "wd")
+  h = registry.stage_hash(_tiny(), str(wd), "retrain")
+  wdir.mark_done(str(wd), "synthesize", "abc", {})
+  assert registry.stage_hash(_tiny(), str(wd), "retrain") != h
+
+
+def test_metrics_rows_stay_json_when_a_value_is_not_finite(tmp_path):
+  # lambda_min of a run with no active candidate is inf: strict JSON
+  # readers reject Infinity, so the row holds null.
+  path = str(tmp_path / "metrics.jsonl")
+  write = wdir.jsonl_writer(path, keep_through_step=0)
+  write({"step": 1, "lambda_min": float("inf"), "loss": float("nan")})
+  write({"step": 2, "lambda_min": 0.5, "loss": 1.0})
+
+  def strict(text):
+    return json.loads(text, parse_constant=lambda c: pytest.fail(c))
+
+  rows = [strict(line) for line in open(path)]
+  assert rows[0]["lambda_min"] is None and rows[0]["loss"] is None
+  assert rows[1]["lambda_min"] == 0.5
+
+
+def test_a_second_run_on_a_workdir_fails_naming_the_holder(tmp_path):
+  wd = str(tmp_path / "wd")
+  with wdir.lock(wd):
+    with pytest.raises(wdir.WorkdirLocked, match=f"pid {os.getpid()} on"):
+      registry.run(_tiny(), wd, "train")
+    # Not taken over either: the holder is alive.
+    assert json.load(open(os.path.join(wd, ".lock")))["pid"] == os.getpid()
+  assert not os.path.exists(os.path.join(wd, ".lock"))
+  # A lock left by a killed run of this host is taken over.
+  dead = subprocess.run(
+    [sys.executable, "-c", "import os; print(os.getpid())"],
+    capture_output=True,
+    text=True,
+  ).stdout.strip()
+  import socket
+
+  with open(os.path.join(wd, ".lock"), "w") as f:
+    json.dump({"pid": int(dead), "host": socket.gethostname()}, f)
+  with wdir.lock(wd):
+    assert json.load(open(os.path.join(wd, ".lock")))["pid"] == os.getpid()
+  # One from another host is not guessed about.
+  with open(os.path.join(wd, ".lock"), "w") as f:
+    json.dump({"pid": 1, "host": "elsewhere", "started": "x"}, f)
+  with pytest.raises(wdir.WorkdirLocked, match="on elsewhere since x"):
+    with wdir.lock(wd):
+      pass
+
+
+def test_a_crash_while_saving_the_classifier_keeps_the_old_one(
+  tmp_path, tiny_classifier, monkeypatch
+):
+  from dsv_jax.experiment.stages import train as train_stage
+
+  wd = _with_classifier(tiny_classifier, tmp_path / "wd")
+  clf = common.load_classifier(str(wd))
+  before = clf.params
+  arrays = {"params": clf.params, "model_state": clf.functional.state}
+  save = checkpoints.save_classifier
+
+  def crash_after_arrays(path, arrays, meta):
+    save(path, arrays, {**meta, "seed": 123})
+    os.remove(os.path.join(path, "meta.json"))  # Half written.
+    raise OSError("disk full")
+
+  monkeypatch.setattr(checkpoints, "save_classifier", crash_after_arrays)
+  with pytest.raises(OSError, match="disk full"):
+    train_stage._save_classifier_atomically(str(wd), arrays, clf.meta)
+  after = common.load_classifier(str(wd))
+  assert after.meta["seed"] == 0
+  jax.tree.map(np.testing.assert_array_equal, before, after.params)
+
+
+def test_only_per_candidate_state_is_sharded():
+  # An optimiser whose own state happens to have one row per candidate
+  # (here 4 rows for 4 candidates) keeps it replicated.
+  import optax
+
+  from dsv_jax import parallel, synthesize
+  from dsv_jax.experiment import synthesis_loop
+
+  def counter_tx():
+    def init(params):
+      del params
+      return jnp.zeros((4,), jnp.float32)  # Not per candidate.
+
+    def update(updates, state, params=None):
+      del params
+      return updates, state + 1
+
+    return optax.GradientTransformation(init, update)
+
+  apply_fn = lambda p, x: x.reshape(len(x), -1) @ p  # noqa: E731
+  params = jnp.ones((64, 10), jnp.float32) / 64
+  synth = synthesize.make_synthesizer(
+    apply_fn, params, x_tx=optax.chain(optax.adam(0.01), counter_tx())
+  )
+  mesh = parallel.make_mesh()
+  n = parallel.num_shards(mesh)
+  x0 = jnp.zeros((n, 8, 8, 1), jnp.float32)
+  t = jnp.arange(n, dtype=jnp.int32)
+  valid = jnp.ones((n,), bool)
+  sh = synthesis_loop.state_shardings(
+    lambda k, x, tt, v: synth.init_fn(k, x, tt, active=v),
+    x0,
+    t,
+    valid,
+    jax.random.key(0),
+    mesh,
+  )
+  batch = parallel.batch_sharding(mesh)
+  assert sh.x == batch and sh.lambda_param == batch and sh.active == batch
+  adam_state, counter = sh.opt_x
+  assert adam_state[0].mu == batch  # Adam's moments follow x.
+  assert counter == parallel.replicated_sharding(mesh)
+
+
+def test_retraining_rows_are_keyed_by_the_model_and_data_too():
+  # After --config.model.width=... the random-real rows must not come back
+  # from the cache of the old architecture.
+  c = _tiny()
+  images = np.zeros((2, 8, 8, 1), np.float32)
+  labels = np.array([0, 1], np.int32)
+  key = retrain_stage.row_key(c, images, labels)
+  wider = _tiny()
+  wider.model.width *= 2
+  assert retrain_stage.row_key(wider, images, labels) != key
+  other_data = _tiny()
+  other_data.data.max_train = 7
+  assert retrain_stage.row_key(other_data, images, labels) != key
+  assert retrain_stage.row_key(_tiny(), images, labels) == key

@@ -3,8 +3,10 @@
 Generated from the report stage's `results.json` (one per workdir, e.g. a
 digits and a Fashion-MNIST run), never typed by hand:
 
-  python -m dsv_jax.reproduction --workdir W_digits --workdir W_fashion
-  python -m dsv_jax.reproduction --workdir W1 --workdir W2 --readme README.md
+  python -m dsv_jax.experiment.report.reproduction \
+      --workdir W_digits --workdir W_fashion
+  python -m dsv_jax.experiment.report.reproduction \
+      --workdir W1 --workdir W2 --readme README.md
 
 The second form rewrites the README's table between the markers
 `<!-- reproduction:begin -->` and `<!-- reproduction:end -->`.

@@ -1,292 +1,41 @@
-"""The paper's experiments (Tables 1-2, figures, Appendix F) as one report.
+"""The report's sections: each a function returning (markdown, results).
 
-`run_report(config, workdir)` is the `report` stage: it reads what the
-earlier stages wrote into `workdir` (classifier, selection, DSV set, edit and
-interpolation strips), runs the extra sub-experiments a table needs in
-`workdir/report/runs/<name>/` (each a resumable stage of its own, skipped when
-already finished with the same config) and writes `workdir/report/report.md`
-with its figures. Every section is a function of its own, importable from a
-notebook.
-
-Fairness rules, enforced by construction:
-  * every retraining row uses the same recipe (`config.retrain`: the
-    classifier's architecture, steps, augmentation, learning rate) and the
-    same seeds; only the training images differ;
-  * hard labels everywhere (soft targets only where a row says so);
-  * the report evaluates on the test split only; settings are chosen on the
-    validation split beforehand and fixed in the config.
+Every section reads what the stages and the report's sub-runs
+(`report.cache`) produced, draws its figures into the report folder with
+matplotlib's object-oriented API (no global backend is switched), and
+returns its markdown and numbers. Importable from a notebook.
 """
 
-import hashlib
 import json
 import os
 import shutil
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import ml_collections
 import numpy as np
 from absl import logging
+from matplotlib.figure import Figure
 
-from dsv_jax import (
-  artifacts,
-  checkpoints,
-  data,
-  pipelines,
-  reproduction,
-  retrain_stage,
-  select,
-  synthesize,
+from dsv_jax import artifacts, coreset, data, select, synthesize
+from dsv_jax.experiment import common
+from dsv_jax.experiment import workdir as wd
+from dsv_jax.experiment.report import reproduction
+from dsv_jax.experiment.report.cache import (
+  RetrainRows,
+  baseline_run,
+  independent_classifier,
+  shot_run,
+  sub_config,
+  synth_run,
 )
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from dsv_jax.experiment.stages import retrain as retrain_stage
+from dsv_jax.experiment.stages import synthesize as synthesize_stage
+from dsv_jax.experiment.stages import train as train_stage
 
 ZERO_SHOT_INITS = ("noise", "other")
-
-
-# ----------------------------------------------------------------------------
-# Sub-experiments: runs of existing stages in their own sub-workdirs.
-
-
-def _sub_config(
-  config: ml_collections.ConfigDict, workdir: str, **overrides: Any
-) -> ml_collections.ConfigDict:
-  """A copy of `config` whose synthesis inverts `workdir`'s classifier.
-
-  `overrides` are dotted keys (`"synth.init"`) with their values.
-  """
-  sub = ml_collections.ConfigDict(config.to_dict())
-  sub.synth.classifier = workdir
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    sub[section][field] = value
-  return sub
-
-
-def _discard_stale_checkpoints(ckpt_dir: str, digest: str) -> None:
-  """Removes `ckpt_dir` if its latest checkpoint is of another config."""
-  if not os.path.isdir(ckpt_dir):
-    return
-  ckptr = checkpoints.RunCheckpointer(ckpt_dir)
-  try:
-    meta = ckptr.read_meta()
-  finally:
-    ckptr.close()
-  if meta is not None and meta.get("config_hash") != digest:
-    logging.info("Report: discarding %s (another config).", ckpt_dir)
-    shutil.rmtree(ckpt_dir)
-
-
-def _run_stage_once(
-  runner: Callable[[ml_collections.ConfigDict, str], dict],
-  config: ml_collections.ConfigDict,
-  sub_workdir: str,
-  stage: str,
-) -> dict:
-  """Runs `stage` in `sub_workdir` unless it already finished there.
-
-  A sub-run finished or interrupted under another config is redone from
-  scratch (its checkpoints removed: the report owns these folders, and its
-  config changed); an interrupted one of this config resumes.
-  """
-  record = pipelines.stage_record(sub_workdir, stage)
-  digest = pipelines.config_hash(config, stage)
-  if record is not None and record["config_hash"] == digest:
-    return record["results"]
-  ckpt_dir = os.path.join(sub_workdir, "ckpt", stage)
-  if record is not None:
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-  _discard_stale_checkpoints(ckpt_dir, digest)
-  os.makedirs(sub_workdir, exist_ok=True)
-  logging.info("Report: running %s in %s.", stage, sub_workdir)
-  return runner(config, sub_workdir)
-
-
-def synth_run(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  name: str,
-  **overrides: Any,
-) -> tuple[artifacts.DSVSet, dict, str]:
-  """A synthesis sub-run `report/runs/<name>`; returns (dsv, results, dir).
-
-  Sub-runs that start from images (real, other) run the image recipe
-  (`pipelines.synthesis_recipe`), noise sub-runs the config's. When the
-  sub-run's settings are exactly those of the workdir's own finished
-  `synthesize` stage, that stage's output is used instead of synthesising
-  the same set twice.
-  """
-  sub = _sub_config(config, workdir, **overrides)
-  main = _sub_config(config, workdir)
-  record = pipelines.stage_record(workdir, "synthesize")
-  if (
-    record is not None
-    and record["config_hash"] == pipelines.config_hash(config, "synthesize")
-    and pipelines.config_hash(sub, "synthesize")
-    == pipelines.config_hash(main, "synthesize")
-  ):
-    dsv, _ = artifacts.load_dsv(os.path.join(workdir, "synthesize"))
-    return dsv, record["results"], workdir
-  sub_dir = os.path.join(workdir, "report", "runs", name)
-  results = _run_stage_once(
-    pipelines.run_synthesize, sub, sub_dir, "synthesize"
-  )
-  dsv, _ = artifacts.load_dsv(os.path.join(sub_dir, "synthesize"))
-  return dsv, results, sub_dir
-
-
-def shot_run(
-  config: ml_collections.ConfigDict, workdir: str, init: str, k: int
-) -> tuple[artifacts.DSVSet, dict, str]:
-  """`synth_run` of k candidates per class from `init`, named `<init>_k<k>`.
-
-  The few-shot, boundary and ablation sections share these sub-runs.
-  """
-  return synth_run(
-    config,
-    workdir,
-    f"{init}_k{k}",
-    **{"synth.init": init, "synth.num_per_class": k},
-  )
-
-
-def baseline_run(
-  config: ml_collections.ConfigDict, workdir: str, name: str, k: int
-) -> artifacts.DSVSet:
-  """The KKT-reconstruction baseline (`dsv_jax.baseline`) from k real shots."""
-  from dsv_jax import baseline
-
-  sub = _sub_config(
-    config, workdir, **{"synth.init": "real", "synth.num_per_class": k}
-  )
-  out_dir = os.path.join(workdir, "report", "runs", name)
-  digest = pipelines.config_hash(sub, "report")
-  marker = os.path.join(out_dir, "done.json")
-  if os.path.exists(marker):
-    with open(marker) as f:
-      if json.load(f).get("config_hash") == digest:
-        return artifacts.load_dsv(out_dir)[0]
-    # Finished with other settings: redo from scratch, not from its
-    # checkpoints (which a resumed run would rightly refuse).
-    shutil.rmtree(os.path.join(out_dir, "ckpt"), ignore_errors=True)
-    os.remove(marker)
-  _discard_stale_checkpoints(
-    os.path.join(out_dir, "ckpt", "baseline"), baseline.config_hash(sub)
-  )
-  os.makedirs(out_dir, exist_ok=True)
-  # The sub-run folder is its workdir (checkpoints); synth.classifier
-  # points at the main workdir's classifier.
-  results = baseline.run_baseline(sub, out_dir, out_dir)
-  with open(marker, "w") as f:
-    json.dump({"config_hash": digest, "results": results}, f, default=float)
-  return artifacts.load_dsv(out_dir)[0]
-
-
-def independent_classifier(
-  config: ml_collections.ConfigDict, workdir: str
-) -> pipelines.Classifier:
-  """A second classifier of the same recipe, another seed (for agreement).
-
-  Without the finishing phase: a judge needs accuracy, not the stationary
-  theta* that DeepKKT assumes. On digits the phase is 50 s of the main
-  job's 10 minutes; the judge without it reaches 97.96% test accuracy
-  (98.89% with it) and agrees with 0.83 of the primal-only DSVs (0.97).
-  """
-  sub = ml_collections.ConfigDict(config.to_dict())
-  sub.seed = config.seed + config.report.independent_seed_offset
-  sub.train.finish_steps = 0
-  sub_dir = os.path.join(workdir, "report", "runs", "independent")
-  _run_stage_once(pipelines.run_train, sub, sub_dir, "train")
-  return pipelines.load_classifier(sub_dir)
-
-
-# ----------------------------------------------------------------------------
-# Retraining rows (cached so an interrupted report loses nothing).
-
-
-def _digest(*arrays: np.ndarray, extra: Any = None) -> str:
-  h = hashlib.sha256()
-  for a in arrays:
-    h.update(np.ascontiguousarray(a).tobytes())
-  h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-  return h.hexdigest()[:16]
-
-
-class RetrainRows:
-  """Retrains fresh models on image sets with one fixed recipe.
-
-  Results are cached in `report/retrain_rows.json` by
-  `retrain_stage.row_key` (images, labels, recipe, seed), so a resumed
-  report never retrains a row twice; rows the workdir's `retrain` stage
-  trained under the current config (on the test split) are reused too.
-  """
-
-  def __init__(
-    self,
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    clf: pipelines.Classifier,
-    ds: data.Dataset,
-  ):
-    self.config, self.clf, self.ds = config, clf, ds
-    self.path = os.path.join(workdir, "report", "retrain_rows.json")
-    self.cache = {}
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        self.cache = json.load(f)
-    self._reuse_retrain_stage(workdir)
-
-  def _reuse_retrain_stage(self, workdir: str) -> None:
-    record = pipelines.stage_record(workdir, "retrain")
-    path = os.path.join(workdir, "retrain", "results.json")
-    if (
-      record is None
-      or record["config_hash"] != pipelines.config_hash(self.config, "retrain")
-      or not os.path.exists(path)
-    ):
-      return
-    with open(path) as f:
-      for name, row in json.load(f)["rows"].items():
-        if "key" in row:
-          self.cache.setdefault(row["key"], {**row, "name": name})
-
-  def __call__(self, name: str, images: np.ndarray, labels: np.ndarray) -> dict:
-    key = retrain_stage.row_key(self.config, images, labels, "test")
-    if key in self.cache:
-      return {**self.cache[key], "name": name}
-    logging.info("Report: retraining on %s (%d images).", name, len(images))
-    # The report evaluates on the test split whatever retrain.eval_split
-    # (the split the recipe was tuned on) says.
-    config = ml_collections.ConfigDict(self.config.to_dict())
-    config.retrain.eval_split = "test"
-    row = retrain_stage.retrain_sets(
-      config, self.clf, self.ds, {name: (images, labels)}
-    )[name]
-    row["name"] = name
-    self.cache[key] = row
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.cache, f, indent=1)
-    os.replace(tmp, self.path)
-    return row
-
-  def classical_agreement(self, images: np.ndarray, labels: np.ndarray):
-    """Mean classical agreement (`judges`) of ``images`` with ``labels``.
-
-    The judges are fitted on the real training split (once per process,
-    shared with the synthesis sub-runs: `pipelines.classical_judges`).
-    """
-    from dsv_jax import judges
-
-    fitted = pipelines.classical_judges(self.config, self.ds)
-    return judges.classical_agreement(fitted, images, labels, self.ds.info)[
-      "mean"
-    ]
 
 
 def _pct(row: dict | None) -> str:
@@ -298,10 +47,6 @@ def _pct(row: dict | None) -> str:
 def _active_hard(dsv: artifacts.DSVSet) -> tuple[np.ndarray, np.ndarray]:
   labels = np.asarray(synthesize.target_labels(dsv.targets))
   return dsv.images[dsv.active], labels[dsv.active]
-
-
-# ----------------------------------------------------------------------------
-# Sections. Each returns (markdown, results).
 
 
 # Published Fashion-MNIST coreset and distillation numbers (ConvNet, test
@@ -317,6 +62,8 @@ LITERATURE = {
     ("KIP (to NN)", (73.8, 86.8, 87.8)),
   ),
 }
+
+
 LITERATURE_IPC = (1, 10, 50)
 
 
@@ -478,14 +225,12 @@ def el2n_run(config, workdir, clf, ds) -> np.ndarray:
   trained for `report.el2n_steps` steps of the classifier's own recipe
   (`config.train`) on the whole training split (`coreset.el2n_scores`).
   """
-  from dsv_jax import coreset, retrain_stage
-
   t, rc = config.train, config.report
   path = os.path.join(workdir, "report", "runs", "el2n.npz")
-  digest = _digest(
+  digest = wd.array_digest(
     ds.train["label"],
     extra={
-      "train": pipelines.config_hash(config, "train"),
+      "train": train_stage.stage_hash(config, workdir),
       "el2n": [rc.el2n_models, rc.el2n_steps],
     },
   )
@@ -526,8 +271,6 @@ def coreset_section(config, workdir, rows: RetrainRows) -> tuple[str, dict]:
   recipe and K model seeds for every row, and a Welch p-value of selection
   against random.
   """
-  from dsv_jax import coreset
-
   ds, clf = rows.ds, rows.clf
   c = clf.info.num_classes
   sel = load_selection(workdir)
@@ -619,7 +362,7 @@ def entropy_protocol_run(config, workdir, clf, ds) -> dict[str, np.ndarray]:
   Real training images (`report.protocol_candidates` in all, spread evenly
   over the classes) are the candidates; x and lambda are optimised with the
   synthesis objective from the usual random lambda initialisation
-  (the image recipe: `pipelines.synthesis_recipe`), and every candidate's
+  (the image recipe: `common.synthesis_recipe`), and every candidate's
   predictive entropy is recorded along the way. The paper's figure shows
   the top-5-lambda candidates gaining entropy and the lowest-50 losing it.
   Cached in `report/runs/entropy_protocol.npz`.
@@ -630,14 +373,14 @@ def entropy_protocol_run(config, workdir, clf, ds) -> dict[str, np.ndarray]:
   """
   rc, info = config.report, clf.info
   c = info.num_classes
-  recipe = pipelines.synthesis_recipe(config, "real")
+  recipe = common.synthesis_recipe(config, "real")
   steps = recipe.synth.steps
   per_class = max(1, rc.protocol_candidates // c)
   path = os.path.join(workdir, "report", "runs", "entropy_protocol.npz")
-  digest = pipelines.config_hash(
-    _sub_config(config, workdir, **{"synth.init": "real"}), "synthesize"
+  digest = synthesize_stage.stage_hash(
+    sub_config(config, workdir, **{"synth.init": "real"}), workdir
   )
-  digest = _digest(extra=[digest, per_class])
+  digest = wd.array_digest(extra=[digest, per_class])
   if os.path.exists(path):
     with np.load(path) as z:
       if str(z["digest"]) == digest:
@@ -646,7 +389,7 @@ def entropy_protocol_run(config, workdir, clf, ds) -> dict[str, np.ndarray]:
   key = jax.random.fold_in(jax.random.key(config.seed), 80)
   x0, _ = synthesize.real_init(jax.random.fold_in(key, 2), ds.train, labels)
   synth = synthesize.make_synthesizer(
-    clf.apply_fn, clf.params, **pipelines.synth_kwargs(recipe, info)
+    clf.apply_fn, clf.params, **common.synth_kwargs(recipe, info)
   )
   state = synth.init_fn(jax.random.fold_in(key, 0), x0, labels)
   step_fn = jax.jit(synth.step_fn, donate_argnums=(0,))
@@ -673,7 +416,7 @@ def entropy_protocol_run(config, workdir, clf, ds) -> dict[str, np.ndarray]:
 
 
 def boundary_section(
-  config, workdir, clf: pipelines.Classifier, ds: data.Dataset, out_dir: str
+  config, workdir, clf: common.Classifier, ds: data.Dataset, out_dir: str
 ) -> tuple[str, dict]:
   """Entropy curves during synthesis; entropy/margin of DSVs vs samples."""
   c = clf.info.num_classes
@@ -695,7 +438,8 @@ def boundary_section(
     f"lowest-{n_low} lambda": ent[:, low].mean(1),
     "all candidates": ent.mean(1),
   }
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+  fig = Figure(figsize=(9, 3))
+  axes = fig.subplots(1, 2)
   ax = axes[0]
   for name, rws in curves.items():
     ax.plot([r["step"] for r in rws], [r["entropy"] for r in rws], label=name)
@@ -712,7 +456,6 @@ def boundary_section(
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "entropy_curve.png"), dpi=100)
-  plt.close(fig)
 
   dsv, _ = artifacts.load_dsv(os.path.join(workdir, "synthesize"))
   sel, _ = artifacts.load_dsv(os.path.join(workdir, "select"))
@@ -804,7 +547,8 @@ def lambda_accuracy_section(
     from scipy import stats
 
     r, p_r = (float(v) for v in stats.pearsonr(sums, acc))
-  fig, ax = plt.subplots(figsize=(4, 3))
+  fig = Figure(figsize=(4, 3))
+  ax = fig.subplots()
   ax.scatter(sums, acc)
   for k in range(c):
     ax.annotate(clf.info.class_names[k], (sums[k], acc[k]), fontsize=6)
@@ -813,7 +557,6 @@ def lambda_accuracy_section(
   ax.set_title(f"Pearson r = {r:.3f}", fontsize=9)
   fig.tight_layout()
   fig.savefig(os.path.join(out_dir, "lambda_vs_accuracy.png"), dpi=100)
-  plt.close(fig)
   lines = ["| class | sum lambda | test accuracy % |", "|---|---|---|"]
   for k in range(c):
     lines.append(
@@ -1033,7 +776,7 @@ def strips_section(workdir: str, out_dir: str) -> tuple[str, dict]:
   res = {}
   for stage, title in (("edit", "Editing"), ("interpolate", "Interpolation")):
     src = os.path.join(workdir, stage, "strip.png")
-    record = pipelines.stage_record(workdir, stage)
+    record = wd.stage_record(workdir, stage)
     if not os.path.exists(src) or record is None:
       parts.append(f"{title}: the `{stage}` stage has not run.\n")
       continue
@@ -1045,41 +788,6 @@ def strips_section(workdir: str, out_dir: str) -> tuple[str, dict]:
     )
     parts.append(f"{title} ({summary}):\n\n![{stage}]({stage}_strip.png)\n")
   return "\n".join(parts), res
-
-
-# ----------------------------------------------------------------------------
-# The stage.
-
-
-def validate_report_config(config: ml_collections.ConfigDict) -> None:
-  rc = config.report
-  for key in ("ipc", "coreset_ipc"):
-    if not rc[key] or any(int(k) < 1 for k in rc[key]):
-      raise ValueError(
-        f"Config key report.{key}: need sizes >= 1, got {rc[key]}."
-      )
-  for key in ("el2n_models", "el2n_steps", "protocol_candidates"):
-    if rc[key] < 1:
-      raise ValueError(f"Config key report.{key}: must be >= 1.")
-  if rc.zero_shot_init not in ZERO_SHOT_INITS:
-    raise ValueError(
-      f"Config key report.zero_shot_init: {rc.zero_shot_init!r} not in "
-      f"{ZERO_SHOT_INITS}."
-    )
-  if rc.detail_ipc not in rc.ipc:
-    raise ValueError(
-      f"Config key report.detail_ipc: {rc.detail_ipc} must be one of "
-      f"report.ipc {tuple(rc.ipc)}."
-    )
-  if config.synth.other_dataset not in data.KNOWN_NAMES and not str(
-    config.synth.other_dataset
-  ).startswith("tfds:"):
-    raise ValueError(
-      f"Config key synth.other_dataset: unknown dataset "
-      f"{config.synth.other_dataset!r}; known: {', '.join(data.KNOWN_NAMES)}."
-    )
-  if rc.flip_images < 1 or not rc.flip_ratios:
-    raise ValueError("Config keys report.flip_images / flip_ratios: empty.")
 
 
 def health_lines(train_res: dict, select_record: dict | None) -> str:
@@ -1131,111 +839,21 @@ def health_lines(train_res: dict, select_record: dict | None) -> str:
   return out
 
 
-def run_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Writes `workdir/report/report.md` with every section and its figures."""
-  pipelines.validate_config(config)
-  validate_report_config(config)
-  workdir = os.path.abspath(workdir)
-  digest = pipelines.config_hash(config, "report")
-  for stage in ("train", "select", "synthesize"):
-    if pipelines.stage_record(workdir, stage) is None:
-      raise FileNotFoundError(
-        f"The report needs the {stage!r} stage's outputs in {workdir}; run "
-        f"--stage={stage} (or --stage=all) first."
-      )
-  t0 = time.perf_counter()
-  clf = pipelines.load_classifier(workdir)
-  ds = pipelines.load_data(config)
-  out_dir = os.path.join(workdir, "report")
-  os.makedirs(out_dir, exist_ok=True)
-  rows = RetrainRows(config, workdir, clf, ds)
-  sections, results = [], {}
-  for name, fn in (
-    ("few_shot", lambda: few_shot_section(config, workdir, rows)),
-    ("coreset", lambda: coreset_section(config, workdir, rows)),
-    ("boundary", lambda: boundary_section(config, workdir, clf, ds, out_dir)),
-    (
-      "lambda_accuracy",
-      lambda: lambda_accuracy_section(config, workdir, clf, ds, out_dir),
-    ),
-    ("decision", lambda: decision_section(config, workdir, clf, ds)),
-    ("ablation", lambda: ablation_section(config, workdir, clf, rows, out_dir)),
-    ("strips", lambda: strips_section(workdir, out_dir)),
-  ):
-    ts = time.perf_counter()
-    md, res = fn()
-    logging.info(
-      "Report section %s done in %.1f s.", name, time.perf_counter() - ts
-    )
-    sections.append(md)
-    results[name] = res
-  train_res = pipelines.stage_record(workdir, "train")["results"]
-  header = (
-    f"# DSV report: {clf.info.name}\n\n"
-    f"Classifier: {clf.meta['model']['name']} "
-    f"{json.dumps(clf.meta['model']['kwargs'], sort_keys=True)}, test "
-    f"accuracy {100 * train_res['test_accuracy']:.2f}%. Seed {config.seed}; "
-    f"config hash {digest}; written "
-    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
-    f"on {jax.device_count()} {jax.devices()[0].platform} device(s).\n"
-    "Settings were fixed on the validation split; every accuracy here is on "
-    "the test split.\n\n"
-    + health_lines(train_res, pipelines.stage_record(workdir, "select"))
-  )
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(header + "\n".join(sections))
-  results["report_time_s"] = time.perf_counter() - t0
-  results["meta"] = {
-    "dataset": clf.info.name,
-    "written": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    "machine": f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
-    f"{os.cpu_count()} CPU cores",
-    "config_hash": digest,
-    "seed": config.seed,
-  }
-  results = json.loads(json.dumps(results, default=float))
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(results, f, indent=1)
-  summary = _summary(results, os.path.join(out_dir, "report.md"))
-  pipelines._mark_done(workdir, "report", digest, summary)
-  return summary
-
-
-def _summary(results: dict, path: str) -> dict[str, Any]:
-  """The headline numbers of a report (the stage record and CLI output)."""
-  out = {"report": path, "report_time_s": round(results["report_time_s"], 1)}
-  for name, row in results["few_shot"].items():
-    out[f"few_shot/{name}"] = round(row["mean"], 4)
-  for k, pair in results["coreset"].items():
-    for which, row in pair.items():
-      if isinstance(row, dict):
-        out[f"coreset/{k}/{which}"] = round(row["mean"], 4)
-      else:
-        out[f"coreset/{k}/{which}"] = round(row, 4)
-  out["lambda_accuracy_pearson"] = round(
-    results["lambda_accuracy"]["pearson"], 3
-  )
-  return out
-
-
 __all__ = [
-  "RetrainRows",
   "LITERATURE",
   "ZERO_SHOT_INITS",
   "ablation_section",
-  "baseline_run",
   "boundary_section",
   "coreset_section",
   "decision_section",
+  "el2n_run",
+  "entropy_protocol_run",
   "few_shot_section",
   "flip_rates",
-  "independent_classifier",
+  "health_lines",
   "lambda_accuracy_section",
   "literature_table",
-  "other_dataset_missing",
   "load_selection",
-  "run_report",
-  "shot_run",
+  "other_dataset_missing",
   "strips_section",
-  "synth_run",
 ]

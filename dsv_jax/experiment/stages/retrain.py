@@ -14,7 +14,6 @@ report for its own rows). Every row records its `row_key`, so the report
 reuses the rows it would otherwise train again (the DSV and selected sets).
 """
 
-import hashlib
 import json
 import os
 from typing import Any
@@ -24,7 +23,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dsv_jax import artifacts, data, models, pipelines, retrain, synthesize
+from dsv_jax import artifacts, data, models, retrain, synthesize
+from dsv_jax.experiment import common
+from dsv_jax.experiment import workdir as wd
+
+NAME = "retrain"
+SECTIONS = ("seed", "data", "model", "train", "retrain")
+UPSTREAM = ("train", "synthesize", "select")
+CKPT_DIRS = ()
 
 EVAL_SPLITS = ("validation", "test")
 # DSV sets the stage retrains on, by output folder; only `synthesize` is
@@ -56,12 +62,12 @@ def validate_retrain_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def model_fn_of(clf: pipelines.Classifier) -> retrain.ModelFn:
+def model_fn_of(clf: common.Classifier) -> retrain.ModelFn:
   """``seed -> FunctionalModel``: fresh models of `clf`'s architecture."""
   name, kwargs = clf.meta["model"]["name"], clf.meta["model"]["kwargs"]
 
   def model_fn(seed: int) -> models.FunctionalModel:
-    return models.functional(pipelines._build(name, kwargs, clf.info, seed))
+    return models.functional(common.build_model(name, kwargs, clf.info, seed))
 
   return model_fn
 
@@ -72,7 +78,8 @@ def row_key(
   targets: np.ndarray,
   eval_split: str | None = None,
 ) -> str:
-  """Digest of a retraining row: its images, targets, recipe and seed.
+  """Digest of a retraining row: its images, targets, the model and data it
+  trains and evaluates, its recipe and seed.
 
   Two rows with the same key train the same models on the same data and
   evaluate them on the same split (`eval_split`, default
@@ -80,12 +87,16 @@ def row_key(
   """
   recipe = config.retrain.to_dict()
   recipe["eval_split"] = eval_split or recipe["eval_split"]
-  h = hashlib.sha256()
-  for a in (images, targets):
-    h.update(np.ascontiguousarray(a).tobytes())
-  extra = {"recipe": recipe, "seed": config.seed}
-  h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-  return h.hexdigest()[:16]
+  return wd.array_digest(
+    images,
+    targets,
+    extra={
+      "recipe": recipe,
+      "seed": config.seed,
+      "model": config.model.to_dict(),
+      "data": config.data.to_dict(),
+    },
+  )
 
 
 def set_rows(
@@ -116,7 +127,7 @@ def random_like(
 
 def retrain_sets(
   config: ml_collections.ConfigDict,
-  clf: pipelines.Classifier,
+  clf: common.Classifier,
   ds: data.Dataset,
   sets: dict[str, tuple[np.ndarray, np.ndarray]],
 ) -> dict[str, dict[str, Any]]:
@@ -181,7 +192,21 @@ def retrain_sets(
   return rows
 
 
-def run_retrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def stage_hash(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The hash the stage records: the retraining recipe and the sets it
+  retrains on (the synthesize and select records, the classifier)."""
+  return wd.config_hash(
+    config,
+    SECTIONS,
+    {
+      "classifier": wd.classifier_digest(config.synth.classifier or workdir),
+      "synthesize": wd.record_digest(workdir, "synthesize"),
+      "select": wd.record_digest(workdir, "select"),
+    },
+  )
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Retrains on the workdir's DSV sets and on random real images.
 
   Rows: ``dsv`` (synthesize/), ``select`` (select/, if present), and for
@@ -193,13 +218,13 @@ def run_retrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
     the full record ``{"eval_split", "recipe", "rows": {name: row}}`` (see
     `retrain_sets`) goes to ``workdir/retrain/results.json``.
   """
-  pipelines.validate_config(config)
+  common.validate_config(config)
   validate_retrain_config(config)
   workdir = os.path.abspath(workdir)
-  digest = pipelines.config_hash(config, "retrain")
+  digest = stage_hash(config, workdir)
   r = config.retrain
-  clf = pipelines._classifier_for(config, workdir)
-  ds = pipelines.load_data(config)
+  clf = common.classifier_for(config, workdir)
+  ds = common.load_data(config)
   key = jax.random.fold_in(jax.random.key(config.seed), 6)
   sets, sources = {}, {}
   for i, (name, sub) in enumerate(SET_DIRS):
@@ -244,17 +269,22 @@ def run_retrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for name, row in rows.items():
     summary[f"{name}_mean"] = row["mean"]
     summary[f"{name}_std"] = row["std"]
-  pipelines._mark_done(workdir, "retrain", digest, summary)
+  wd.mark_done(workdir, "retrain", digest, summary)
   return summary
 
 
 __all__ = [
+  "CKPT_DIRS",
   "EVAL_SPLITS",
+  "NAME",
+  "SECTIONS",
+  "UPSTREAM",
   "model_fn_of",
   "random_like",
   "retrain_sets",
   "row_key",
-  "run_retrain",
+  "run",
+  "stage_hash",
   "set_rows",
   "validate_retrain_config",
 ]

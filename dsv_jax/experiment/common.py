@@ -1,0 +1,448 @@
+"""What the stages share: config checks, data, the classifier, synthesis
+settings and candidates, the classical judges and the DSV-set writer.
+
+No stage logic and no workdir bookkeeping live here (`workdir`); each
+stage is its own module under `stages/`.
+"""
+
+import json
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from dsv_jax import (
+  artifacts,
+  augment,
+  checkpoints,
+  coreset,
+  data,
+  judges,
+  models,
+  synthesize,
+  train,
+)
+from dsv_jax.experiment import workdir as wd
+from dsv_jax.types import ApplyFn, Params
+
+INITS = ("noise", "real", "other")
+IMAGE_INITS = ("real", "other")
+NORM_CENTERS = ("mean", "min")
+OPTIMIZERS = ("adam", "sgd")
+
+
+def synthesis_recipe(
+  config: ml_collections.ConfigDict, init: str | None = None
+) -> ml_collections.ConfigDict:
+  """The config a synthesis from `init` (default `synth.init`) runs with.
+
+  Candidates that start from images (`IMAGE_INITS`; editing and
+  interpolation start from real images too) run `synth.image_steps` steps
+  at `synth.image_lr_x` (0: `synth.steps` / `synth.lr_x`), without the TV
+  and norm priors unless `synth.image_priors`. The copy returned has the
+  effective values in `synth.steps`, `synth.lr_x`, `kkt.beta_tv` and
+  `kkt.beta_norm`, and the `image_*` keys at their neutral values.
+  """
+  init = init or config.synth.init
+  out = ml_collections.ConfigDict(config.to_dict())
+  sy = out.synth
+  if init in IMAGE_INITS:
+    sy.steps = sy.image_steps or sy.steps
+    sy.lr_x = sy.image_lr_x or sy.lr_x
+    if not sy.image_priors:
+      out.kkt.beta_tv = 0.0
+      out.kkt.beta_norm = 0.0
+  sy.image_steps, sy.image_lr_x, sy.image_priors = 0, 0.0, True
+  return out
+
+
+def synthesis_hash(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  sections: tuple[str, ...],
+  init: str | None = None,
+) -> str:
+  """The hash of a synthesis-like stage from `init`: `sections` under the
+  recipe it runs (`synthesis_recipe`) and the classifier it inverts."""
+  return wd.config_hash(
+    synthesis_recipe(config, init),
+    sections,
+    {"classifier": wd.classifier_digest(config.synth.classifier or workdir)},
+  )
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, naming the key, on config values no stage could run with."""
+
+  def need(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+      raise ValueError(f"Config key {key}: {msg}")
+
+  for section in ("data", "model", "train"):
+    need(section in config, section, "missing section.")
+  need(
+    config.model.name in models.MODELS,
+    "model.name",
+    f"{config.model.name!r} is not one of {models.MODELS}.",
+  )
+  need(
+    config.model.norm in models.NORMS,
+    "model.norm",
+    f"{config.model.norm!r} is not one of {models.NORMS}.",
+  )
+  need(
+    config.model.pool in models.POOLS,
+    "model.pool",
+    f"{config.model.pool!r} is not one of {models.POOLS}.",
+  )
+  for key in ("width", "depth"):
+    need(config.model[key] >= 1, f"model.{key}", "must be >= 1.")
+  for key in ("steps", "batch_size", "log_every"):
+    need(config.train[key] >= 1, f"train.{key}", "must be >= 1.")
+  for key in ("eval_every", "ckpt_every", "max_shift"):
+    need(config.train[key] >= 0, f"train.{key}", "must be >= 0.")
+  need(config.train.learning_rate > 0, "train.learning_rate", "must be > 0.")
+  need(config.train.weight_decay >= 0, "train.weight_decay", "must be >= 0.")
+  need(config.train.finish_steps >= 0, "train.finish_steps", "must be >= 0.")
+  need(config.train.finish_tol >= 0, "train.finish_tol", "must be >= 0.")
+  need(
+    not (config.train.finish_steps and config.train.weight_decay == 0),
+    "train.finish_steps",
+    "needs train.weight_decay > 0 (no stationary point without it).",
+  )
+  need(
+    config.train.lr_schedule in train.SCHEDULES,
+    "train.lr_schedule",
+    f"{config.train.lr_schedule!r} is not one of {train.SCHEDULES}.",
+  )
+  need(config.data.max_train >= 0, "data.max_train", "must be >= 0.")
+  if "synth" in config:
+    sy, k = config.synth, config.kkt
+    need(sy.init in INITS, "synth.init", f"{sy.init!r} not in {INITS}.")
+    need(
+      sy.dual in synthesize.DUALS,
+      "synth.dual",
+      f"{sy.dual!r} not in {synthesize.DUALS}.",
+    )
+    need(
+      sy.optimizer in OPTIMIZERS,
+      "synth.optimizer",
+      f"{sy.optimizer!r} not in {OPTIMIZERS}.",
+    )
+    for key in ("num_per_class", "steps", "log_every"):
+      need(sy[key] >= 1, f"synth.{key}", "must be >= 1.")
+    for key in ("ckpt_every", "num_devices"):
+      need(sy[key] >= 0, f"synth.{key}", "must be >= 0.")
+    for key in ("lr_x", "lr_lambda"):
+      need(sy[key] > 0, f"synth.{key}", "must be > 0.")
+    for key in ("image_steps", "image_lr_x"):
+      need(sy[key] >= 0, f"synth.{key}", f"must be >= 0 (0: synth.{key[6:]}).")
+    need(0 <= sy.delta <= 1, "synth.delta", "must lie in [0, 1].")
+    need(
+      sy.lambda_low <= sy.lambda_high,
+      "synth.lambda_low",
+      "must be <= synth.lambda_high.",
+    )
+    for key in ("eta", "beta_primal", "beta_stationarity", "beta_tv"):
+      need(k[key] >= 0, f"kkt.{key}", "must be >= 0.")
+    need(k.beta_norm >= 0, "kkt.beta_norm", "must be >= 0.")
+    need(
+      k.norm_center in NORM_CENTERS,
+      "kkt.norm_center",
+      f"must be one of {NORM_CENTERS}.",
+    )
+
+
+def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
+  """The dataset a config names (never downloads)."""
+  return data.load_dataset(
+    config.data.name,
+    data_dir=config.data.data_dir or None,
+    seed=config.seed,
+    max_train=config.data.max_train or None,
+  )
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Constructor arguments of `config.model` for `models.build_model`."""
+  m = config.model
+  if m.name == "convnet":
+    return {"width": m.width, "depth": m.depth, "norm": m.norm, "pool": m.pool}
+  if m.name == "resnet18":
+    return {"width": m.width, "norm": m.norm}
+  return {"hidden": (m.width,) * m.depth}
+
+
+def build_model(name: str, kwargs: dict, info: data.DatasetInfo, seed: int):
+  """A fresh `models.build_model` for a dataset, keyed by `seed`."""
+  return models.build_model(
+    name,
+    image_shape=info.image_shape,
+    num_classes=info.num_classes,
+    key=jax.random.key(seed),
+    **kwargs,
+  )
+
+
+class Classifier(NamedTuple):
+  """A trained classifier loaded from disk, ready for the DeepKKT code."""
+
+  apply_fn: ApplyFn  # (params, images) -> logits, evaluation mode.
+  params: Params
+  functional: models.FunctionalModel
+  info: data.DatasetInfo
+  meta: dict[str, Any]
+
+
+def load_classifier(path: str) -> Classifier:
+  """Loads a classifier from a workdir or a `classifier/` directory.
+
+  Raises:
+    FileNotFoundError: no classifier there (the message says to run the
+      `train` stage first).
+    ValueError: the stored arrays do not fit the recorded architecture.
+  """
+  path = wd.classifier_dir(path)
+  meta = checkpoints.load_classifier_meta(path)
+  info = data.DatasetInfo.from_dict(meta["dataset"])
+  model = build_model(
+    meta["model"]["name"], meta["model"]["kwargs"], info, meta["seed"]
+  )
+  fm = models.functional(model)
+  arrays = checkpoints.load_classifier_arrays(
+    path, {"params": fm.params, "model_state": fm.state}
+  )
+  fm = fm._replace(params=arrays["params"], state=arrays["model_state"])
+  state = arrays["model_state"]
+
+  def apply_fn(params, x):
+    return fm.eval_apply(params, state, x)
+
+  return Classifier(apply_fn, arrays["params"], fm, info, meta)
+
+
+def classifier_for(
+  config: ml_collections.ConfigDict, workdir: str, section: str = "synth"
+) -> Classifier:
+  """The classifier a stage inverts: `config.<section>.classifier`, or the
+  workdir's own."""
+  return load_classifier(config[section].classifier or workdir)
+
+
+def optimizer(name: str, lr: float) -> optax.GradientTransformation:
+  return optax.adam(lr) if name == "adam" else optax.sgd(lr)
+
+
+def synth_kwargs(
+  config: ml_collections.ConfigDict, info: data.DatasetInfo
+) -> dict[str, Any]:
+  """Keyword arguments of `synthesize.make_synthesizer` from a config."""
+  sy, k = config.synth, config.kkt
+  return {
+    "x_tx": optimizer(sy.optimizer, sy.lr_x),
+    "lambda_tx": optimizer(sy.optimizer, sy.lr_lambda),
+    "eta": k.eta,
+    "beta_primal": k.beta_primal,
+    "beta_stationarity": k.beta_stationarity,
+    "beta_tv": k.beta_tv,
+    "beta_norm": k.beta_norm,
+    "norm_center": info.pixel_min if k.norm_center == "min" else 0.0,
+    "gated": k.gated,
+    "distance": k.distance,
+    "method": k.method,
+    "chunk_size": k.chunk_size or None,
+    "dual": sy.dual,
+    "lambda_init": (sy.lambda_low, sy.lambda_high),
+    "augment_fn": augment.make_augment(
+      translate=sy.aug_translate,
+      crop=sy.aug_crop,
+      flip=sy.aug_flip,
+      cutout=sy.aug_cutout,
+      noise=sy.aug_noise,
+    ),
+    "pixel_min": info.pixel_min,
+    "pixel_max": info.pixel_max,
+  }
+
+
+def synthesis_key(config: ml_collections.ConfigDict) -> jax.Array:
+  """The synthesize stage's key: its candidates, and every run that must
+  start from the same candidates (the KKT baseline, the sweeps)."""
+  return jax.random.fold_in(jax.random.key(config.seed), 3)
+
+
+def initial_candidates(config, clf, key):
+  """(x0, targets, source, source_index) of the synthesize stage."""
+  sy, info = config.synth, clf.info
+  c = info.num_classes
+  labels = synthesize.class_targets(sy.num_per_class, c)
+  n = len(labels)
+  init_key = jax.random.fold_in(key, 2)
+  if sy.init == "noise":
+    x0 = np.asarray(
+      synthesize.noise_init(init_key, n, info.image_shape, scale=sy.noise_scale)
+    )
+    index = np.full(n, -1, np.int32)
+  elif sy.init == "real":
+    ds = load_data(config)
+    x0, index = synthesize.real_init(init_key, ds.train, labels)
+  else:
+    other = data.load_dataset(
+      sy.other_dataset,
+      data_dir=sy.other_data_dir or None,
+      seed=config.seed,
+      max_train=max(1000, n),
+    )
+    x0, index = synthesize.other_init(
+      init_key, other.train["image"], n, src_info=other.info, dst_info=info
+    )
+  if sy.delta > 0:
+    targets = np.asarray(
+      synthesize.blend_targets(labels, (labels + 1) % c, sy.delta, c)
+    )
+  else:
+    targets = labels
+  source = np.full(n, sy.init)
+  return np.asarray(x0, np.float32), targets, source, index
+
+
+def real_images(config, labels, key):
+  """Real training images of `labels` (one per entry), drawn with `key`."""
+  ds = load_data(config)
+  return synthesize.real_init(key, ds.train, labels)
+
+
+# Classical judges fitted per training split (data config and seed name
+# it): a report fits them once, not once per synthesis sub-run (25 s each
+# on Fashion-MNIST, 2 cores).
+_CLASSICAL_JUDGES: dict[str, dict[str, Any]] = {}
+
+
+def classical_judges(
+  config: ml_collections.ConfigDict, ds: data.Dataset
+) -> dict[str, Any]:
+  """`judges.fit_classical` on `ds` (= `load_data(config)`), cached."""
+  key = json.dumps(
+    {"data": config.data.to_dict(), "seed": config.seed},
+    sort_keys=True,
+    default=str,
+  )
+  if key not in _CLASSICAL_JUDGES:
+    _CLASSICAL_JUDGES[key] = judges.fit_classical(
+      ds.train["image"], ds.train["label"], ds.info
+    )
+  return _CLASSICAL_JUDGES[key]
+
+
+def judge_dsvs(
+  config: ml_collections.ConfigDict,
+  clf: "Classifier",
+  images: np.ndarray,
+  labels: np.ndarray,
+) -> dict[str, float]:
+  """Classical agreement and nearest-real distances of DSVs (`judges`).
+
+  Judges fitted on the real training split; the distances, in raw pixels
+  and in the classifier's penultimate features, are compared with those of
+  the validation images (``*_real``). Empty when the training data is not
+  available (a classifier from elsewhere): the judges need real data.
+  """
+  try:
+    ds = load_data(config)
+  except FileNotFoundError as e:
+    logging.info("No training data for the classical judges: %s", e)
+    return {}
+  fm = clf.functional
+  agreement = judges.classical_agreement(
+    classical_judges(config, ds), images, labels, ds.info
+  )
+  dist = judges.nearest_real_distance(
+    images,
+    labels,
+    ds.train["image"],
+    ds.train["label"],
+    ds.info,
+    reference_images=ds.validation["image"],
+    reference_labels=ds.validation["label"],
+    features_fn=lambda xs: coreset.features_of(
+      lambda p, xx: fm.eval_features(p, fm.state, xx), clf.params, xs
+    ),
+  )
+  out = {f"classical_agreement_{k}": v for k, v in agreement.items()}
+  out["classical_agreement"] = out.pop("classical_agreement_mean")
+  out.update({f"nn_distance_{k}": v for k, v in dist.items()})
+  return out
+
+
+def save_described_dsv(
+  out_dir: str,
+  clf: "Classifier",
+  *,
+  images: np.ndarray,
+  targets: np.ndarray,
+  lambdas: np.ndarray,
+  source: np.ndarray | str,
+  source_index: np.ndarray,
+  config_hash: str,
+  active: np.ndarray | None = None,
+  extra: dict[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+  """Writes a stage's DSV set with the classifier's diagnostics of each row.
+
+  Synthesis, selection and the baseline all save their sets this way, so
+  confidence/entropy/margin always come from the classifier that produced
+  them. Returns those diagnostics (`synthesize.describe`, as numpy).
+  """
+  desc = jax.tree.map(
+    np.asarray, synthesize.describe(clf.apply_fn, clf.params, images, targets)
+  )
+  n = len(images)
+  dsv = artifacts.DSVSet(
+    images=images,
+    targets=targets,
+    lambdas=lambdas,
+    active=np.ones(n, bool) if active is None else active,
+    source=np.full(n, source) if isinstance(source, str) else source,
+    source_index=source_index,
+    confidence=desc["confidence"],
+    entropy=desc["entropy"],
+    margin=desc["margin"],
+  )
+  artifacts.save_dsv(
+    out_dir,
+    dsv,
+    dataset=clf.info.name,
+    mean=clf.info.mean,
+    std=clf.info.std,
+    config_hash=config_hash,
+    extra=extra,
+  )
+  return desc
+
+
+__all__ = [
+  "IMAGE_INITS",
+  "INITS",
+  "NORM_CENTERS",
+  "OPTIMIZERS",
+  "Classifier",
+  "build_model",
+  "classical_judges",
+  "classifier_for",
+  "initial_candidates",
+  "judge_dsvs",
+  "load_classifier",
+  "load_data",
+  "model_kwargs",
+  "optimizer",
+  "real_images",
+  "save_described_dsv",
+  "synth_kwargs",
+  "synthesis_hash",
+  "synthesis_key",
+  "synthesis_recipe",
+  "validate_config",
+]

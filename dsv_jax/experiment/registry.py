@@ -1,0 +1,104 @@
+"""The stages of a DSV experiment and the loop that runs them.
+
+`run(config, workdir, stage)` runs one stage or, for `all`, every stage in
+`STAGES` order: each reads only what earlier ones wrote. Under `all` a
+stage finished under the same hash (`workdir.config_hash`: its config
+sections, its inputs' records, the classifier's content, the package
+version) is skipped, one finished under another is redone from scratch. A
+single named stage always runs, resuming its own checkpoint if it was
+interrupted under the same hash. One process owns a workdir at a time.
+"""
+
+import os
+from types import MappingProxyType, ModuleType
+
+import ml_collections
+from absl import logging
+
+from dsv_jax.experiment import common
+from dsv_jax.experiment import workdir as wd
+from dsv_jax.experiment.stages import (
+  edit,
+  interpolate,
+  report,
+  retrain,
+  select,
+  synthesize,
+  train,
+)
+
+# The order of `all`.
+_MODULES = (train, select, synthesize, edit, interpolate, retrain, report)
+STAGES = tuple(m.NAME for m in _MODULES)
+STAGE_MODULES = MappingProxyType({m.NAME: m for m in _MODULES})
+
+
+def _check_order() -> None:
+  # Every stage's inputs come before it: `all` never reads a missing input.
+  for i, m in enumerate(_MODULES):
+    missing = set(m.UPSTREAM) - set(STAGES[:i])
+    if missing:
+      raise AssertionError(f"stage {m.NAME} runs before {sorted(missing)}")
+
+
+_check_order()
+
+
+def stage_hash(config: ml_collections.ConfigDict, workdir: str, stage: str):
+  """The hash `stage` records in `workdir` under `config`."""
+  return STAGE_MODULES[stage].stage_hash(config, os.path.abspath(workdir))
+
+
+def _is_current(module: ModuleType, record: dict, config, digest: str) -> bool:
+  if record["config_hash"] != digest:
+    return False
+  is_current = getattr(module, "is_current", None)
+  return is_current is None or is_current(record, config)
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: str, stage: str | None = None
+) -> dict[str, dict]:
+  """Runs `stage` (default `config.stage`; `all` = every stage in order).
+
+  Returns:
+    `{stage: results}` for the stages run or skipped.
+
+  Raises:
+    ValueError: an unknown stage or a bad config value (naming the key).
+    workdir.WorkdirLocked: another process is running in `workdir`.
+  """
+  common.validate_config(config)
+  if config.stage not in (*STAGES, "all"):
+    raise ValueError(
+      f"Config key stage: {config.stage!r} is not one of {(*STAGES, 'all')}."
+    )
+  if stage is not None and stage not in (*STAGES, "all"):
+    raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES}.")
+  stage = stage or config.stage
+  workdir = os.path.abspath(workdir)
+  todo = STAGES if stage == "all" else (stage,)
+  out = {}
+  with wd.lock(workdir):
+    for name in todo:
+      module = STAGE_MODULES[name]
+      record = wd.stage_record(workdir, name)
+      digest = module.stage_hash(config, workdir)
+      if record is not None and stage == "all":
+        if _is_current(module, record, config, digest):
+          logging.info("Stage %s already finished; skipping.", name)
+          out[name] = record["results"]
+          continue
+        if record["config_hash"] != digest:
+          logging.info("Config of stage %s changed: redoing it.", name)
+          wd.clear_checkpoints(workdir, module.CKPT_DIRS)
+        else:
+          logging.info("Stage %s: extending the finished run.", name)
+      elif record is not None and record["config_hash"] != digest:
+        wd.clear_checkpoints(workdir, module.CKPT_DIRS)
+      logging.info("Stage %s: starting in %s.", name, workdir)
+      out[name] = module.run(config, workdir)
+  return out
+
+
+__all__ = ["STAGES", "STAGE_MODULES", "run", "stage_hash"]

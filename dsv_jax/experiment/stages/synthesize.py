@@ -1,0 +1,170 @@
+"""The `synthesize` stage: DSVs synthesized by inverting the classifier.
+
+Candidates start from noise, real images (k-shot) or another data set
+(0-shot) with the recipe of their init (`common.synthesis_recipe`); x and
+lambda are optimised with the DeepKKT objective (Algorithm 1), sharded over
+the devices and resumable from `ckpt/synthesize`. Writes `synthesize/`:
+the DSV set, grid.png, metrics.jsonl and curves.png.
+"""
+
+import json
+import os
+import time
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from dsv_jax import checkpoints, parallel, synthesize, viz
+from dsv_jax.experiment import common, synthesis_loop
+from dsv_jax.experiment import workdir as wd
+
+NAME = "synthesize"
+SECTIONS = ("seed", "data", "model", "train", "kkt", "synth")
+UPSTREAM = ("train",)
+CKPT_DIRS = ("synthesize",)
+
+
+def stage_hash(
+  config: ml_collections.ConfigDict, workdir: str, init: str | None = None
+) -> str:
+  """The hash of a synthesis from `init` (default `synth.init`): the recipe
+  it runs (`common.synthesis_recipe`) and the classifier it inverts."""
+  return common.synthesis_hash(config, workdir, SECTIONS, init)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Synthesises DSVs with the trained classifier.
+
+  Uses the classifier of the `train` stage in `workdir` (or the path in
+  `config.synth.classifier`), resumes an interrupted run from
+  `ckpt/synthesize`, and writes the DSV set, a PNG grid, metrics.jsonl and
+  curves into `workdir/synthesize/`.
+
+  Returns:
+    A dict with survival, source accuracy, entropy, timing and steps.
+  """
+  common.validate_config(config)
+  config = common.synthesis_recipe(config)
+  workdir = os.path.abspath(workdir)
+  digest = stage_hash(config, workdir)
+  clf = common.classifier_for(config, workdir)
+  info, sy = clf.info, config.synth
+  key = common.synthesis_key(config)
+  x0, targets, source, index = common.initial_candidates(config, clf, key)
+  synth = synthesize.make_synthesizer(
+    clf.apply_fn, clf.params, **common.synth_kwargs(config, info)
+  )
+  mesh = parallel.make_mesh(sy.num_devices or None)
+  out_dir = os.path.join(workdir, "synthesize")
+  os.makedirs(out_dir, exist_ok=True)
+  ckpt_dir = os.path.join(workdir, "ckpt", "synthesize")
+  ckptr = checkpoints.RunCheckpointer(ckpt_dir)
+  wd.check_resumable(ckptr, ckpt_dir, digest, "synthesis")
+  on_metrics = wd.jsonl_writer(
+    os.path.join(out_dir, "metrics.jsonl"),
+    keep_through_step=ckptr.latest_step() or 0,
+  )
+  logging.info(
+    "Synthesising %d candidates (%s init, %d steps, lr_x %g, TV %g, norm %g) "
+    "on %d device(s).",
+    len(targets),
+    sy.init,
+    sy.steps,
+    sy.lr_x,
+    config.kkt.beta_tv,
+    config.kkt.beta_norm,
+    parallel.num_shards(mesh),
+  )
+  t0 = time.perf_counter()
+  state, n, resumed, _ = synthesis_loop.run_synthesis_loop(
+    synth,
+    key,
+    x0,
+    targets,
+    steps=sy.steps,
+    mesh=mesh,
+    checkpointer=ckptr,
+    ckpt_every=sy.ckpt_every,
+    ckpt_meta={"config_hash": digest},
+    log_every=sy.log_every,
+    on_metrics=on_metrics,
+  )
+  ckptr.close()
+  wall = time.perf_counter() - t0
+  x = np.asarray(state.x)[:n]
+  active = np.asarray(state.active)[:n]
+  lambdas = np.asarray(synth.lambdas_fn(state))[:n]
+  labels = np.asarray(synthesize.target_labels(targets))
+  desc = common.save_described_dsv(
+    out_dir,
+    clf,
+    images=x,
+    targets=targets,
+    lambdas=lambdas,
+    active=active,
+    source=source,
+    source_index=index,
+    config_hash=digest,
+    extra={"seed": config.seed, "init": sy.init, "steps": sy.steps},
+  )
+  viz.class_grid(
+    os.path.join(out_dir, "grid.png"),
+    x,
+    labels,
+    info,
+    max_per_class=min(sy.num_per_class, 10),
+    mark=active,
+    title=f"DSVs ({sy.init} init, {sy.steps} steps; red: disqualified)",
+  )
+  with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  viz.plot_curves(
+    os.path.join(out_dir, "curves.png"),
+    rows,
+    keys=[
+      k
+      for k in (
+        "total",
+        "stationarity",
+        "primal",
+        "stationarity_aug",
+        "primal_aug",
+        "tv",
+        "norm",
+        "entropy",
+        "num_active",
+        "accuracy",
+        "lambda_mean",
+      )
+      if k in rows[0]
+    ],
+    title="synthesis",
+  )
+  correct = desc["prediction"] == labels
+  results = {
+    "num_candidates": n,
+    "steps": sy.steps,
+    "resumed_from_step": resumed,
+    "survival": float(active.mean()),
+    "num_active": int(active.sum()),
+    "source_accuracy_survivors": (
+      float(correct[active].mean()) if active.any() else 0.0
+    ),
+    "entropy_first": rows[0]["entropy"],
+    "entropy_last": float(desc["entropy"][active].mean())
+    if active.any()
+    else 0.0,
+    "stationarity_last": rows[-1]["stationarity"],
+    "synth_time_s": wall,
+    "candidate_steps_per_s": n * (sy.steps - resumed) / wall,
+    "num_devices": parallel.num_shards(mesh),
+  }
+  if active.any():
+    results.update(common.judge_dsvs(config, clf, x[active], labels[active]))
+  logging.info("Synthesis done: %s", results)
+  wd.mark_done(workdir, "synthesize", digest, results)
+  return results
+
+
+__all__ = ["CKPT_DIRS", "NAME", "SECTIONS", "UPSTREAM", "run", "stage_hash"]

@@ -1,0 +1,309 @@
+"""A workdir's bookkeeping: stage records, the config hash, resume, the lock.
+
+Every stage writes its outputs into one workdir and records its completion
+in `stages/<stage>.json` (`mark_done`) with the hash of what it depended on
+(`config_hash`):
+  * the config sections the stage reads, minus keys that change only
+    progress output (`PROGRESS_KEYS`) and options at the neutral value that
+    reproduces the behaviour from before they existed (`NEUTRAL_DEFAULTS`);
+  * the digests of its inputs: the upstream stages' records and the content
+    of the classifier it inverts (`classifier_digest`; an external
+    `--config.synth.classifier` included, so retraining it redoes the
+    stages that used it);
+  * the package version.
+A stage finished under the same hash is current; one interrupted under
+another hash is refused (`check_resumable`), never silently continued.
+
+One process at a time owns a workdir (`lock`): a second run fails at once,
+naming the holder.
+"""
+
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+import dsv_jax
+
+# Keys that change only progress output and checkpoint frequency, never a
+# result: left out of the hashes, so changing them neither redoes a finished
+# stage under `all` nor discards an interrupted stage's checkpoint.
+PROGRESS_KEYS = ("log_every", "ckpt_every", "eval_every")
+
+# Options added after runs existed, at the value that reproduces the
+# behaviour from before them: left out of the hashes at that value, so a
+# new option does not redo hours of finished stages that it cannot change.
+NEUTRAL_DEFAULTS = {
+  ("kkt", "norm_center"): "mean",
+  # `common.synthesis_recipe` leaves these at their neutral values: the
+  # hash of a synthesis depends on the recipe it runs, not the other init's.
+  ("synth", "image_steps"): 0,
+  ("synth", "image_lr_x"): 0.0,
+  ("synth", "image_priors"): True,
+}
+
+
+def record_path(workdir: str, stage: str) -> str:
+  return os.path.join(workdir, "stages", f"{stage}.json")
+
+
+def stage_record(workdir: str, stage: str) -> dict[str, Any] | None:
+  """The completion record of `stage` in `workdir`, or None if unfinished."""
+  path = record_path(workdir, stage)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json(path: str, obj: Any, **kw: Any) -> None:
+  """Writes `obj` as JSON atomically (a reader never sees half a file)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, **kw)
+  os.replace(tmp, path)
+
+
+def mark_done(workdir: str, stage: str, digest: str, results: dict) -> None:
+  """Records `stage` as finished under `digest` with its `results`."""
+  os.makedirs(os.path.join(workdir, "stages"), exist_ok=True)
+  record = {"config_hash": digest, "finished": time.time(), "results": results}
+  write_json(record_path(workdir, stage), record, indent=2, sort_keys=True)
+
+
+def relevant_sections(
+  config: ml_collections.ConfigDict,
+  sections: Sequence[str],
+  exclude: Sequence[tuple[str, str]] = (),
+) -> dict[str, Any]:
+  """The parts of `config` a hash covers (see the module docstring)."""
+  d = config.to_dict()
+  out = {}
+  for k in sections:
+    v = d.get(k)
+    if isinstance(v, dict):
+      v = {
+        kk: vv
+        for kk, vv in v.items()
+        if kk not in PROGRESS_KEYS
+        and (k, kk) not in exclude
+        and NEUTRAL_DEFAULTS.get((k, kk), object()) != vv
+      }
+    out[k] = v
+  return out
+
+
+def config_hash(
+  config: ml_collections.ConfigDict,
+  sections: Sequence[str],
+  inputs: Mapping[str, str | None] | None = None,
+  exclude: Sequence[tuple[str, str]] = (),
+) -> str:
+  """A short hash of `sections` of `config`, the `inputs` digests (upstream
+  records, classifier content) and the package version."""
+  blob = json.dumps(
+    {
+      "config": relevant_sections(config, sections, exclude),
+      "inputs": dict(inputs or {}),
+      "version": dsv_jax.__version__,
+    },
+    sort_keys=True,
+    default=str,
+  )
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def record_digest(workdir: str, stage: str) -> str | None:
+  """The hash `stage` finished under in `workdir` (None: not finished)."""
+  record = stage_record(workdir, stage)
+  return None if record is None else record["config_hash"]
+
+
+def classifier_dir(path: str) -> str:
+  """A workdir's `classifier/`, or `path` itself if it is one."""
+  path = os.path.abspath(path)
+  inner = os.path.join(path, "classifier")
+  return inner if os.path.isdir(inner) else path
+
+
+# (directory, files' sizes and mtimes) -> digest: a report hashes the same
+# classifier for every sub-run; reading it once per process is enough.
+_CONTENT_DIGESTS: dict[tuple, str] = {}
+
+
+def classifier_digest(path: str) -> str | None:
+  """A digest of every file of the classifier at `path` (None: none there)."""
+  root = classifier_dir(path)
+  if not os.path.isfile(os.path.join(root, "meta.json")):
+    return None
+  files = []
+  for dirpath, _, names in os.walk(root):
+    for name in names:
+      full = os.path.join(dirpath, name)
+      st = os.stat(full)
+      files.append((os.path.relpath(full, root), st.st_size, st.st_mtime_ns))
+  files.sort()
+  key = (root, tuple(files))
+  if key not in _CONTENT_DIGESTS:
+    h = hashlib.sha256()
+    for rel, _, _ in files:
+      h.update(rel.encode())
+      with open(os.path.join(root, rel), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+          h.update(chunk)
+    _CONTENT_DIGESTS[key] = h.hexdigest()[:16]
+  return _CONTENT_DIGESTS[key]
+
+
+def array_digest(*arrays: Any, extra: Any = None) -> str:
+  """A short digest of arrays' bytes and a JSON-able `extra` (cache keys)."""
+  h = hashlib.sha256()
+  for a in arrays:
+    h.update(np.ascontiguousarray(a).tobytes())
+  h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+  return h.hexdigest()[:16]
+
+
+def check_resumable(ckptr: Any, ckpt_dir: str, digest: str, what: str) -> None:
+  """Refuses to resume a checkpoint written under another hash."""
+  step = ckptr.latest_step()
+  if step is None:
+    return
+  meta = ckptr.read_meta(step)
+  if meta.get("config_hash") != digest:
+    ckptr.close()
+    raise ValueError(
+      f"{ckpt_dir} holds an interrupted {what} run of a different config "
+      f"(hash {meta.get('config_hash')}, this config {digest}). Resume it "
+      "with its original config, use a fresh --workdir, or delete "
+      f"{ckpt_dir} to start over."
+    )
+
+
+def clear_checkpoints(workdir: str, names: Sequence[str]) -> None:
+  for name in names:
+    shutil.rmtree(os.path.join(workdir, "ckpt", name), ignore_errors=True)
+
+
+def _json_safe(value: Any) -> Any:
+  # JSON has no Infinity or NaN (json.dumps would write them anyway, and
+  # strict readers reject the file): a non-finite metric becomes null.
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def jsonl_writer(path: str, *, keep_through_step: int) -> Callable:
+  """Appends rows to `path`, first dropping rows past `keep_through_step`.
+
+  After a resume from step s, rows logged after s by the interrupted run
+  are logged again, so they are dropped to keep one row per step.
+  Non-finite values are written as null.
+  """
+  rows = []
+  if os.path.exists(path):
+    with open(path) as f:
+      rows = [r for r in map(json.loads, f) if r["step"] <= keep_through_step]
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
+
+  def write(row: dict) -> None:
+    row = {k: _json_safe(v) for k, v in row.items()}
+    with open(path, "a") as f:
+      f.write(json.dumps(row, allow_nan=False) + "\n")
+
+  return write
+
+
+class WorkdirLocked(RuntimeError):
+  """Another live process holds the workdir."""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Exists, owned by someone else.
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def lock(workdir: str) -> Iterator[None]:
+  """Holds `workdir/.lock` while the block runs.
+
+  A second process fails at once with the holder's pid, host and start
+  time. A lock left by a dead process of this host (a killed run) is taken
+  over; one from another host is never guessed about: the message says to
+  remove it if that run is gone.
+
+  Raises:
+    WorkdirLocked: another process holds the workdir.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, ".lock")
+  host = socket.gethostname()
+  me = {
+    "pid": os.getpid(),
+    "host": host,
+    "started": datetime.datetime.now(datetime.UTC).isoformat(
+      timespec="seconds"
+    ),
+  }
+  while True:
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      try:
+        with open(path) as f:
+          holder = json.load(f)
+      except (OSError, ValueError):
+        holder = {}
+      if holder.get("host") == host and not _alive(int(holder.get("pid", 0))):
+        os.remove(path)  # Left by a killed run of this machine.
+        continue
+      raise WorkdirLocked(
+        f"{workdir} is in use by pid {holder.get('pid')} on "
+        f"{holder.get('host')} since {holder.get('started')} UTC; wait for "
+        f"it, use another --workdir, or delete {path} if that run is gone."
+      ) from None
+    with os.fdopen(fd, "w") as f:
+      json.dump(me, f)
+    break
+  try:
+    yield
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+
+
+__all__ = [
+  "NEUTRAL_DEFAULTS",
+  "PROGRESS_KEYS",
+  "WorkdirLocked",
+  "array_digest",
+  "check_resumable",
+  "classifier_digest",
+  "classifier_dir",
+  "clear_checkpoints",
+  "config_hash",
+  "jsonl_writer",
+  "lock",
+  "mark_done",
+  "record_digest",
+  "record_path",
+  "relevant_sections",
+  "stage_record",
+  "write_json",
+]
