@@ -188,6 +188,22 @@ def test_all_interrupted_resumes_without_redoing_finished_stages(tmp_path):
   )
   assert again["lambda_accuracy_pearson"] == summary["lambda_accuracy_pearson"]
 
+  # A copied workdir keeps its hashes (classifier paths are not hashed,
+  # its content is): the report reruns from every cache.
+  import glob
+  import shutil
+
+  moved = tmp_path / "moved"
+  shutil.copytree(wd, moved)
+  runs = sorted(
+    glob.glob(str(moved / "report" / "runs" / "*" / "stages" / "*"))
+  )
+  before = {p: json.load(open(p))["finished"] for p in runs}
+  cache = (moved / "report" / "retrain_rows.json").read_text()
+  report.run_report(tiny, str(moved))
+  assert runs and {p: json.load(open(p))["finished"] for p in runs} == before
+  assert (moved / "report" / "retrain_rows.json").read_text() == cache
+
   # The retrain stage's rows serve the report: the same DSV set under the
   # same recipe is not trained twice; under another recipe it is.
   from dsv_jax import artifacts

@@ -40,6 +40,11 @@ import dsv_jax
 # stage under `all` nor discards an interrupted stage's checkpoint.
 PROGRESS_KEYS = ("log_every", "ckpt_every", "eval_every")
 
+# Paths to a classifier: the hash takes its content instead
+# (`classifier_digest`), so a workdir copied or moved elsewhere keeps its
+# hashes and every finished stage and sub-run.
+LOCATION_KEYS = (("synth", "classifier"), ("select", "classifier"))
+
 # Options added after runs existed, at the value that reproduces the
 # behaviour from before them: left out of the hashes at that value, so a
 # new option does not redo hours of finished stages that it cannot change.
@@ -97,6 +102,7 @@ def relevant_sections(
         for kk, vv in v.items()
         if kk not in PROGRESS_KEYS
         and (k, kk) not in exclude
+        and (k, kk) not in LOCATION_KEYS
         and NEUTRAL_DEFAULTS.get((k, kk), object()) != vv
       }
     out[k] = v
@@ -289,6 +295,7 @@ def lock(workdir: str) -> Iterator[None]:
 
 
 __all__ = [
+  "LOCATION_KEYS",
   "NEUTRAL_DEFAULTS",
   "PROGRESS_KEYS",
   "WorkdirLocked",
