@@ -21,6 +21,7 @@ Metadata (npz keys, 0-d arrays, also as JSON in ``meta_json``):
 
 import json
 import os
+import zipfile
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -172,14 +173,21 @@ def load_dsv(
       f"No DSV set at {directory} (missing {NPZ}); run the synthesize or "
       "select stage first."
     )
-  with np.load(npz_path, allow_pickle=False) as z:
-    meta = json.loads(str(z["meta_json"]))
-    if meta.get("schema_version") != SCHEMA_VERSION:
-      raise ValueError(
-        f"{npz_path} has schema version {meta.get('schema_version')}; this "
-        f"code reads version {SCHEMA_VERSION}."
-      )
-    fields = {k: z[k] for k in DSVSet._fields}
+  try:
+    with np.load(npz_path, allow_pickle=False) as z:
+      meta = json.loads(str(z["meta_json"]))
+      fields = {k: z[k] for k in DSVSet._fields}
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    raise ValueError(
+      f"The DSV set {npz_path} is damaged ({type(e).__name__}: "
+      f"{str(e).splitlines()[0] if str(e) else ''}); rerun the stage that "
+      "wrote it."
+    ) from e
+  if meta.get("schema_version") != SCHEMA_VERSION:
+    raise ValueError(
+      f"{npz_path} has schema version {meta.get('schema_version')}; this "
+      f"code reads version {SCHEMA_VERSION}."
+    )
   if orbax:
     with ocp.StandardCheckpointer() as ckptr:
       restored = ckptr.restore(os.path.join(directory, ORBAX))

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from dsv_jax import checks
 from dsv_jax.types import PyTree
@@ -64,45 +65,75 @@ class RunCheckpointer:
     self._manager.wait_until_finished()
 
   def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
-    """The JSON record saved with `step` (default: latest), or None."""
-    step = self._manager.latest_step() if step is None else step
-    if step is None:
-      return None
-    restored = self._manager.restore(
-      step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-    )
-    return restored.meta
+    """The JSON record saved with `step` (default: the newest step whose
+    record reads), or None when there is none."""
+    steps = [step] if step is not None else self._steps_newest_first()
+    for s in steps:
+      try:
+        return self._manager.restore(
+          s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        ).meta
+      except Exception:  # noqa: BLE001 -- a damaged step: try the next.
+        if step is not None:
+          raise
+    return None
+
+  def _steps_newest_first(self) -> list[int]:
+    return sorted(self._manager.all_steps(), reverse=True)
 
   def restore(self, target: PyTree, step: int | None = None):
     """Restores `(step, state, meta)` into the structure of `target`.
 
-    Returns None when there is no checkpoint yet; raises a ValueError, with
-    Orbax's error as its cause, when the stored state cannot be restored
-    into `target` (another structure, or a damaged checkpoint).
+    Without `step`, the newest step that restores cleanly: a damaged newer
+    step (a file lost or truncated by a crash or a full disk) is named in
+    one warning and deleted, so the run redoes it from the step before.
+    Returns None when there is no checkpoint yet; raises a one-line
+    ValueError, with Orbax's error as its cause, when no step restores into
+    `target` (another structure, or every step damaged).
 
     A NamedTuple state that gained fields since the checkpoint was written
     still restores it: fields with a default (NamedTuple puts them last)
     that the checkpoint lacks keep `target`'s values (e.g.
     `dsv_jax.select.SolverState.converged`).
     """
-    step = self._manager.latest_step() if step is None else step
-    if step is None:
+    steps = [step] if step is not None else self._steps_newest_first()
+    if not steps:
       return None
+    first_error = None
+    for i, s in enumerate(steps):
+      try:
+        state, meta = self._restore_any_version(s, target)
+      except Exception as e:  # noqa: BLE001 -- damaged or foreign: next.
+        first_error = first_error or e
+        continue
+      if i:
+        damaged = steps[:i]
+        logging.warning(
+          "Checkpoint step(s) %s in %s do not restore (%s); resuming from "
+          "step %d and redoing the rest.",
+          damaged,
+          self.directory,
+          checks.error_summary(first_error),
+          s,
+        )
+        for bad in damaged:
+          self._manager.delete(bad)
+      return s, state, meta
+    raise ValueError(
+      f"No checkpoint step in {self.directory} restores into the state of "
+      f"this run (steps {steps}: another config's, or damaged: "
+      f"{checks.error_summary(first_error)}). Resume with the config that "
+      "wrote it, or delete the directory to start over."
+    ) from first_error
+
+  def _restore_any_version(self, step: int, target: PyTree):
     try:
-      state, meta = self._restore(step, target)
-    except ValueError as e:
+      return self._restore(step, target)
+    except ValueError:
       older = self._restore_without_new_fields(step, target)
       if older is None:
-        # Orbax's message lists whole arrays: one line of it here, all of
-        # it in the chained cause.
-        raise ValueError(
-          f"The checkpoint at step {step} in {self.directory} does not match "
-          f"the state of this run or is damaged ({checks.error_summary(e)}). "
-          "Resume with the config that wrote it, or delete the directory to "
-          "start over."
-        ) from e
-      state, meta = older
-    return step, state, meta
+        raise
+      return older
 
   def _restore(self, step: int, target: PyTree) -> tuple[PyTree, Any]:
     restored = self._manager.restore(
@@ -169,8 +200,18 @@ def load_classifier_meta(path: str | os.PathLike) -> dict[str, Any]:
       "`train` stage for this workdir first, or point to a directory "
       "written by dsv_jax.checkpoints.save_classifier."
     )
-  with open(meta_path) as f:
-    return json.load(f)
+  return read_json(meta_path, "classifier record")
+
+
+def read_json(path: str, what: str) -> Any:
+  """`json.load` of `path`; a damaged file raises a ValueError naming it."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(
+      f"The {what} {path} is damaged ({e}); rerun the stage that wrote it."
+    ) from e
 
 
 def load_classifier_arrays(path: str | os.PathLike, target: PyTree) -> PyTree:
@@ -195,5 +236,6 @@ __all__ = [
   "RunCheckpointer",
   "load_classifier_arrays",
   "load_classifier_meta",
+  "read_json",
   "save_classifier",
 ]

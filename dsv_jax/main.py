@@ -1,26 +1,50 @@
 """Command line: `python -m dsv_jax.main --config CONFIG --workdir DIR`.
 
 Also installed as the console script `dsv`. Flags:
-  --config   a config file with `get_config(arg)`, e.g.
-             `configs/digits.py` or `configs/digits.py:tiny`; override
-             fields with `--config.train.steps=100` (an unknown key or a
-             wrong type fails at once, naming the key).
+  --config   a packaged config by name (`digits`, `digits:tiny`,
+             `fashion_mnist`, ...; works from any directory) or a config
+             file with `get_config(arg)`, e.g. `configs/digits.py:tiny`;
+             override fields with `--config.train.steps=100` (an unknown
+             key or a wrong type fails at once, naming the key).
   --workdir  where checkpoints and outputs go; re-running the same command
              resumes an interrupted run.
-  --stage    which stage to run (default: the config's `stage`, "all").
+  --stage    which stage to run: train, select, synthesize, edit,
+             interpolate, retrain, report, or all (every stage in order;
+             the default, from the config's `stage`).
+
+Expected errors (a config value, missing data, a busy or damaged workdir)
+print one line and exit with status 2; `--verbosity=1` shows the
+traceback.
 """
 
 import logging as std_logging
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dsv_jax.experiment import registry
+from dsv_jax.experiment import workdir as wd
+
+# Errors a user's input causes (bad config value or key, missing data or
+# files, a busy workdir): one line, not a traceback.
+_EXPECTED = (
+  ValueError,
+  KeyError,
+  AttributeError,
+  OSError,
+  wd.WorkdirLocked,
+)
+_CONFIGS_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file, e.g. configs/digits.py[:arg].", lock_config=True
+  "config",
+  None,
+  "A packaged config by name (digits[:tiny], fashion_mnist, mnist, cifar10, "
+  "cifar100) or a config file, e.g. configs/digits.py[:arg].",
+  lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output/resume directory.")
 _STAGE = flags.DEFINE_enum(
@@ -52,19 +76,68 @@ def main(argv):
 
 
 class _DropLibraryChatter(std_logging.Filter):
-  """Keeps Orbax's per-save INFO lines out of the progress output."""
+  """Keeps Orbax's per-save INFO lines and JAX's backend probing (\"Unable
+  to initialize backend 'tpu'\" on every CPU machine) out of the output."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or (
-      f"{os.sep}orbax{os.sep}" not in record.pathname
+    if record.levelno >= std_logging.WARNING:
+      return True
+    return f"{os.sep}orbax{os.sep}" not in record.pathname and not (
+      record.pathname.endswith("xla_bridge.py")
     )
+
+
+def resolve_config_arg(argv: list[str]) -> list[str]:
+  """`--config NAME[:arg]` of a packaged config -> the packaged file.
+
+  A value that is an existing file is left alone, so paths keep working;
+  a bare name (`digits`, `digits:tiny`) resolves inside the installed
+  package, from any directory.
+  """
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith("--config="):
+      prefix, value = "--config=", a[len("--config=") :]
+    elif a == "--config" and i + 1 < len(out):
+      prefix, value, i = "", out[i + 1], i + 1
+    else:
+      continue
+    path, colon, arg = value.partition(":")
+    packaged = os.path.join(_CONFIGS_DIR, f"{path}.py")
+    if not os.path.exists(path) and os.path.exists(packaged):
+      out[i] = f"{prefix}{packaged}{colon}{arg}"
+  return out
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+  # ml_collections nests a KeyError's repr in its AttributeError: undo the
+  # quoting and escapes so the line reads as the message it is.
+  if len(text) > 1 and text[0] == text[-1] == "'":
+    text = text[1:-1].replace("\\'", "'").replace("\\n", " ")
+  text = " ".join(text.split())
+  return text or type(e).__name__
+
+
+def _verbose(argv: list[str]) -> bool:
+  return any(
+    a.startswith(("--verbosity=", "-v=")) and a.split("=", 1)[1] not in ("0",)
+    for a in argv
+  ) or any(a in ("--verbosity", "-v") for a in argv)
 
 
 def run_main():
   """Entry point of the `dsv` console script."""
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_DropLibraryChatter())
-  app.run(main)
+  argv = resolve_config_arg(sys.argv)
+  try:
+    app.run(main, argv=argv)
+  except _EXPECTED as e:
+    if _verbose(argv):
+      raise
+    sys.stderr.write(f"dsv: error: {_one_line(e)}\n")
+    sys.exit(2)
 
 
 if __name__ == "__main__":

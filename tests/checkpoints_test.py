@@ -1,4 +1,6 @@
-"""RunCheckpointer: errors keep Orbax's cause; older NamedTuple states load."""
+"""RunCheckpointer: errors keep Orbax's cause; a damaged newest step falls
+back to the one before; older NamedTuple states load; damaged files are
+named."""
 
 import glob
 import os
@@ -39,7 +41,9 @@ def test_damaged_checkpoint_error_is_one_line_with_orbax_cause(tmp_path):
   for path in manifests:  # Truncated, as by a full disk.
     open(path, "wb").close()
   ckptr = checkpoints.RunCheckpointer(tmp_path / "ckpt")
-  with pytest.raises(ValueError, match="at step 3 .* or is damaged") as info:
+  with pytest.raises(
+    ValueError, match="No checkpoint step in .* damaged"
+  ) as info:
     ckptr.restore(target)
   assert "\n" not in str(info.value)
   assert info.value.__cause__ is not None
@@ -47,7 +51,7 @@ def test_damaged_checkpoint_error_is_one_line_with_orbax_cause(tmp_path):
 
 def test_structure_mismatch_error_keeps_its_cause(tmp_path):
   ckptr = _saved(tmp_path / "ckpt", {"x": jnp.arange(6.0)})
-  with pytest.raises(ValueError, match="does not match") as info:
+  with pytest.raises(ValueError, match="another config's") as info:
     ckptr.restore({"x": jnp.arange(6.0), "y": jnp.zeros(2)})
   assert isinstance(info.value.__cause__, ValueError)
 
@@ -68,5 +72,65 @@ def test_namedtuple_that_gained_a_defaulted_field_restores_older_state(
   assert bool(state.done) and isinstance(state, _New)
   # Other mismatches still fail. (A structural one: a shape mismatch fails
   # too, but leaves Orbax warning about an abandoned read coroutine.)
-  with pytest.raises(ValueError, match="does not match"):
+  with pytest.raises(ValueError, match="another config.s"):
     old.restore(_New(jnp.int32(0), {"y": jnp.zeros(4)}))
+
+
+def _truncate_step(directory, step):
+  manifests = glob.glob(
+    os.path.join(directory, str(step), "state", "**", "manifest.ocdbt"),
+    recursive=True,
+  )
+  assert manifests
+  for path in manifests:
+    open(path, "wb").close()
+
+
+def test_a_damaged_newest_step_falls_back_to_the_one_before(tmp_path, caplog):
+  d = tmp_path / "ckpt"
+  ckptr = checkpoints.RunCheckpointer(d)
+  for step in (2, 4):
+    ckptr.save(step, {"x": jnp.full(3, float(step))}, {"step": step})
+  ckptr.close()
+  _truncate_step(d, 4)
+  ckptr = checkpoints.RunCheckpointer(d)
+  assert ckptr.read_meta()["step"] == 4  # The record alone still reads.
+  with caplog.at_level("WARNING"):
+    step, state, meta = ckptr.restore({"x": jnp.zeros(3)})
+  assert step == 2 and meta == {"step": 2}
+  np.testing.assert_array_equal(state["x"], np.full(3, 2.0))
+  warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and "[4]" in warnings[0].getMessage()
+  # The damaged step is gone, so the run saves it again.
+  assert ckptr.latest_step() == 2
+  ckptr.save(4, {"x": jnp.full(3, 4.0)}, {"step": 4})
+  assert ckptr.restore({"x": jnp.zeros(3)})[0] == 4
+
+
+def test_damaged_json_files_are_named(tmp_path):
+  meta = tmp_path / "clf" / "meta.json"
+  meta.parent.mkdir()
+  meta.write_text('{"model": {"name": "convnet",')
+  with pytest.raises(ValueError, match=f"{meta} is damaged"):
+    checkpoints.load_classifier_meta(meta.parent)
+
+
+def test_a_damaged_dsv_set_is_named(tmp_path):
+  from dsv_jax import artifacts
+
+  dsv = artifacts.DSVSet(
+    images=np.zeros((2, 4, 4, 1), np.float32),
+    targets=np.array([0, 1], np.int32),
+    lambdas=np.ones(2, np.float32),
+    active=np.ones(2, bool),
+    source=np.array(["noise", "noise"]),
+    source_index=np.full(2, -1, np.int32),
+    confidence=np.ones(2, np.float32),
+    entropy=np.zeros(2, np.float32),
+    margin=np.ones(2, np.float32),
+  )
+  artifacts.save_dsv(tmp_path, dsv, dataset="digits", mean=[0.0], std=[1.0])
+  path = tmp_path / artifacts.NPZ
+  path.write_bytes(path.read_bytes()[:100])
+  with pytest.raises(ValueError, match=f"The DSV set {path} is damaged"):
+    artifacts.load_dsv(tmp_path)

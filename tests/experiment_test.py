@@ -142,8 +142,49 @@ def test_progress_keys_do_not_change_the_stage_hashes():
 )
 def test_cli_config_errors_name_the_key(tmp_path, override, message):
   res = _cli(tmp_path / "wd", override)
+  # One line: ours ("dsv: error: ...", status 2) or absl's flag parser's.
   assert res.returncode != 0
-  assert message in res.stdout + res.stderr
+  assert "Traceback" not in res.stderr
+  lines = [ln for ln in res.stderr.splitlines() if message in ln]
+  assert lines and (
+    lines[-1].startswith("dsv: error:") or "Flags parsing error" in lines[-1]
+  )
+
+
+def test_cli_user_errors_are_one_line_and_configs_resolve_by_name(tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  cases = [
+    (["--config=nonexistent.py", f"--workdir={tmp_path}"], "nonexistent.py"),
+    (["--config=digits:tiny", f"--workdir={a_file}"], "is a file"),
+  ]
+  for args, message in cases:
+    res = subprocess.run(
+      [sys.executable, "-m", "dsv_jax.main", *args],
+      cwd=tmp_path,  # Outside the clone: packaged configs by name.
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert message in res.stderr.strip().splitlines()[-1]
+  # --verbosity=1 keeps the traceback for debugging.
+  res = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "dsv_jax.main",
+      "--config=digits:tiny",
+      f"--workdir={a_file}",
+      "--verbosity=1",
+    ],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert "Traceback" in res.stderr and "is a file" in res.stderr
 
 
 def test_unknown_config_arg():

@@ -77,6 +77,8 @@ def run(
     raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES}.")
   stage = stage or config.stage
   workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir {workdir} is a file, not a folder.")
   todo = STAGES if stage == "all" else (stage,)
   out = {}
   with wd.lock(workdir):

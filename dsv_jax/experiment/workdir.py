@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 import dsv_jax
+from dsv_jax import checkpoints
 
 # Keys that change only progress output and checkpoint frequency, never a
 # result: left out of the hashes, so changing them neither redoes a finished
@@ -67,8 +68,7 @@ def stage_record(workdir: str, stage: str) -> dict[str, Any] | None:
   path = record_path(workdir, stage)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return checkpoints.read_json(path, f"record of stage {stage!r}")
 
 
 def write_json(path: str, obj: Any, **kw: Any) -> None:
@@ -182,10 +182,9 @@ def array_digest(*arrays: Any, extra: Any = None) -> str:
 
 def check_resumable(ckptr: Any, ckpt_dir: str, digest: str, what: str) -> None:
   """Refuses to resume a checkpoint written under another hash."""
-  step = ckptr.latest_step()
-  if step is None:
+  meta = ckptr.read_meta()  # The newest step whose record reads.
+  if meta is None:
     return
-  meta = ckptr.read_meta(step)
   if meta.get("config_hash") != digest:
     ckptr.close()
     raise ValueError(
