@@ -35,3 +35,6 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     if "image/png" in o.get("data", {})
   ]
   assert len(images) == 2  # The selected and the synthesized grids.
+  # The run's temporary folder does not outlive the notebook.
+  removed = [ln for ln in text.splitlines() if ln.startswith("removed ")]
+  assert removed and not os.path.exists(removed[0].split()[1])
