@@ -17,7 +17,6 @@ print one line and exit with status 2; `--verbosity=1` shows the
 traceback.
 """
 
-import logging as std_logging
 import os
 import sys
 
@@ -75,18 +74,6 @@ def main(argv):
     print(f"[{stage}] {summary}", flush=True)
 
 
-class _DropLibraryChatter(std_logging.Filter):
-  """Keeps Orbax's per-save INFO lines and JAX's backend probing (\"Unable
-  to initialize backend 'tpu'\" on every CPU machine) out of the output."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    if record.levelno >= std_logging.WARNING:
-      return True
-    return f"{os.sep}orbax{os.sep}" not in record.pathname and not (
-      record.pathname.endswith("xla_bridge.py")
-    )
-
-
 def resolve_config_arg(argv: list[str]) -> list[str]:
   """`--config NAME[:arg]` of a packaged config -> the packaged file.
 
@@ -129,7 +116,7 @@ def _verbose(argv: list[str]) -> bool:
 def run_main():
   """Entry point of the `dsv` console script."""
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_DropLibraryChatter())
+  logging.get_absl_handler().addFilter(registry.LibraryChatterFilter())
   argv = resolve_config_arg(sys.argv)
   try:
     app.run(main, argv=argv)

@@ -563,3 +563,25 @@ def test_retraining_rows_are_keyed_by_the_model_and_data_too():
   other_data.data.max_train = 7
   assert retrain_stage.row_key(other_data, images, labels) != key
   assert retrain_stage.row_key(_tiny(), images, labels) == key
+
+
+def test_the_python_api_shows_progress_without_library_chatter(tmp_path):
+  # From a script or a notebook (no absl flags parsed), run() logs its
+  # progress to stderr; progress=False keeps it quiet.
+  script = f"""
+import sys
+from dsv_jax import configs
+from dsv_jax.experiment import registry
+c = configs.get_config("digits", "tiny")
+registry.run(c, {str(tmp_path / "a")!r}, "train")
+print("--quiet--", file=sys.stderr, flush=True)
+registry.run(c, {str(tmp_path / "b")!r}, "train", progress=False)
+"""
+  res = subprocess.run(
+    [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+  )
+  assert res.returncode == 0, res.stderr[-2000:]
+  loud, quiet = res.stderr.split("--quiet--")
+  assert "Stage train: starting" in loud and "train step 6/6" in loud
+  assert "CheckpointManager" not in loud  # Orbax's per-save lines.
+  assert "Stage train" not in quiet

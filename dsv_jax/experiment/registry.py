@@ -9,7 +9,10 @@ single named stage always runs, resuming its own checkpoint if it was
 interrupted under the same hash. One process owns a workdir at a time.
 """
 
+import contextlib
+import logging as std_logging
 import os
+from collections.abc import Iterator
 from types import MappingProxyType, ModuleType
 
 import ml_collections
@@ -56,10 +59,49 @@ def _is_current(module: ModuleType, record: dict, config, digest: str) -> bool:
   return is_current is None or is_current(record, config)
 
 
+class LibraryChatterFilter(std_logging.Filter):
+  """Keeps Orbax's per-save INFO lines and JAX's backend probing ("Unable
+  to initialize backend 'tpu'" on every CPU machine) out of the progress
+  output; warnings always pass."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      return True
+    return f"{os.sep}orbax{os.sep}" not in record.pathname and not (
+      record.pathname.endswith("xla_bridge.py")
+    )
+
+
+@contextlib.contextmanager
+def _progress(show: bool | None) -> Iterator[None]:
+  # absl logs INFO only once its flags are parsed (the CLI); from a script
+  # or a notebook every progress line would be dropped. Raise the verbosity
+  # for the run, without the libraries' chatter, and restore it after.
+  before = logging.get_verbosity()
+  chatter = LibraryChatterFilter()
+  absl_logger = std_logging.getLogger("absl")
+  if show or (show is None and before < logging.INFO):
+    logging.set_verbosity(logging.INFO)
+    absl_logger.addFilter(chatter)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(before)
+    absl_logger.removeFilter(chatter)
+
+
 def run(
-  config: ml_collections.ConfigDict, workdir: str, stage: str | None = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  stage: str | None = None,
+  *,
+  progress: bool | None = None,
 ) -> dict[str, dict]:
   """Runs `stage` (default `config.stage`; `all` = every stage in order).
+
+  Progress (stage starts, training, selection, synthesis and retraining
+  steps) is logged to stderr, which scripts and notebooks show; `progress`
+  None keeps a verbosity set at INFO or above, False leaves it as it is.
 
   Returns:
     `{stage: results}` for the stages run or skipped.
@@ -81,7 +123,7 @@ def run(
     raise NotADirectoryError(f"--workdir {workdir} is a file, not a folder.")
   todo = STAGES if stage == "all" else (stage,)
   out = {}
-  with wd.lock(workdir):
+  with wd.lock(workdir), _progress(progress):
     for name in todo:
       module = STAGE_MODULES[name]
       record = wd.stage_record(workdir, name)
@@ -103,4 +145,10 @@ def run(
   return out
 
 
-__all__ = ["STAGES", "STAGE_MODULES", "run", "stage_hash"]
+__all__ = [
+  "STAGES",
+  "STAGE_MODULES",
+  "LibraryChatterFilter",
+  "run",
+  "stage_hash",
+]
