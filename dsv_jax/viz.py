@@ -10,12 +10,14 @@ nor imports pyplot, so inline figures in a notebook keep working.
 """
 
 import os
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def _figure(figsize: tuple[float, float]) -> Figure:
@@ -23,6 +25,20 @@ def _figure(figsize: tuple[float, float]) -> Figure:
   fig = Figure(figsize=figsize)
   FigureCanvasAgg(fig)
   return fig
+
+
+def _add_title(fig: Figure, title: str, *, extra_in: float = 0.0) -> float:
+  """Sets `title`, wrapped to the figure's width, and returns the top of
+  the area left for the panels (for `tight_layout(rect=...)`, which
+  ignores suptitle). `extra_in`: inches more, e.g. for panel titles."""
+  width_in, height_in = fig.get_size_inches()
+  if not title:
+    return 1.0 - extra_in / height_in
+  # About 13 characters per inch at 9 pt.
+  text = textwrap.fill(title, width=max(12, int(13 * width_in)))
+  fig.suptitle(text, fontsize=9)
+  lines = text.count("\n") + 1
+  return max(0.5, 1.0 - (0.2 * lines + 0.12 + extra_in) / height_in)
 
 
 def _to_display(images: Any, info: Any) -> np.ndarray:
@@ -85,10 +101,8 @@ def class_grid(
             spine.set_linewidth(2)
       else:
         ax.axis("off")
-  if title:
-    fig.suptitle(title, fontsize=9)
-  # Leave room for the title: tight_layout ignores suptitle.
-  fig.tight_layout(pad=0.2, rect=(0, 0, 1, 0.95 if title else 1))
+  top = _add_title(fig, title)
+  fig.tight_layout(pad=0.2, rect=(0, 0, 1, top))
   fig.savefig(path, dpi=100)
 
 
@@ -109,10 +123,9 @@ def strip(
     _show(axes[0, i], shown[i])
     if titles is not None:
       axes[0, i].set_title(titles[i], fontsize=7)
-  if title:
-    fig.suptitle(title, fontsize=9)
-  # Leave room for the title: tight_layout ignores suptitle.
-  fig.tight_layout(pad=0.2, rect=(0, 0, 1, 0.95 if title else 1))
+  # The panels' own titles need room under the figure's.
+  top = _add_title(fig, title, extra_in=0.15 if titles is not None else 0.0)
+  fig.tight_layout(pad=0.2, rect=(0, 0, 1, top))
   fig.savefig(path, dpi=100)
 
 
@@ -148,15 +161,19 @@ def plot_curves(
   axes = fig.subplots(nrows, cols, squeeze=False)
   for i, key in enumerate(keys):
     ax = axes[i // cols, i % cols]
-    ax.plot(steps, [r.get(key, np.nan) for r in rows])
+    # null (a non-finite value in metrics.jsonl) and absent are gaps.
+    values = [np.nan if r.get(key) is None else r[key] for r in rows]
+    ax.plot(steps, np.asarray(values, float))
     ax.set_title(key, fontsize=8)
     ax.set_xlabel("step", fontsize=7)
     ax.tick_params(labelsize=6)
+    # Whole steps, and plain numbers (no offset label over the title).
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(useOffset=False, style="plain", axis="both")
   for j in range(len(keys), nrows * cols):
     axes[j // cols, j % cols].axis("off")
-  if title:
-    fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
+  top = _add_title(fig, title)
+  fig.tight_layout(rect=(0, 0, 1, top))
   fig.savefig(path, dpi=100)
 
 

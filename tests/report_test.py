@@ -117,6 +117,7 @@ def test_all_interrupted_resumes_without_redoing_finished_stages(tmp_path):
 
   _assert_matches_reference(wd)
   text = open(wd / "report" / "report.md").read()
+  assert "Smoke run (tiny config)" in text  # Not mistaken for results.
   for header in SECTIONS:
     assert header in text, header
   # Every table cell that should hold a measured number does.

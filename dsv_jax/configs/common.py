@@ -242,6 +242,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.report.detail_ipc = 10
   # Include the KKT-reconstruction baseline rows (dsv_jax.baseline).
   c.report.baseline = True
+  # A smoke run (the tiny variant): the report says its numbers test the
+  # plumbing, not the method.
+  c.report.smoke = False
   # Decision criteria: test images per class, added norm / image norm.
   c.report.flip_images = 20
   c.report.flip_ratios = (0.1, 0.25, 0.5)
@@ -252,6 +255,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks a config to seconds of work for smoke tests."""
+  c.report.smoke = True
   c.data.max_train = 200
   c.model.width = 8
   c.model.depth = 2

@@ -141,7 +141,13 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_res = wd.stage_record(workdir, "train")["results"]
   header = (
     f"# DSV report: {clf.info.name}\n\n"
-    f"Classifier: {clf.meta['model']['name']} "
+    + (
+      "**Smoke run (tiny config): a few training steps on tiny models. "
+      "The numbers test the plumbing, not the method.**\n\n"
+      if config.report.smoke
+      else ""
+    )
+    + f"Classifier: {clf.meta['model']['name']} "
     f"{json.dumps(clf.meta['model']['kwargs'], sort_keys=True)}, test "
     f"accuracy {100 * train_res['test_accuracy']:.2f}%. Seed {config.seed}; "
     f"config hash {digest}; written "

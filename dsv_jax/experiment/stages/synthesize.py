@@ -115,7 +115,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     info,
     max_per_class=min(sy.num_per_class, 10),
     mark=active,
-    title=f"DSVs ({sy.init} init, {sy.steps} steps; red: disqualified)",
+    title=(
+      f"DSVs ({sy.init} init, {sy.steps} steps, "
+      f"{'primal only' if config.kkt.beta_stationarity == 0 else 'DeepKKT'}"
+      "; red: disqualified)"
+    ),
   )
   with open(os.path.join(out_dir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
