@@ -32,8 +32,9 @@ def is_concrete(a: Any) -> bool:
   return not isinstance(a, jax.core.Tracer)
 
 
-def error_summary(error: BaseException) -> str:
-  """``"Type: first line of the message"``, for a one-line error report.
+def error_summary(error: BaseException, *, max_chars: int = 300) -> str:
+  """``"Type: first line of the message"``, for a one-line error report,
+  cut to `max_chars` (tensorstore's first line holds whole JSON specs).
 
   Pair it with ``raise ... from error``: the summary says what failed, the
   chained cause keeps the whole message and traceback.
@@ -45,7 +46,8 @@ def error_summary(error: BaseException) -> str:
   """
   lines = str(error).strip().splitlines()
   name = type(error).__name__
-  return f"{name}: {lines[0]}" if lines else name
+  text = f"{name}: {lines[0]}" if lines else name
+  return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

@@ -320,7 +320,8 @@ def train_classifier(
       (ckpt_every and step % ckpt_every == 0) or step == steps
     ):
       checkpointer.save(step, state, ckpt_meta or {})
-  return state, last
+  # The step this run resumed from (a damaged newer checkpoint is skipped).
+  return state, {**last, "resumed_from_step": start}
 
 
 # ----------------------------------------------------------------------------

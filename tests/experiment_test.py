@@ -169,6 +169,23 @@ def test_cli_user_errors_are_one_line_and_configs_resolve_by_name(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert message in res.stderr.strip().splitlines()[-1]
+  # A packaged config by name runs from any directory.
+  res = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "dsv_jax.main",
+      "--config=digits:tiny",
+      f"--workdir={tmp_path / 'wd'}",
+      "--stage=train",
+    ],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "[train]" in res.stdout
   # --verbosity=1 keeps the traceback for debugging.
   res = subprocess.run(
     [
@@ -585,3 +602,38 @@ registry.run(c, {str(tmp_path / "b")!r}, "train", progress=False)
   assert "Stage train: starting" in loud and "train step 6/6" in loud
   assert "CheckpointManager" not in loud  # Orbax's per-save lines.
   assert "Stage train" not in quiet
+
+
+def test_damaged_training_checkpoints_resume_or_fail_in_one_line(tmp_path):
+  import glob
+
+  wd = tmp_path / "wd"
+  flags = ("--stage=train", "--config.train.ckpt_every=2")
+  assert _cli(wd, *flags).returncode == 0  # Steps 4 and 6 stay.
+  ckpt = os.path.join(wd, "ckpt", "train")
+
+  def damage(step):
+    files = glob.glob(
+      os.path.join(ckpt, str(step), "state", "**", "manifest.ocdbt"),
+      recursive=True,
+    )
+    assert files
+    for path in files:
+      open(path, "wb").close()
+
+  # A fresh process each time: tensorstore caches what it read in-process.
+  damage(6)
+  res = _cli(wd, *flags)
+  assert res.returncode == 0, res.stderr[-2000:]
+  record = wdir.stage_record(str(wd), "train")["results"]
+  assert record["resumed_from_step"] == 4
+  assert res.stderr.count("do not restore") == 1
+  damage(4)
+  damage(6)
+  out = _cli(wd, *flags)
+  assert out.returncode == 2
+  # Our line is one line; Orbax's background threads still print asyncio
+  # noise around it (not ours to silence yet).
+  ours = [ln for ln in out.stderr.splitlines() if ln.startswith("dsv: error")]
+  assert len(ours) == 1 and "No checkpoint step in" in ours[0]
+  assert len(ours[0]) < 800

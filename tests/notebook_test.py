@@ -28,6 +28,8 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   ]
   text = "".join(outputs)
   assert "test accuracy" in text and "residual" in text
+  # The Python API's progress reaches the notebook (stderr stream).
+  assert "Stage train: starting" in text and "train step" in text
   images = [
     o
     for cell in nb.cells

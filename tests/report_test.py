@@ -205,6 +205,15 @@ def test_all_interrupted_resumes_without_redoing_finished_stages(tmp_path):
   report.run_report(tiny, str(moved))
   assert runs and {p: json.load(open(p))["finished"] for p in runs} == before
   assert (moved / "report" / "retrain_rows.json").read_text() == cache
+  # A changed config redoes what it touches under `all`, the report's
+  # KKT-baseline sub-run included (it used to refuse its own finished
+  # checkpoint as "an interrupted run of a different config").
+  changed = configs.get_config("digits", "tiny")
+  changed.synth.steps += 2
+  registry.run(changed, str(moved), "all")
+  assert wdir.stage_record(str(moved), "report")[
+    "config_hash"
+  ] == registry.stage_hash(changed, str(moved), "report")
 
   # The retrain stage's rows serve the report: the same DSV set under the
   # same recipe is not trained twice; under another recipe it is.

@@ -115,7 +115,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   results = {
     "steps": config.train.steps,
-    "resumed_from_step": resume_step or 0,
+    "resumed_from_step": last.get("resumed_from_step", resume_step or 0),
     "train_time_s": train_time,
     "train_accuracy_last_batch": last.get("accuracy"),
     "num_params": models.num_params(state.params),
