@@ -11,7 +11,10 @@ so every public function resolves its path first.
 """
 
 import json
+import logging as std_logging
 import os
+import sys
+import warnings
 from typing import Any
 
 import jax
@@ -99,6 +102,8 @@ class RunCheckpointer:
     steps = [step] if step is not None else self._steps_newest_first()
     if not steps:
       return None
+    # Before the first read: a damaged step's debris starts inside it.
+    _quiet_failed_restore_aftermath()
     first_error = None
     for i, s in enumerate(steps):
       try:
@@ -168,6 +173,58 @@ class RunCheckpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _from_failed_orbax_read(exc: BaseException | None) -> bool:
+  """Whether `exc` is debris of an Orbax read that already failed."""
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return True  # Tensorstore callbacks into the loop Orbax closed.
+  tb = exc.__traceback__ if exc is not None else None
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+class _DropFailedReadDebris(std_logging.Filter):
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (
+      "exception was never retrieved" in record.getMessage()
+      and _from_failed_orbax_read(exc)
+    )
+
+
+_QUIETED = False
+
+
+def _quiet_failed_restore_aftermath() -> None:
+  """Silences what a failed Orbax restore leaves running (installed once).
+
+  When one array of a damaged step fails to read, Orbax closes its event
+  loop while tensorstore still completes the other reads; each completion
+  raises "Event loop is closed" in a background thread, the pending
+  futures are logged at garbage collection, and their coroutines warn at
+  exit: 100-250 lines around the one error `RunCheckpointer.restore`
+  reports (with the real cause). Only that debris is dropped: anything
+  else still reaches the previous hooks.
+  """
+  global _QUIETED
+  if _QUIETED:
+    return
+  _QUIETED = True
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _from_failed_orbax_read(unraisable.exc_value):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  std_logging.getLogger("asyncio").addFilter(_DropFailedReadDebris())
+  warnings.filterwarnings(
+    "ignore", r"coroutine '\w+\._get_array_metadatas' was never awaited"
+  )
 
 
 _META = "meta.json"

@@ -208,22 +208,34 @@ def _json_safe(value: Any) -> Any:
   return value
 
 
-def jsonl_writer(path: str, *, keep_through_step: int) -> Callable:
-  """Appends rows to `path`, first dropping rows past `keep_through_step`.
+def _write_rows(path: str, rows: list[dict]) -> None:
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
 
-  After a resume from step s, rows logged after s by the interrupted run
-  are logged again, so they are dropped to keep one row per step.
+
+def jsonl_writer(path: str, *, keep_through_step: int) -> Callable:
+  """Appends rows to `path`, one row per step and kind.
+
+  After a resume, the steps the interrupted run logged past its checkpoint
+  are logged again. Rows past `keep_through_step` (the newest checkpoint
+  step) are dropped at once, and the first row written drops the old rows
+  from its own step on: a fallback past a damaged checkpoint resumes
+  before `keep_through_step`, and only the resumed run knows from where.
   Non-finite values are written as null.
   """
   rows = []
   if os.path.exists(path):
     with open(path) as f:
       rows = [r for r in map(json.loads, f) if r["step"] <= keep_through_step]
-  with open(path, "w") as f:
-    f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
+  _write_rows(path, rows)
+  first = True
 
   def write(row: dict) -> None:
+    nonlocal first
     row = {k: _json_safe(v) for k, v in row.items()}
+    if first:
+      _write_rows(path, [r for r in rows if r["step"] < row["step"]])
+      first = False
     with open(path, "a") as f:
       f.write(json.dumps(row, allow_nan=False) + "\n")
 
