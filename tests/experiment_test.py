@@ -27,7 +27,9 @@ NOWHERE = "/nonexistent-workdir"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cli(workdir, *overrides, config="configs/digits.py:tiny", wait=True):
+def _cli(
+  workdir, *overrides, config="configs/digits.py:tiny", wait=True, env=None
+):
   cmd = [
     sys.executable,
     "-m",
@@ -45,7 +47,7 @@ def _cli(workdir, *overrides, config="configs/digits.py:tiny", wait=True):
       text=True,
     )
   return subprocess.run(
-    cmd, cwd=REPO, capture_output=True, text=True, timeout=300
+    cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env
   )
 
 
@@ -56,11 +58,30 @@ def _tiny(**train):
   return c
 
 
+def _home_env(home):
+  env = {**os.environ, "HOME": str(home)}
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  return env
+
+
 def test_cli_smoke_train_stage(tmp_path):
   # `all` (every stage, with the report) is tested in report_test.py.
   wd = tmp_path / "wd"
-  res = _cli(wd, "--stage=train")
+  # JAX's own options are flags too; compiled programs go to the default
+  # on-disk cache.
+  flags = ("--stage=train", "--jax_platforms=cpu")
+  res = _cli(wd, *flags, env=_home_env(tmp_path / "home"))
   assert res.returncode == 0, res.stdout + res.stderr
+  assert os.listdir(tmp_path / "home" / ".cache" / "dsv_jax" / "xla")
+  res_off = _cli(
+    tmp_path / "wd_off",
+    *flags,
+    "--config.train.steps=2",
+    "--jax_compilation_cache_dir=",
+    env=_home_env(tmp_path / "home_off"),
+  )
+  assert res_off.returncode == 0, res_off.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "home_off" / ".cache" / "dsv_jax")
   assert "[train]" in res.stdout and "test_accuracy=" in res.stdout
   assert os.path.exists(wd / "classifier" / "meta.json")
   record = wdir.stage_record(str(wd), "train")
