@@ -45,13 +45,23 @@ class RunCheckpointer:
         max_to_keep=max_to_keep, create=True
       ),
     )
+    self._last_saved: int | None = None
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
-    """Saves `state` at `step` (blocking until it is on disk)."""
-    if self._manager.latest_step() == step:
+    """Starts saving `state` at `step`; the writing goes on in the
+    background while the run continues (Orbax copies the arrays to host
+    memory first, so a donated buffer is safe to reuse).
+
+    A save waits for the previous one, and `close` for the last: on an
+    accelerator, waiting after every save would stall the device for the
+    whole disk write. A process killed mid-write leaves an
+    unfinished step that Orbax never lists, so a resume uses the one
+    before.
+    """
+    if step in (self._last_saved, self._manager.latest_step()):
       return  # Already saved at this step (e.g. a final save after a periodic).
     saved = self._manager.save(
       step,
@@ -65,7 +75,7 @@ class RunCheckpointer:
         f"Orbax did not save step {step} in {self.directory} (existing "
         f"steps: {self._manager.all_steps()})."
       )
-    self._manager.wait_until_finished()
+    self._last_saved = step
 
   def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
     """The JSON record saved with `step` (default: the newest step whose
@@ -172,6 +182,7 @@ class RunCheckpointer:
     return None
 
   def close(self) -> None:
+    """Waits for the last save to reach the disk, then releases Orbax."""
     self._manager.close()
 
 

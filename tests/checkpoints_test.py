@@ -134,3 +134,37 @@ def test_a_damaged_dsv_set_is_named(tmp_path):
   path.write_bytes(path.read_bytes()[:100])
   with pytest.raises(ValueError, match=f"The DSV set {path} is damaged"):
     artifacts.load_dsv(tmp_path)
+
+
+def test_saves_run_in_the_background_until_close(tmp_path, monkeypatch):
+  # Waiting after each save would stall an accelerator for every disk
+  # write: only Orbax's own save waits (for the save before it), and close
+  # for the last.
+  ckptr = checkpoints.RunCheckpointer(tmp_path / "ckpt")
+  manager = ckptr._manager
+  waits_after_save = []
+  save, wait = manager.save, manager.wait_until_finished
+  returned = [False]
+
+  def tracked_save(*args, **kwargs):
+    returned[0] = False
+    out = save(*args, **kwargs)
+    returned[0] = True
+    return out
+
+  def tracked_wait():
+    waits_after_save.append(returned[0])
+    return wait()
+
+  monkeypatch.setattr(manager, "save", tracked_save)
+  monkeypatch.setattr(manager, "wait_until_finished", tracked_wait)
+  for step in (1, 2):
+    ckptr.save(step, {"x": jnp.full(3, float(step))}, {"step": step})
+  ckptr.save(2, {"x": jnp.full(3, 9.0)}, {"step": 2})  # Already saved: no-op.
+  assert not any(waits_after_save)
+  ckptr.close()
+  reread = checkpoints.RunCheckpointer(tmp_path / "ckpt")
+  for step in (1, 2):
+    restored_step, state, meta = reread.restore({"x": jnp.zeros(3)}, step)
+    assert restored_step == step and meta == {"step": step}
+    np.testing.assert_array_equal(state["x"], np.full(3, float(step)))
