@@ -185,6 +185,14 @@ class RunCheckpointer:
     """Waits for the last save to reach the disk, then releases Orbax."""
     self._manager.close()
 
+  # As a context manager, an interrupted run (an exception, Ctrl-C in a
+  # notebook) still finishes writing the step it started saving.
+  def __enter__(self) -> "RunCheckpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
 
 def _from_failed_orbax_read(exc: BaseException | None) -> bool:
   """Whether `exc` is debris of an Orbax read that already failed."""

@@ -827,28 +827,41 @@ def fit_lambdas(
       upper = np.where(supporting | ~live, np.inf, const_mu)
       upper = upper.astype(np.float32)
 
+  # theta* is an argument of every jitted function, never a closed-over
+  # constant: constants would be baked into each program (slow compiles,
+  # no compile-cache hits across classifiers, and an error for arrays
+  # spanning several hosts).
   @jax.jit
-  def value_and_dual(g):
+  def value_and_dual_at(p, g):
     # F's distance part at G lambda = g (full; restricted here), and
     # u = dF/dg for G^T u (zero on the excluded leaves).
-    val, u = jax.value_and_grad(lambda gg: d_smooth(params, restrict(gg)))(g)
+    val, u = jax.value_and_grad(lambda gg: d_smooth(p, restrict(gg)))(g)
     return val / d0, jax.tree.map(lambda a: a / d0, u)
 
   @jax.jit
-  def diagnostics(g):
-    r = jax.tree.map(jnp.add, params, restrict(g))
-    r_all = jax.tree.map(jnp.add, params_all, g)
+  def diagnostics_at(p, p_all, g):
+    r = jax.tree.map(jnp.add, p, restrict(g))
+    r_all = jax.tree.map(jnp.add, p_all, g)
     return (
       jnp.sqrt(_sq_norm(r) / theta_sq),
-      d_exact(params, restrict(g)),
+      d_exact(p, restrict(g)),
       jnp.sqrt(_sq_norm(r_all) / theta_all_sq),
     )
 
   @jax.jit
-  def curvature(g_new, g_old, u_old):
-    u_new = value_and_dual(g_new)[1]
+  def curvature_at(p, g_new, g_old, u_old):
+    u_new = value_and_dual_at(p, g_new)[1]
     du = jax.tree.map(jnp.subtract, u_new, u_old)
     return _vdot(du, jax.tree.map(jnp.subtract, g_new, g_old))
+
+  def value_and_dual(g):
+    return value_and_dual_at(params, g)
+
+  def diagnostics(g):
+    return diagnostics_at(params, params_all, g)
+
+  def curvature(g_new, g_old, u_old):
+    return curvature_at(params, g_new, g_old, u_old)
 
   combine = jax.jit(
     lambda a, b, beta: jax.tree.map(

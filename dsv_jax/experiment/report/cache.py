@@ -44,11 +44,8 @@ def discard_stale_checkpoints(ckpt_dir: str, digest: str) -> None:
   """Removes `ckpt_dir` if its latest checkpoint is of another config."""
   if not os.path.isdir(ckpt_dir):
     return
-  ckptr = checkpoints.RunCheckpointer(ckpt_dir)
-  try:
+  with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
     meta = ckptr.read_meta()
-  finally:
-    ckptr.close()
   if meta is not None and meta.get("config_hash") != digest:
     logging.info("Report: discarding %s (another config).", ckpt_dir)
     shutil.rmtree(ckpt_dir)

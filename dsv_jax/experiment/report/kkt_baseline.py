@@ -70,24 +70,23 @@ def run_baseline(
     pixel_max=info.pixel_max,
   )
   ckpt_dir = os.path.join(workdir, "ckpt", "baseline")
-  ckptr = checkpoints.RunCheckpointer(ckpt_dir)
-  wd.check_resumable(ckptr, ckpt_dir, digest, "baseline")
-  mesh = parallel.make_mesh(config.synth.num_devices or None)
-  t0 = time.perf_counter()
-  state, n, resumed, rows = synthesis_loop.run_synthesis_loop(
-    recon,
-    key,
-    x0,
-    labels,
-    steps=bl.steps,
-    mesh=mesh,
-    checkpointer=ckptr,
-    ckpt_every=bl.ckpt_every,
-    ckpt_meta={"config_hash": digest},
-    log_every=bl.log_every,
-    name="baseline",
-  )
-  ckptr.close()
+  with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
+    wd.check_resumable(ckptr, ckpt_dir, digest, "baseline")
+    mesh = parallel.make_mesh(config.synth.num_devices or None)
+    t0 = time.perf_counter()
+    state, n, resumed, rows = synthesis_loop.run_synthesis_loop(
+      recon,
+      key,
+      x0,
+      labels,
+      steps=bl.steps,
+      mesh=mesh,
+      checkpointer=ckptr,
+      ckpt_every=bl.ckpt_every,
+      ckpt_meta={"config_hash": digest},
+      log_every=bl.log_every,
+      name="baseline",
+    )
   wall = time.perf_counter() - t0
   x = np.asarray(state.x)[:n]
   active = np.asarray(state.active)[:n]

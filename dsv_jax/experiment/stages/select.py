@@ -175,75 +175,74 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out_dir = os.path.join(workdir, "select")
   os.makedirs(out_dir, exist_ok=True)
   ckpt_dir = os.path.join(workdir, "ckpt", "select")
-  ckptr = checkpoints.RunCheckpointer(ckpt_dir)
-  wd.check_resumable(ckptr, ckpt_dir, digest, "selection")
-  state = None
-  resumed = 0
-  restored = ckptr.restore(_state_target(clf.params, n))
-  if restored is not None:
-    resumed, state, _ = restored
-    logging.info(
-      "Resumed selection from iteration %d of %d.", resumed, s.max_iters
-    )
-  on_metrics = wd.jsonl_writer(
-    os.path.join(out_dir, "metrics.jsonl"), keep_through_step=resumed
-  )
-  meta = {"config_hash": digest}
-  logging.info(
-    "Selecting from %d training samples (%s, slackness %g, chunk %d) on %d "
-    "device(s).",
-    n,
-    s.distance,
-    s.slackness,
-    s.chunk_size,
-    parallel.num_shards(mesh),
-  )
-
-  def callback(st, row):
-    step = row["step"]
-    if step % s.log_every == 0 or step == s.max_iters:
+  with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
+    wd.check_resumable(ckptr, ckpt_dir, digest, "selection")
+    state = None
+    resumed = 0
+    restored = ckptr.restore(_state_target(clf.params, n))
+    if restored is not None:
+      resumed, state, _ = restored
       logging.info(
-        "select iteration %d/%d: residual %.4g, objective %.6g, "
-        "contribution %.4g, nonzero %d, %.2f s/iter",
-        step,
-        s.max_iters,
-        row["residual"],
-        row["objective"],
-        row["contribution"],
-        row["nonzero"],
-        row["s_per_iter"],
+        "Resumed selection from iteration %d of %d.", resumed, s.max_iters
       )
-      on_metrics(row)
-    if s.ckpt_every and step % s.ckpt_every == 0:
-      ckptr.save(step, st, meta)
+    on_metrics = wd.jsonl_writer(
+      os.path.join(out_dir, "metrics.jsonl"), keep_through_step=resumed
+    )
+    meta = {"config_hash": digest}
+    logging.info(
+      "Selecting from %d training samples (%s, slackness %g, chunk %d) on %d "
+      "device(s).",
+      n,
+      s.distance,
+      s.slackness,
+      s.chunk_size,
+      parallel.num_shards(mesh),
+    )
 
-  represented = select.resolve_wrt(s.wrt, clf.apply_fn, clf.params, x, labels)
-  logging.info(
-    "Representing %s; excluded (no lambda can represent them): %s, %.1f%% "
-    "of ||theta||^2.",
-    "every leaf" if not represented.excluded else "the other leaves",
-    list(represented.groups) or "none",
-    100 * represented.excluded_share,
-  )
-  lambdas, fit = select.fit_lambdas(
-    clf.apply_fn,
-    clf.params,
-    x,
-    labels,
-    wrt=represented.mask,
-    distance=s.distance,
-    slackness=s.slackness,
-    init=s.init,
-    max_iters=s.max_iters,
-    tol=s.tol,
-    chunk_size=s.chunk_size,
-    l1_smoothing=s.l1_smoothing,
-    mesh=mesh,
-    state=state,
-    callback=callback,
-  )
-  ckptr.save(fit.iterations, fit.state, meta)
-  ckptr.close()
+    def callback(st, row):
+      step = row["step"]
+      if step % s.log_every == 0 or step == s.max_iters:
+        logging.info(
+          "select iteration %d/%d: residual %.4g, objective %.6g, "
+          "contribution %.4g, nonzero %d, %.2f s/iter",
+          step,
+          s.max_iters,
+          row["residual"],
+          row["objective"],
+          row["contribution"],
+          row["nonzero"],
+          row["s_per_iter"],
+        )
+        on_metrics(row)
+      if s.ckpt_every and step % s.ckpt_every == 0:
+        ckptr.save(step, st, meta)
+
+    represented = select.resolve_wrt(s.wrt, clf.apply_fn, clf.params, x, labels)
+    logging.info(
+      "Representing %s; excluded (no lambda can represent them): %s, %.1f%% "
+      "of ||theta||^2.",
+      "every leaf" if not represented.excluded else "the other leaves",
+      list(represented.groups) or "none",
+      100 * represented.excluded_share,
+    )
+    lambdas, fit = select.fit_lambdas(
+      clf.apply_fn,
+      clf.params,
+      x,
+      labels,
+      wrt=represented.mask,
+      distance=s.distance,
+      slackness=s.slackness,
+      init=s.init,
+      max_iters=s.max_iters,
+      tol=s.tol,
+      chunk_size=s.chunk_size,
+      l1_smoothing=s.l1_smoothing,
+      mesh=mesh,
+      state=state,
+      callback=callback,
+    )
+    ckptr.save(fit.iterations, fit.state, meta)
 
   scores = select.scores(
     lambdas, fit.weights, score=s.score, rankable=fit.rankable

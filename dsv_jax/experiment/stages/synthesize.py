@@ -59,38 +59,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out_dir = os.path.join(workdir, "synthesize")
   os.makedirs(out_dir, exist_ok=True)
   ckpt_dir = os.path.join(workdir, "ckpt", "synthesize")
-  ckptr = checkpoints.RunCheckpointer(ckpt_dir)
-  wd.check_resumable(ckptr, ckpt_dir, digest, "synthesis")
-  on_metrics = wd.jsonl_writer(
-    os.path.join(out_dir, "metrics.jsonl"),
-    keep_through_step=ckptr.latest_step() or 0,
-  )
-  logging.info(
-    "Synthesising %d candidates (%s init, %d steps, lr_x %g, TV %g, norm %g) "
-    "on %d device(s).",
-    len(targets),
-    sy.init,
-    sy.steps,
-    sy.lr_x,
-    config.kkt.beta_tv,
-    config.kkt.beta_norm,
-    parallel.num_shards(mesh),
-  )
-  t0 = time.perf_counter()
-  state, n, resumed, _ = synthesis_loop.run_synthesis_loop(
-    synth,
-    key,
-    x0,
-    targets,
-    steps=sy.steps,
-    mesh=mesh,
-    checkpointer=ckptr,
-    ckpt_every=sy.ckpt_every,
-    ckpt_meta={"config_hash": digest},
-    log_every=sy.log_every,
-    on_metrics=on_metrics,
-  )
-  ckptr.close()
+  with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
+    wd.check_resumable(ckptr, ckpt_dir, digest, "synthesis")
+    on_metrics = wd.jsonl_writer(
+      os.path.join(out_dir, "metrics.jsonl"),
+      keep_through_step=ckptr.latest_step() or 0,
+    )
+    logging.info(
+      "Synthesising %d candidates (%s init, %d steps, lr_x %g, TV %g, norm %g) "
+      "on %d device(s).",
+      len(targets),
+      sy.init,
+      sy.steps,
+      sy.lr_x,
+      config.kkt.beta_tv,
+      config.kkt.beta_norm,
+      parallel.num_shards(mesh),
+    )
+    t0 = time.perf_counter()
+    state, n, resumed, _ = synthesis_loop.run_synthesis_loop(
+      synth,
+      key,
+      x0,
+      targets,
+      steps=sy.steps,
+      mesh=mesh,
+      checkpointer=ckptr,
+      ckpt_every=sy.ckpt_every,
+      ckpt_meta={"config_hash": digest},
+      log_every=sy.log_every,
+      on_metrics=on_metrics,
+    )
   wall = time.perf_counter() - t0
   x = np.asarray(state.x)[:n]
   active = np.asarray(state.active)[:n]

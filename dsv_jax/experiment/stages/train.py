@@ -76,34 +76,33 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
 
   ckpt_dir = os.path.join(workdir, "ckpt", "train")
-  ckptr = checkpoints.RunCheckpointer(ckpt_dir)
-  wd.check_resumable(ckptr, ckpt_dir, digest, "training")
-  resume_step = ckptr.latest_step()
-  on_metrics = wd.jsonl_writer(
-    os.path.join(workdir, "train_metrics.jsonl"),
-    keep_through_step=resume_step or 0,
-  )
-  t0 = time.perf_counter()
-  state, last = train.train_classifier(
-    fm,
-    ds.train,
-    jax.random.fold_in(jax.random.key(config.seed), 1),
-    steps=config.train.steps,
-    batch_size=config.train.batch_size,
-    learning_rate=config.train.learning_rate,
-    weight_decay=config.train.weight_decay,
-    lr_schedule=config.train.lr_schedule,
-    flip=config.train.flip,
-    max_shift=config.train.max_shift,
-    eval_split=ds.validation,
-    eval_every=config.train.eval_every,
-    log_every=config.train.log_every,
-    checkpointer=ckptr,
-    ckpt_every=config.train.ckpt_every,
-    ckpt_meta={"config_hash": digest},
-    on_metrics=on_metrics,
-  )
-  ckptr.close()
+  with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
+    wd.check_resumable(ckptr, ckpt_dir, digest, "training")
+    resume_step = ckptr.latest_step()
+    on_metrics = wd.jsonl_writer(
+      os.path.join(workdir, "train_metrics.jsonl"),
+      keep_through_step=resume_step or 0,
+    )
+    t0 = time.perf_counter()
+    state, last = train.train_classifier(
+      fm,
+      ds.train,
+      jax.random.fold_in(jax.random.key(config.seed), 1),
+      steps=config.train.steps,
+      batch_size=config.train.batch_size,
+      learning_rate=config.train.learning_rate,
+      weight_decay=config.train.weight_decay,
+      lr_schedule=config.train.lr_schedule,
+      flip=config.train.flip,
+      max_shift=config.train.max_shift,
+      eval_split=ds.validation,
+      eval_every=config.train.eval_every,
+      log_every=config.train.log_every,
+      checkpointer=ckptr,
+      ckpt_every=config.train.ckpt_every,
+      ckpt_meta={"config_hash": digest},
+      on_metrics=on_metrics,
+    )
   finish = _finish(config, workdir, digest, fm, state, ds)
   state = state._replace(params=finish.pop("params"))
   train_time = time.perf_counter() - t0
@@ -190,31 +189,30 @@ def _finish(config, workdir, digest, fm, state, ds) -> dict[str, Any]:
   if not t.finish_steps:
     return out
   ckpt_dir = os.path.join(workdir, "ckpt", "train_finish")
-  ckptr = checkpoints.RunCheckpointer(ckpt_dir)
-  wd.check_resumable(ckptr, ckpt_dir, digest, "finishing")
-  logging.info(
-    "Finishing phase: full-batch L-BFGS on %d training images over every "
-    "leaf but %s (up to %d iterations, target relative gradient %g).",
-    len(ds.train["label"]),
-    list(rep.groups) or "none",
-    t.finish_steps,
-    t.finish_tol,
-  )
-  params, info = train.finish_full_batch(
-    apply_fn,
-    state.params,
-    ds.train["image"],
-    ds.train["label"],
-    weight_decay=t.weight_decay,
-    steps=t.finish_steps,
-    mask=rep.mask,
-    tol=t.finish_tol,
-    checkpointer=ckptr,
-    ckpt_every=t.ckpt_every and max(1, t.ckpt_every // 10),
-    ckpt_meta={"config_hash": digest},
-    log_every=max(1, t.log_every // 10),
-  )
-  ckptr.close()
+  with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
+    wd.check_resumable(ckptr, ckpt_dir, digest, "finishing")
+    logging.info(
+      "Finishing phase: full-batch L-BFGS on %d training images over every "
+      "leaf but %s (up to %d iterations, target relative gradient %g).",
+      len(ds.train["label"]),
+      list(rep.groups) or "none",
+      t.finish_steps,
+      t.finish_tol,
+    )
+    params, info = train.finish_full_batch(
+      apply_fn,
+      state.params,
+      ds.train["image"],
+      ds.train["label"],
+      weight_decay=t.weight_decay,
+      steps=t.finish_steps,
+      mask=rep.mask,
+      tol=t.finish_tol,
+      checkpointer=ckptr,
+      ckpt_every=t.ckpt_every and max(1, t.ckpt_every // 10),
+      ckpt_meta={"config_hash": digest},
+      log_every=max(1, t.log_every // 10),
+    )
   out["params"] = params
   out.update({f"finish_{k}": v for k, v in info.items()})
   return out
