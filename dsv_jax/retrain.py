@@ -30,6 +30,7 @@ Randomness, all derived from ``key = jax.random.key(seed)``:
     model k's run does not depend on K.
 """
 
+import collections
 import time
 from collections.abc import Callable
 from typing import Literal, NamedTuple, get_args
@@ -39,14 +40,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import Mesh
 
-from dsv_jax import augment, checks, kkt, train
+from dsv_jax import augment, checks, kkt, parallel, train
 from dsv_jax.models import FunctionalModel
 from dsv_jax.synthesize import check_images
 from dsv_jax.types import Params, PyTree
 
 ModelFn = Callable[[int], FunctionalModel]
-Vectorize = Literal["vmap", "unroll"]
+Vectorize = Literal["auto", "vmap", "unroll"]
 VECTORIZE: tuple[Vectorize, ...] = get_args(Vectorize)
 
 
@@ -139,8 +141,12 @@ def make_step(
   set (the step takes its batch from it). `retrain` vmaps this over models.
   """
 
+  # The pure function only: a closure over `fm` would keep its arrays
+  # alive as long as the step is reused.
+  train_apply = fm.train_apply
+
   def loss_fn(params, model_state, x, y):
-    logits, new_state = fm.train_apply(params, model_state, x)
+    logits, new_state = train_apply(params, model_state, x)
     return jnp.mean(kkt.cross_entropy(logits, y)), new_state
 
   def step(params, model_state, opt_state, images, targets, key, t):
@@ -166,12 +172,11 @@ def make_step(
 
 def _make_eval(fm: FunctionalModel, batch_size: int):
   """``evaluate(params[K], state[K], images, labels) -> accuracies[K]``."""
+  eval_apply = fm.eval_apply  # Not `fm`: see `make_step`.
 
   @jax.jit
   def correct(params, model_state, x, y, mask):
-    logits = jax.vmap(fm.eval_apply, in_axes=(0, 0, None))(
-      params, model_state, x
-    )
+    logits = jax.vmap(eval_apply, in_axes=(0, 0, None))(params, model_state, x)
     hits = (jnp.argmax(logits, -1) == y) & mask
     return jnp.sum(hits, axis=-1)
 
@@ -195,9 +200,12 @@ def _make_eval(fm: FunctionalModel, batch_size: int):
 # Jitted K-model steps and evaluators, reused by every retraining of the same
 # architecture (`FunctionalModel.graph`) and recipe: the report retrains a
 # dozen sets of two sizes, and compiling took 12-15 s of each 17-23 s row
-# on 2 CPU cores. The functions close over the first model's pure apply
-# functions, which depend on the architecture only.
-_REUSED: dict[tuple, Callable] = {}
+# on 2 CPU cores. The functions close over the pure apply functions only,
+# which depend on the architecture alone; the least recently used entries
+# go once there are `_MAX_REUSED` (a notebook sweeping recipes would
+# otherwise keep every compiled program).
+_REUSED: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
+_MAX_REUSED = 16
 
 
 def _reused(key: tuple, build: Callable[[], Callable]) -> Callable:
@@ -206,7 +214,17 @@ def _reused(key: tuple, build: Callable[[], Callable]) -> Callable:
     return build()
   if key not in _REUSED:
     _REUSED[key] = build()
+    while len(_REUSED) > _MAX_REUSED:
+      _REUSED.popitem(last=False)
+  _REUSED.move_to_end(key)
   return _REUSED[key]
+
+
+def resolve_vectorize(vectorize: Vectorize) -> str:
+  """``"auto"``: ``"unroll"`` on CPU, ``"vmap"`` on GPU/TPU (see `retrain`)."""
+  if vectorize != "auto":
+    return vectorize
+  return "unroll" if jax.default_backend() == "cpu" else "vmap"
 
 
 def _batched(
@@ -252,9 +270,10 @@ def retrain(
   flip: bool,
   max_shift: int,
   seed: int,
-  vectorize: Vectorize = "vmap",
+  vectorize: Vectorize = "auto",
   eval_batch_size: int = 500,
   log_every: int = 0,
+  mesh: Mesh | None = None,
 ) -> RetrainResult:
   """Trains `num_models` fresh models on a small set; evaluates each.
 
@@ -280,15 +299,19 @@ def retrain(
     flip, max_shift: augmentation (`augment.flip_and_translate`).
     seed: seeds everything (see the module docstring).
     vectorize: how the one jitted step holds the K models: ``"vmap"``
-      (stacked pytrees, batched kernels; for accelerators) or ``"unroll"``
+      (stacked pytrees, batched kernels; for accelerators), ``"unroll"``
       (K independent copies of the one-model graph in the same XLA
-      program). Both give the same models. Measured on 2 CPU cores
+      program), or ``"auto"`` (the default: unroll on CPU, vmap
+      elsewhere). All give the same models. Measured on 2 CPU cores
       (digits ConvNet width 64, 100 images, K=5, full batch): with
       instance norm vmap 0.36 s/step, unroll 0.15; without norm 0.15 vs
       0.09 -- XLA:CPU runs vmapped (grouped) convolutions and the
       per-channel GroupNorm slowly.
     eval_batch_size: evaluation batch size.
     log_every: steps between progress lines (0: only the last step).
+    mesh: the ``data`` mesh (`dsv_jax.parallel.make_mesh`; default every
+      device). With ``vmap`` and K divisible by its size, the K models are
+      split over its devices; otherwise every device holds all of them.
 
   Returns:
     A `RetrainResult`.
@@ -298,6 +321,7 @@ def retrain(
       rows not summing to 1, or shapes that do not fit the model.
   """
   checks.check_choice("vectorize", vectorize, VECTORIZE)
+  vectorize = resolve_vectorize(vectorize)
   for name, v in [
     ("num_models", num_models),
     ("steps", steps),
@@ -355,10 +379,16 @@ def retrain(
   opt_state = jax.tree.map(
     lambda *a: np.stack(a), *[tx.init(m.params) for m in fms]
   )
-  params, model_state, opt_state = jax.device_put(
-    (params, model_state, opt_state)
-  )
   keys = jax.vmap(model_key, in_axes=(None, 0))(seed, jnp.arange(num_models))
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  split = vectorize == "vmap" and num_models % parallel.num_shards(mesh) == 0
+  # The models are independent: split over devices, no step communicates.
+  params, model_state, opt_state, keys = jax.device_put(
+    (params, model_state, opt_state, keys),
+    parallel.batch_sharding(mesh)
+    if split
+    else parallel.replicated_sharding(mesh),
+  )
   step = _reused(
     (
       "step",
@@ -384,7 +414,13 @@ def retrain(
       donate_argnums=(0, 1, 2),
     ),
   )
-  data_x = jnp.asarray(images)
+  # Per-model sets go with their models.
+  data_x, targets = jax.device_put(
+    (images, targets),
+    parallel.batch_sharding(mesh)
+    if split and per_model
+    else parallel.replicated_sharding(mesh),
+  )
   carry = (params, model_state, opt_state)
   t_log, s_log = time.perf_counter(), 0
   for t in range(steps):
