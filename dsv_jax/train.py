@@ -314,8 +314,17 @@ def train_classifier(
   )
   last: dict[str, Any] = {"step": start}
   t0, s0 = time.perf_counter(), start
+  # XLA:CPU runs the device parts of queued programs on one shared thread
+  # pool: with several (fake) CPU devices, a step's all-reduce can wait
+  # forever for a part queued behind the next step (it deadlocked on 2
+  # cores). One step in flight at a time avoids that; accelerators queue.
+  one_at_a_time = (
+    jax.default_backend() == "cpu" and parallel.num_shards(mesh) > 1
+  )
   for step in range(start + 1, steps + 1):
     state, metrics = step_fn(state, data)
+    if one_at_a_time:
+      jax.block_until_ready(state)
     if step % log_every == 0 or step == steps:
       metrics = {k: float(v) for k, v in metrics.items()}
       now = time.perf_counter()
