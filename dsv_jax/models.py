@@ -17,11 +17,13 @@ Models (Flax NNX, the API flax 0.12 recommends):
 Linen modules are supported through `linen_apply_fn`.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dsv_jax.types import ApplyFn, Params, PyTree
@@ -353,6 +355,41 @@ def linen_apply_fn(
   return apply_fn, variables["params"]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(apply_fn: ApplyFn, params: Params, x: jax.Array) -> jax.Array:
+  return apply_fn(params, x)
+
+
+def predict(
+  apply_fn: ApplyFn,
+  params: Params,
+  images: jax.typing.ArrayLike,
+  *,
+  batch_size: int = 512,
+) -> np.ndarray:
+  """Logits ``[N, C]`` of ``images`` ``[N, H, W, C]``, as a numpy array.
+
+  One jitted forward pass per batch of ``batch_size`` images (fewer images
+  are padded to the next power of two), so a classifier compiles a handful
+  of programs for any numbers of images; an un-jitted ``apply_fn`` call
+  runs op by op, and a jitted one compiles again for every new N.
+  ``params`` is an argument of the program, never a constant of it.
+  """
+  images = np.asarray(images)
+  n = len(images)
+  if n == 0:
+    raise ValueError("predict needs at least one image, got none.")
+  size = min(batch_size, 1 << (n - 1).bit_length())
+  out = []
+  for start in range(0, n, size):
+    x = images[start : start + size]
+    m = len(x)
+    if m < size:
+      x = np.concatenate([x, np.repeat(x[-1:], size - m, 0)])
+    out.append(np.asarray(_logits(apply_fn, params, x))[:m])
+  return np.concatenate(out)
+
+
 def num_params(params: Params) -> int:
   """Total number of scalars in a parameter pytree."""
   return sum(int(jnp.size(p)) for p in jax.tree.leaves(params))
@@ -369,4 +406,5 @@ __all__ = [
   "linen_apply_fn",
   "nnx_apply_fn",
   "num_params",
+  "predict",
 ]

@@ -99,3 +99,16 @@ def test_the_audit_sees_a_closed_over_parameter(lowered):
   jax.jit(lambda v: v @ w)(jnp.ones(16))
   with pytest.raises(AssertionError):
     _assert_no_parameter_constants(lowered, {"w": w})
+
+
+def test_predict_compiles_a_few_programs_for_any_number_of_images():
+  apply_fn, params, x, _ = _classifier()
+  x = np.asarray(jax.random.normal(jax.random.key(2), (300, 8, 8, 1)))
+  before = models._logits._cache_size()
+  for n in (1, 5, 6, 7, 300):
+    logits = models.predict(apply_fn, params, x[:n], batch_size=128)
+    np.testing.assert_allclose(
+      logits, apply_fn(params, x[:n]), rtol=1e-5, atol=1e-5
+    )
+  # Shapes 1, 8 (for 5, 6 and 7) and 128 (300 = 128 + 128 + 44 padded).
+  assert models._logits._cache_size() - before == 3

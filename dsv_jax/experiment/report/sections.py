@@ -13,13 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
-from dsv_jax import artifacts, coreset, data, select, synthesize
+from dsv_jax import artifacts, coreset, data, models, select, synthesize
 from dsv_jax.experiment import common
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.experiment.report import reproduction
@@ -522,11 +521,7 @@ def boundary_section(
 
 
 def _per_class_accuracy(clf, ds) -> np.ndarray:
-  logits = []
-  x = ds.test["image"]
-  for i in range(0, len(x), 1000):
-    logits.append(np.asarray(clf.apply_fn(clf.params, x[i : i + 1000])))
-  pred = np.argmax(np.concatenate(logits), -1)
+  pred = models.predict(clf.apply_fn, clf.params, ds.test["image"]).argmax(-1)
   y = ds.test["label"]
   return np.array(
     [np.mean(pred[y == c] == c) for c in range(clf.info.num_classes)]
@@ -600,7 +595,7 @@ def flip_rates(
     `{r: fraction of (a, x) pairs whose prediction flips to a's class}`;
     with `with_counts`, `{r: (flipped pairs, pairs)}`.
   """
-  pred = np.asarray(jnp.argmax(apply_fn(params, images), -1))
+  pred = models.predict(apply_fn, params, images).argmax(-1)
   keep = pred == labels
   images, labels = images[keep], labels[keep]
   xn = np.linalg.norm(images.reshape(len(images), -1), axis=1)
@@ -615,7 +610,7 @@ def flip_rates(
         continue
       scale = (r * xn[other] / max(na, 1e-12))[:, None, None, None]
       mixed = np.clip(x + scale * a[None], pixel_min, pixel_max)
-      p = np.asarray(jnp.argmax(apply_fn(params, mixed), -1))
+      p = models.predict(apply_fn, params, mixed).argmax(-1)
       hits += int(np.sum(p == la))
       total += len(x)
     out[float(r)] = (hits, total) if with_counts else hits / max(total, 1)
@@ -717,7 +712,7 @@ def ablation_section(config, workdir, clf, rows: RetrainRows, out_dir: str):
     x, y = _active_hard(dsv)
     if not len(x):
       return 0.0
-    pred = np.asarray(jnp.argmax(indep.apply_fn(indep.params, x), -1))
+    pred = models.predict(indep.apply_fn, indep.params, x).argmax(-1)
     return float(np.mean(pred == y))
 
   res = {

@@ -8,11 +8,10 @@ from real images (the image recipe, `common.synthesis_recipe`). Writes
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dsv_jax import synthesize, viz
+from dsv_jax import models, synthesize, viz
 from dsv_jax.experiment import common, synthesis_loop
 from dsv_jax.experiment import workdir as wd
 
@@ -55,8 +54,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     synth, key, images, new, steps=ed.steps, log_every=ed.steps, name="edit"
   )
   edited = np.asarray(state.x)[:n]
-  pred_before = np.asarray(jnp.argmax(clf.apply_fn(clf.params, images), -1))
-  pred_after = np.asarray(jnp.argmax(clf.apply_fn(clf.params, edited), -1))
+  pred_before = models.predict(clf.apply_fn, clf.params, images).argmax(-1)
+  pred_after = models.predict(clf.apply_fn, clf.params, edited).argmax(-1)
   out_dir = os.path.join(workdir, "edit")
   os.makedirs(out_dir, exist_ok=True)
   both = np.stack([images, edited], 1).reshape(-1, *images.shape[1:])

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dsv_jax import synthesize, viz
+from dsv_jax import models, synthesize, viz
 from dsv_jax.experiment import common, synthesis_loop
 from dsv_jax.experiment import workdir as wd
 
@@ -75,7 +75,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     name="interpolate",
   )
   x = np.asarray(state.x)[:n]
-  probs = np.asarray(jax.nn.softmax(clf.apply_fn(clf.params, x), -1))
+  probs = np.asarray(
+    jax.nn.softmax(models.predict(clf.apply_fn, clf.params, x), -1)
+  )
   out_dir = os.path.join(workdir, "interpolate")
   os.makedirs(out_dir, exist_ok=True)
   viz.strip(
