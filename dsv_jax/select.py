@@ -74,7 +74,7 @@ from typing import Literal, NamedTuple, get_args
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dsv_jax import checks, kkt, parallel
 from dsv_jax.types import ApplyFn, Params, PyTree
@@ -232,7 +232,7 @@ class FitInfo(NamedTuple):
 
 
 class _Operator(NamedTuple):
-  """Chunked products with G over fixed data (host loop, jitted chunks)."""
+  """Chunked products with G over fixed data (see `_make_operator`)."""
 
   matvec: Callable[[np.ndarray], Params]  # lambda [N] -> G lambda
   rmatvec: Callable[[Params], np.ndarray]  # u -> G^T u [N]
@@ -244,6 +244,18 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+Strategy = Literal["auto", "host", "device"]
+STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
+
+
+def resolve_strategy(strategy: Strategy) -> str:
+  """``"auto"``: ``"host"`` on CPU, ``"device"`` on GPU/TPU."""
+  checks.check_choice("strategy", strategy, STRATEGIES)
+  if strategy != "auto":
+    return strategy
+  return "host" if jax.default_backend() == "cpu" else "device"
+
+
 def _make_operator(
   apply_fn: ApplyFn,
   params: Params,
@@ -252,12 +264,50 @@ def _make_operator(
   *,
   chunk_size: int,
   mesh: Mesh,
+  strategy: str,
 ) -> _Operator:
+  """Products with G, chunk by chunk, each chunk split over ``mesh``.
+
+  ``strategy="host"`` streams each chunk from host memory on every pass
+  (one jitted program per chunk): the whole set is never on the device,
+  and on XLA:CPU a Python loop over chunks measured 7-15x faster than a
+  `lax.scan`. ``"device"`` uploads the set once, split over the devices,
+  and runs every pass as one program over its chunks (`lax.map` /
+  `lax.scan`), so an accelerator never waits on the host between chunks.
+  """
   n = x.shape[0]
   shards = parallel.num_shards(mesh)
   chunk = _round_up(parallel.balanced_chunk(n, chunk_size), shards)
   rep = parallel.replicated_sharding(mesh)
   batch = parallel.batch_sharding(mesh)
+
+  # G lambda = J^T [lambda_i r_i] (one backward pass of the logits) and
+  # G^T u = [<r_i, J_i u>] (one jvp), with r_i = softmax(z_i) - y_i, the
+  # gradient of the cross-entropy at the logits. Equal to
+  # kkt.weighted_loss_grad / kkt.per_sample_grad_dots, but r_i is formed
+  # without cancellation: the cross-entropy VJP computes
+  # lambda_i p_iy - lambda_i, which loses everything once p_iy rounds to 1
+  # in float32, exactly for the confident samples whose lambda is huge.
+  def grad_of(p, xc, tc, lc):
+    logits, vjp = jax.vjp(lambda q: apply_fn(q, xc), p)
+    r = jax.lax.stop_gradient(prob_residual(logits, tc))
+    return vjp(lc[:, None] * r)[0]
+
+  def dots_of(p, xc, tc, u):
+    logits, tangent = jax.jvp(lambda q: apply_fn(q, xc), (p,), (u,))
+    return jnp.sum(prob_residual(logits, tc) * tangent, -1)
+
+  def norms_of(p, xc, tc):
+    logits = apply_fn(p, xc)
+    r = prob_residual(logits, tc)
+    labels = tc if tc.ndim == 1 else jnp.argmax(tc, -1)
+    return jnp.sqrt(jnp.sum(r * r, -1)), jnp.argmax(logits, -1) == labels
+
+  params = jax.device_put(params, rep)
+  if strategy == "device":
+    return _device_operator(
+      grad_of, dots_of, norms_of, params, x, targets, chunk, mesh
+    )
 
   def chunk_data(start):
     # The last chunk is padded by repeating its last row (the model never
@@ -270,33 +320,12 @@ def _make_operator(
       tc = np.concatenate([tc, np.repeat(tc[-1:], pad, 0)])
     return parallel.shard_batch((xc, tc), mesh), stop - start
 
-  # G lambda = J^T [lambda_i r_i] (one backward pass of the logits) and
-  # G^T u = [<r_i, J_i u>] (one jvp), with r_i = softmax(z_i) - y_i, the
-  # gradient of the cross-entropy at the logits. Equal to
-  # kkt.weighted_loss_grad / kkt.per_sample_grad_dots, but r_i is formed
-  # without cancellation: the cross-entropy VJP computes
-  # lambda_i p_iy - lambda_i, which loses everything once p_iy rounds to 1
-  # in float32, exactly for the confident samples whose lambda is huge.
   @jax.jit
   def add_grad(acc, p, xc, tc, lc):
-    logits, vjp = jax.vjp(lambda q: apply_fn(q, xc), p)
-    r = jax.lax.stop_gradient(prob_residual(logits, tc))
-    (g,) = vjp(lc[:, None] * r)
-    return jax.tree.map(jnp.add, acc, g)
+    return jax.tree.map(jnp.add, acc, grad_of(p, xc, tc, lc))
 
-  @partial(jax.jit, out_shardings=batch)
-  def dots(p, xc, tc, u):
-    logits, tangent = jax.jvp(lambda q: apply_fn(q, xc), (p,), (u,))
-    return jnp.sum(prob_residual(logits, tc) * tangent, -1)
-
-  @partial(jax.jit, out_shardings=(batch, batch))
-  def residual_norms(p, xc, tc):
-    logits = apply_fn(p, xc)
-    r = prob_residual(logits, tc)
-    labels = tc if tc.ndim == 1 else jnp.argmax(tc, -1)
-    return jnp.sqrt(jnp.sum(r * r, -1)), jnp.argmax(logits, -1) == labels
-
-  params = jax.device_put(params, rep)
+  dots = jax.jit(dots_of, out_shardings=batch)
+  residual_norms = jax.jit(norms_of, out_shardings=(batch, batch))
   starts = range(0, n, chunk)
 
   def matvec(lambdas):
@@ -329,6 +358,62 @@ def _make_operator(
       norms.append(np.asarray(w)[:m])
       correct.append(np.asarray(ok)[:m])
     return np.concatenate(norms), np.concatenate(correct)
+
+  return _Operator(matvec, rmatvec, weights)
+
+
+def _device_operator(
+  grad_of, dots_of, norms_of, params, x, targets, chunk, mesh
+) -> _Operator:
+  """`_make_operator`'s ``"device"`` strategy: the set lives on device as
+  ``[num_chunks, chunk, ...]``, the chunk axis split over ``data``."""
+  n = x.shape[0]
+  pad = _round_up(n, chunk) - n
+  # Padding repeats the last row (as the host strategy): lambda 0 there.
+  xp = np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
+  tp = (
+    np.concatenate([targets, np.repeat(targets[-1:], pad, 0)])
+    if pad
+    else targets
+  )
+  split = NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS))
+  xs, ts = jax.device_put(
+    (
+      xp.reshape(-1, chunk, *x.shape[1:]),
+      tp.reshape(-1, chunk, *targets.shape[1:]),
+    ),
+    split,
+  )
+  num_chunks = xs.shape[0]
+
+  @jax.jit
+  def matvec_all(p, xs, ts, lam):
+    def body(acc, args):
+      return jax.tree.map(jnp.add, acc, grad_of(p, *args)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, p)
+    return jax.lax.scan(body, zeros, (xs, ts, lam))[0]
+
+  @jax.jit
+  def rmatvec_all(p, xs, ts, u):
+    return jax.lax.map(lambda args: dots_of(p, *args, u), (xs, ts))
+
+  @jax.jit
+  def weights_all(p, xs, ts):
+    return jax.lax.map(lambda args: norms_of(p, *args), (xs, ts))
+
+  def matvec(lambdas):
+    lam = np.zeros(num_chunks * chunk, np.float32)
+    lam[:n] = lambdas
+    lam = jax.device_put(lam.reshape(num_chunks, chunk), split)
+    return matvec_all(params, xs, ts, lam)
+
+  def rmatvec(u):
+    return np.asarray(rmatvec_all(params, xs, ts, u)).reshape(-1)[:n]
+
+  def weights():
+    w, ok = weights_all(params, xs, ts)
+    return np.asarray(w).reshape(-1)[:n], np.asarray(ok).reshape(-1)[:n]
 
   return _Operator(matvec, rmatvec, weights)
 
@@ -650,6 +735,7 @@ def fit_lambdas(
   mesh: Mesh | None = None,
   state: SolverState | None = None,
   callback: Callable[[SolverState, dict[str, float]], None] | None = None,
+  strategy: Strategy = "auto",
 ) -> tuple[np.ndarray, FitInfo]:
   """Fits ``lambda >= 0`` with ``theta* ~= -sum_i lambda_i grad L_i``.
 
@@ -701,6 +787,11 @@ def fit_lambdas(
       further iteration, whatever ``tol`` and ``max_iters`` (to go on with
       a smaller ``tol``: ``state._replace(converged=np.array(False))``).
     callback: called after every iteration with the state and its metrics.
+    strategy: how the passes over the samples run: ``"host"`` streams
+      chunks from host memory (the set never resides on the device; the
+      fastest on CPU), ``"device"`` keeps the set on the devices and runs
+      each pass as one program (for GPU/TPU), ``"auto"`` (default) picks
+      host on CPU and device elsewhere. Both give the same lambdas.
 
   Returns:
     ``(lambdas float32[N] >= 0, FitInfo)``.
@@ -733,7 +824,13 @@ def fit_lambdas(
   represented = resolve_wrt(wrt, apply_fn, params, x, targets)
   restrict = _masker(represented.mask)
   op = _make_operator(
-    apply_fn, params, x, targets, chunk_size=chunk_size, mesh=mesh
+    apply_fn,
+    params,
+    x,
+    targets,
+    chunk_size=chunk_size,
+    mesh=mesh,
+    strategy=resolve_strategy(strategy),
   )
   params_all = jax.device_put(params, parallel.replicated_sharding(mesh))
   # From here on theta* is its represented part: excluded leaves are zero
@@ -1031,6 +1128,7 @@ def stationarity_residuals(
   mask: PyTree | None = None,
   chunk_size: int = 1024,
   mesh: Mesh | None = None,
+  strategy: Strategy = "auto",
 ) -> tuple[float, float]:
   """Relative residuals ``||theta* + G lambda|| / ||theta*||`` of a lambda.
 
@@ -1047,6 +1145,7 @@ def stationarity_residuals(
       parameters of the first residual; None: all.
     chunk_size: samples per pass.
     mesh: a ``data`` mesh; all devices if None.
+    strategy: as in `fit_lambdas`.
 
   Returns:
     ``(residual over the masked parameters, residual over all)``.
@@ -1059,7 +1158,13 @@ def stationarity_residuals(
     )
   mesh = parallel.make_mesh() if mesh is None else mesh
   op = _make_operator(
-    apply_fn, params, x, targets, chunk_size=chunk_size, mesh=mesh
+    apply_fn,
+    params,
+    x,
+    targets,
+    chunk_size=chunk_size,
+    mesh=mesh,
+    strategy=resolve_strategy(strategy),
   )
   g = op.matvec(lambdas)
   restrict = _masker(mask if mask is not None else params)
@@ -1288,7 +1393,9 @@ __all__ = [
   "SCORES",
   "Score",
   "Selection",
+  "STRATEGIES",
   "SolverState",
+  "Strategy",
   "WRT",
   "Wrt",
   "fit_lambdas",
@@ -1298,6 +1405,7 @@ __all__ = [
   "random_per_class",
   "rank_per_class",
   "represented_leaves",
+  "resolve_strategy",
   "resolve_wrt",
   "scores",
   "select_dsvs",

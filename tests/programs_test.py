@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv_jax import models, select, synthesize
+from dsv_jax import models, parallel, select, synthesize
 
 _CONSTANT = re.compile(
   r"stablehlo\.constant .*?: tensor<([0-9x]*?)x?[a-z]+[0-9]*>"
@@ -112,3 +112,28 @@ def test_predict_compiles_a_few_programs_for_any_number_of_images():
     )
   # Shapes 1, 8 (for 5, 6 and 7) and 128 (300 = 128 + 128 + 44 padded).
   assert models._logits._cache_size() - before == 3
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_device_resident_selection_equals_host_streaming(devices, lowered):
+  # The accelerator strategy (the set on device, one program per pass)
+  # against the CPU one (chunks streamed from the host): same lambdas,
+  # same residuals, and theta is an argument of its programs too.
+  apply_fn, params, x, y = _classifier()
+  x, y = np.asarray(x), np.asarray(y)
+  kw = {"max_iters": 5, "chunk_size": 12, "mesh": parallel.make_mesh(devices)}
+  fits = {
+    s: select.fit_lambdas(apply_fn, params, x, y, strategy=s, **kw)
+    for s in ("host", "device")
+  }
+  np.testing.assert_allclose(
+    fits["device"][0], fits["host"][0], rtol=1e-4, atol=1e-7
+  )
+  for key in ("residual", "residual_all", "objective"):
+    np.testing.assert_allclose(
+      getattr(fits["device"][1], key), getattr(fits["host"][1], key), rtol=1e-4
+    )
+  _assert_no_parameter_constants(lowered, params)
+  ran = {name for name, _ in lowered}
+  assert {"add_grad", "matvec_all", "rmatvec_all"} <= ran  # Both ran.
+  assert select.resolve_strategy("auto") == "host"  # Tests run on CPU.
