@@ -19,6 +19,11 @@ dataset's valid pixel range after every step.
   for _ in range(steps):
     state, metrics = step(state, targets, key)       # fold_in(key, step)
 
+Every array of the state ``init_fn`` returns is a fresh buffer, never the
+caller's ``x0`` or ``active``, so donating the state deletes nothing the
+caller holds; `synthesize` copies a ``state`` it is given for the same
+reason.
+
 Dual feasibility (lambda >= 0), two ways (``dual``):
   * ``"mask"`` (the paper's): lambda is a free scalar; a candidate whose
     lambda falls below 0 is disqualified: its `active` flag goes False, it
@@ -79,7 +84,9 @@ class Synthesizer(NamedTuple):
     init_fn: ``(key, x0[N, H, W, C], targets, active=None) ->
       SynthState``; draws the initial lambdas from ``key`` and checks the
       inputs. ``active`` (``bool[N]``, default all True) marks rows that
-      take part (e.g. False on padding rows added for sharding).
+      take part (e.g. False on padding rows added for sharding). The state
+      holds copies of ``x0`` and ``active``, so donating it leaves the
+      caller's arrays alone.
     step_fn: ``(state, targets, key) -> (state, metrics)``; one optimiser
       step. Metrics are scalars computed at the state before the update,
       except ``num_active`` and ``survival`` (after it).
@@ -323,8 +330,13 @@ def initial_state(
   x_tx: optax.GradientTransformation,
   lambda_tx: optax.GradientTransformation,
 ) -> SynthState:
-  """A step-0 `SynthState` (all candidates active unless ``active``)."""
+  """A step-0 `SynthState` (all candidates active unless ``active``).
+
+  Every array is a fresh buffer: the state is meant to be donated to the
+  jitted step, which must not delete the caller's ``x`` or ``active``.
+  """
   n = x.shape[0]
+  x, lambda_param = jnp.copy(x), jnp.copy(lambda_param)
   return SynthState(
     step=jnp.zeros((), jnp.int32),
     x=x,
@@ -332,7 +344,7 @@ def initial_state(
     active=(
       jnp.ones((n,), jnp.bool_)
       if active is None
-      else jnp.asarray(active, jnp.bool_)
+      else jnp.array(active, jnp.bool_, copy=True)
     ),
     opt_x=x_tx.init(x),
     opt_lambda=lambda_tx.init(lambda_param),
@@ -600,7 +612,9 @@ def synthesize(
 
   The lambda initialisation uses ``fold_in(key, 0)``; step t uses
   ``fold_in(fold_in(key, 1), t)``. ``callback(step, metrics)`` gets host
-  floats every ``log_every`` steps (and at the last step).
+  floats every ``log_every`` steps (and at the last step). The steps
+  donate only the library's own buffers: ``x0``, ``targets`` and a given
+  ``state`` stay usable.
 
   Returns:
     The final `SynthState`.
@@ -608,6 +622,10 @@ def synthesize(
   targets = jnp.asarray(targets)
   if state is None:
     state = synth.init_fn(jax.random.fold_in(key, 0), x0, targets)
+  else:
+    # The step donates its input state: copy the caller's (e.g. a state
+    # returned by an earlier call, resumed here) so it is not deleted.
+    state = jax.tree.map(jnp.copy, state)
   step_key = jax.random.fold_in(key, 1)
   step_fn = jax.jit(synth.step_fn, donate_argnums=(0,))
   start = int(state.step)
