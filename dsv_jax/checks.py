@@ -4,9 +4,15 @@ Every public function of `dsv_jax.kkt`, `dsv_jax.select`,
 `dsv_jax.synthesize` and `dsv_jax.retrain` validates its arguments at the
 edge with these, so one argument gets one message wherever it is passed.
 Shapes and dtypes are checked at trace time (they work on tracers); values
-(label ranges, soft-row sums) only for concrete arrays, so the checks cost
-nothing inside ``jit``, ``grad`` or ``vmap``. Every failure is a
+(label ranges, soft-row sums) only for concrete arrays, so the checks
+cost nothing inside ``jit``, ``grad`` or ``vmap``. Every failure is a
 ``ValueError`` naming the argument, what it must be and what it got.
+
+Images are floating point everywhere, in the normalised space the model
+was trained in (`dsv_jax.data.DatasetInfo.normalize`). Integer pixels are
+rejected rather than converted: 8-bit pixels lie in [0, 255], two orders
+of magnitude outside that space, and a silent ``astype(float32)`` would
+let every loss run on them without a word.
 
 Hand-written rather than chex assertions: chex raises ``AssertionError``
 with a generic message ("input 0 has rank 3"), where these name the
@@ -19,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dsv_jax.types import ApplyFn, Params
 
@@ -146,6 +153,35 @@ def check_target_values(targets: Any, num_classes: int) -> None:
       )
 
 
+def check_floating_images(x: Any, name: str = "x") -> None:
+  """Raises unless ``x`` is floating point (works on tracers: dtype only).
+
+  Examples:
+    >>> import numpy as np
+    >>> from dsv_jax import checks
+    >>> checks.check_floating_images(np.zeros((2, 8, 8, 1), np.uint8))
+    Traceback (most recent call last):
+    ...
+    ValueError: x must be floating point, normalised as ... got uint8; ...
+  """
+  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+      f"{name} must be floating point, normalised as DatasetInfo.normalize "
+      "does (raw pixels in [0, 1] map to [DatasetInfo.pixel_min, "
+      f"DatasetInfo.pixel_max]), got {dtype}; convert 8-bit images with "
+      "info.normalize(images / 255)."
+    )
+
+
+def host_float32_images(x: Any, name: str = "x") -> np.ndarray:
+  """``x`` as a float32 host array, after `check_floating_images` (integer
+  pixels are never converted silently)."""
+  x = np.asarray(x)
+  check_floating_images(x, name)
+  return x.astype(np.float32, copy=False)
+
+
 def check_active(active: jax.Array, n: int) -> None:
   """A dual-feasibility mask must be ``bool[n]``."""
   if active.shape != (n,) or active.dtype != jnp.bool_:
@@ -165,13 +201,14 @@ def check_kkt_inputs(
 ) -> int:
   """Checks the arguments of a DeepKKT function (`dsv_jax.kkt`); returns C.
 
-  ``x`` needs a leading sample axis N; ``targets`` must fit it and the
-  logits of ``apply_fn(params, x)`` (evaluated abstractly: no FLOPs, and it
-  works on tracers); ``lambdas`` must be ``float[N]`` and ``active``
-  ``bool[N]`` when given.
+  ``x`` needs a leading sample axis N and a floating dtype; ``targets``
+  must fit it and the logits of ``apply_fn(params, x)`` (evaluated
+  abstractly: no FLOPs, and it works on tracers); ``lambdas`` must be
+  ``float[N]`` and ``active`` ``bool[N]`` when given.
   """
   if x.ndim < 1:
     raise ValueError("x must have a leading sample axis [N, ...].")
+  check_floating_images(x)
   n = x.shape[0]
   check_targets_shape(targets, n)
   if lambdas is not None:
@@ -199,10 +236,12 @@ __all__ = [
   "check_active",
   "check_choice",
   "check_chunk_size",
+  "check_floating_images",
   "check_kkt_inputs",
   "check_logits_vs_targets",
   "check_target_values",
   "check_targets_shape",
   "error_summary",
+  "host_float32_images",
   "is_concrete",
 ]

@@ -3,9 +3,11 @@
 Every function here works for any classifier given as a pure
 ``apply_fn(params, x[N, ...]) -> logits[N, C]`` (eval mode). ``params`` is the
 frozen trained theta*; only the candidates ``x`` and the multipliers
-``lambdas`` are meant to be optimised. ``targets`` are int labels ``[N]`` or
-soft targets ``float[N, C]`` (rows sum to 1). The per-sample loss ``L_i`` is
-softmax cross-entropy.
+``lambdas`` are meant to be optimised. ``x`` is floating point, in the
+space the model was trained in (images normalised as
+``DatasetInfo.normalize`` does; integer pixels raise a ``ValueError``).
+``targets`` are int labels ``[N]`` or soft targets ``float[N, C]`` (rows
+sum to 1). The per-sample loss ``L_i`` is softmax cross-entropy.
 
 The DeepKKT conditions (Eq. 6) become losses:
 
@@ -203,13 +205,17 @@ def weighted_loss_grad(
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
     params: the parameter pytree theta.
-    x: ``[N, ...]`` samples.
+    x: ``[N, ...]`` floating samples (normalised images).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
     lambdas: ``float[N]`` multipliers.
     chunk_size: samples per backward pass; None for a single pass.
 
   Returns:
     A pytree like ``params``.
+
+  Raises:
+    ValueError: integer ``x``, or shapes that do not fit each other or the
+      model.
 
   References:
     Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 5 (right-hand side,
@@ -252,7 +258,7 @@ def stationarity_residual(
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
     params: the trained parameter pytree theta*.
-    x: ``[N, ...]`` candidates.
+    x: ``[N, ...]`` floating candidates (normalised images).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
     lambdas: ``float[N]`` multipliers.
     chunk_size: samples per backward pass; None for a single pass.
@@ -615,7 +621,7 @@ def stationarity_loss(
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
     params: the trained parameter pytree theta*.
-    x: ``[N, ...]`` candidates.
+    x: ``[N, ...]`` floating candidates (normalised images).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
     lambdas: ``float[N]`` multipliers.
     distance: one of ``DISTANCES``.
@@ -627,6 +633,10 @@ def stationarity_loss(
 
   Returns:
     A scalar.
+
+  Raises:
+    ValueError: integer ``x``, an unknown ``distance`` or ``method``, or
+      shapes that do not fit.
 
   References:
     Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 8; Algorithm 1
@@ -757,7 +767,7 @@ def deepkkt_loss(
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
     params: the trained parameter pytree theta* (frozen).
-    x: ``[N, ...]`` candidates.
+    x: ``[N, ...]`` floating candidates (normalised images).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
     lambdas: ``float[N]`` multipliers.
     active: optional ``bool[N]`` dual-feasibility mask (all True if None).
@@ -777,6 +787,10 @@ def deepkkt_loss(
     ``loss`` (per-sample CE), ``entropy`` (predictive entropy), ``margin``
     (target logit minus the largest other logit), ``correct`` (bool), all
     ``[N]``, and ``num_active`` (int32 scalar).
+
+  Raises:
+    ValueError: integer ``x``, an unknown ``distance`` or ``method``, or
+      shapes that do not fit.
 
   References:
     Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 6-9, Algorithm 1.
@@ -860,7 +874,7 @@ def make_deepkkt_loss(
   pytree of arrays (``active`` may be None), so ``jax.jit(loss)`` needs no
   static arguments and ``jax.grad(loss, argnums=(1, 3), has_aux=True)``
   differentiates with respect to ``x`` and ``lambdas``. The configuration
-  is checked here, once.
+  is checked here, once; the arrays on every call, as by `deepkkt_loss`.
 
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
@@ -930,7 +944,7 @@ def per_sample_grads(
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
     params: the parameter pytree theta.
-    x: ``[N, ...]`` samples.
+    x: ``[N, ...]`` floating samples (normalised images).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
 
   Returns:
@@ -980,7 +994,7 @@ def per_sample_grad_dots(
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
     params: the parameter pytree theta.
-    x: ``[N, ...]`` samples.
+    x: ``[N, ...]`` floating samples (normalised images).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
     direction: a pytree like ``params``.
     chunk_size: samples per pass; None for a single pass.
