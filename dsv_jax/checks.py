@@ -4,9 +4,10 @@ Every public function of `dsv_jax.kkt`, `dsv_jax.select`,
 `dsv_jax.synthesize` and `dsv_jax.retrain` validates its arguments at the
 edge with these, so one argument gets one message wherever it is passed.
 Shapes and dtypes are checked at trace time (they work on tracers); values
-(label ranges, soft-row sums) only for concrete arrays, so the checks
-cost nothing inside ``jit``, ``grad`` or ``vmap``. Every failure is a
-``ValueError`` naming the argument, what it must be and what it got.
+(label ranges, soft-row sums, the sign of multipliers) only for concrete
+arrays, so the checks cost nothing inside ``jit``, ``grad`` or ``vmap``.
+Every failure is a ``ValueError`` naming the argument, what it must be and
+what it got.
 
 Images are floating point everywhere, in the normalised space the model
 was trained in (`dsv_jax.data.DatasetInfo.normalize`). Integer pixels are
@@ -182,6 +183,40 @@ def host_float32_images(x: Any, name: str = "x") -> np.ndarray:
   return x.astype(np.float32, copy=False)
 
 
+def check_nonnegative_lambdas(lambdas: Any, active: Any = None) -> None:
+  """Dual feasibility: raises if a multiplier (of an active row) is < 0.
+
+  Rows with ``active[i]`` False are not checked: a disqualified candidate
+  takes no part, whatever its lambda. Skipped under tracing (jit, grad,
+  vmap), where the values are unknown.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dsv_jax import checks
+    >>> lambdas = np.array([0.5, -0.25, 1.0])
+    >>> active = np.array([True, False, True])
+    >>> checks.check_nonnegative_lambdas(lambdas, active)  # lambdas[1] is off
+    >>> checks.check_nonnegative_lambdas(lambdas)
+    Traceback (most recent call last):
+    ...
+    ValueError: lambdas must be >= 0 (dual feasibility), got lambdas[1] = ...
+  """
+  if not is_concrete(lambdas) or not is_concrete(active):
+    return
+  # On the host, as in `check_target_values`.
+  values = np.asarray(jax.device_get(lambdas))
+  negative = values < 0
+  if active is not None:
+    negative &= np.asarray(jax.device_get(active), bool)
+  if negative.any():
+    first = int(negative.argmax())
+    rows = " active" if active is not None else ""
+    raise ValueError(
+      f"lambdas must be >= 0 (dual feasibility), got lambdas[{first}] = "
+      f"{float(values[first]):g} ({int(negative.sum())} negative{rows})."
+    )
+
+
 def check_active(active: jax.Array, n: int) -> None:
   """A dual-feasibility mask must be ``bool[n]``."""
   if active.shape != (n,) or active.dtype != jnp.bool_:
@@ -204,7 +239,8 @@ def check_kkt_inputs(
   ``x`` needs a leading sample axis N and a floating dtype; ``targets``
   must fit it and the logits of ``apply_fn(params, x)`` (evaluated
   abstractly: no FLOPs, and it works on tracers); ``lambdas`` must be
-  ``float[N]`` and ``active`` ``bool[N]`` when given.
+  ``float[N]``, non-negative where concrete (on the active rows), and
+  ``active`` ``bool[N]`` when given.
   """
   if x.ndim < 1:
     raise ValueError("x must have a leading sample axis [N, ...].")
@@ -220,6 +256,8 @@ def check_kkt_inputs(
       raise ValueError(f"lambdas must be floating, got {lambdas.dtype}.")
   if active is not None:
     check_active(active, n)
+  if lambdas is not None:
+    check_nonnegative_lambdas(lambdas, active)
   # Abstract evaluation: no FLOPs, and it works on tracers too.
   out = jax.eval_shape(apply_fn, params, x)
   if not hasattr(out, "shape"):
@@ -239,6 +277,7 @@ __all__ = [
   "check_floating_images",
   "check_kkt_inputs",
   "check_logits_vs_targets",
+  "check_nonnegative_lambdas",
   "check_target_values",
   "check_targets_shape",
   "error_summary",

@@ -1030,7 +1030,8 @@ def stationarity_residuals(
 
   Args:
     apply_fn, params, x, targets: as in `fit_lambdas`.
-    lambdas: ``float[N]``.
+    lambdas: ``float[N]``, ``>= 0`` (dual feasibility; a negative entry
+      raises a ``ValueError``).
     mask: a pytree of bools like ``params`` (`Represented.mask`): the
       parameters of the first residual; None: all.
     chunk_size: samples per pass.
@@ -1045,6 +1046,7 @@ def stationarity_residuals(
     raise ValueError(
       f"lambdas must have shape [N] = ({len(x)},), got {lambdas.shape}."
     )
+  checks.check_nonnegative_lambdas(lambdas)
   mesh = parallel.make_mesh() if mesh is None else mesh
   op = _make_operator(
     apply_fn, params, x, targets, chunk_size=chunk_size, mesh=mesh
