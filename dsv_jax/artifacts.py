@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dsv_jax import checks
+
 SCHEMA_VERSION = 1
 SOURCES = ("noise", "real", "other", "user", "train")
 NPZ = "dsv.npz"
@@ -50,7 +52,7 @@ class DSVSet(NamedTuple):
 
 def _canonical(dsv: DSVSet) -> DSVSet:
   """Converts to the schema's dtypes and checks shapes; raises ValueError."""
-  images = np.asarray(dsv.images, np.float32)
+  images = checks.host_float32_images(dsv.images, "images")
   if images.ndim != 4:
     raise ValueError(f"images must be [N, H, W, C], got {images.shape}.")
   n = images.shape[0]

@@ -4,9 +4,16 @@ Every public function of `dsv_jax.kkt`, `dsv_jax.select`,
 `dsv_jax.synthesize` and `dsv_jax.retrain` validates its arguments at the
 edge with these, so one argument gets one message wherever it is passed.
 Shapes and dtypes are checked at trace time (they work on tracers); values
-(label ranges, soft-row sums) only for concrete arrays, so the checks cost
-nothing inside ``jit``, ``grad`` or ``vmap``. Every failure is a
-``ValueError`` naming the argument, what it must be and what it got.
+(label ranges, soft-row sums, the sign of multipliers) only for concrete
+arrays, so the checks cost nothing inside ``jit``, ``grad`` or ``vmap``.
+Every failure is a ``ValueError`` naming the argument, what it must be and
+what it got.
+
+Images are floating point everywhere, in the normalised space the model
+was trained in (`dsv_jax.data.DatasetInfo.normalize`). Integer pixels are
+rejected rather than converted: 8-bit pixels lie in [0, 255], two orders
+of magnitude outside that space, and a silent ``astype(float32)`` would
+let every loss run on them without a word.
 
 Hand-written rather than chex assertions: chex raises ``AssertionError``
 with a generic message ("input 0 has rank 3"), where these name the
@@ -19,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dsv_jax.types import ApplyFn, Params
 
@@ -146,6 +154,69 @@ def check_target_values(targets: Any, num_classes: int) -> None:
       )
 
 
+def check_floating_images(x: Any, name: str = "x") -> None:
+  """Raises unless ``x`` is floating point (works on tracers: dtype only).
+
+  Examples:
+    >>> import numpy as np
+    >>> from dsv_jax import checks
+    >>> checks.check_floating_images(np.zeros((2, 8, 8, 1), np.uint8))
+    Traceback (most recent call last):
+    ...
+    ValueError: x must be floating point, normalised as ... got uint8; ...
+  """
+  dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(
+      f"{name} must be floating point, normalised as DatasetInfo.normalize "
+      "does (raw pixels in [0, 1] map to [DatasetInfo.pixel_min, "
+      f"DatasetInfo.pixel_max]), got {dtype}; convert 8-bit images with "
+      "info.normalize(images / 255)."
+    )
+
+
+def host_float32_images(x: Any, name: str = "x") -> np.ndarray:
+  """``x`` as a float32 host array, after `check_floating_images` (integer
+  pixels are never converted silently)."""
+  x = np.asarray(x)
+  check_floating_images(x, name)
+  return x.astype(np.float32, copy=False)
+
+
+def check_nonnegative_lambdas(lambdas: Any, active: Any = None) -> None:
+  """Dual feasibility: raises if a multiplier (of an active row) is < 0.
+
+  Rows with ``active[i]`` False are not checked: a disqualified candidate
+  takes no part, whatever its lambda. Skipped under tracing (jit, grad,
+  vmap), where the values are unknown.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dsv_jax import checks
+    >>> lambdas = np.array([0.5, -0.25, 1.0])
+    >>> active = np.array([True, False, True])
+    >>> checks.check_nonnegative_lambdas(lambdas, active)  # lambdas[1] is off
+    >>> checks.check_nonnegative_lambdas(lambdas)
+    Traceback (most recent call last):
+    ...
+    ValueError: lambdas must be >= 0 (dual feasibility), got lambdas[1] = ...
+  """
+  if not is_concrete(lambdas) or not is_concrete(active):
+    return
+  # On the host, as in `check_target_values`.
+  values = np.asarray(jax.device_get(lambdas))
+  negative = values < 0
+  if active is not None:
+    negative &= np.asarray(jax.device_get(active), bool)
+  if negative.any():
+    first = int(negative.argmax())
+    rows = " active" if active is not None else ""
+    raise ValueError(
+      f"lambdas must be >= 0 (dual feasibility), got lambdas[{first}] = "
+      f"{float(values[first]):g} ({int(negative.sum())} negative{rows})."
+    )
+
+
 def check_active(active: jax.Array, n: int) -> None:
   """A dual-feasibility mask must be ``bool[n]``."""
   if active.shape != (n,) or active.dtype != jnp.bool_:
@@ -165,13 +236,15 @@ def check_kkt_inputs(
 ) -> int:
   """Checks the arguments of a DeepKKT function (`dsv_jax.kkt`); returns C.
 
-  ``x`` needs a leading sample axis N; ``targets`` must fit it and the
-  logits of ``apply_fn(params, x)`` (evaluated abstractly: no FLOPs, and it
-  works on tracers); ``lambdas`` must be ``float[N]`` and ``active``
-  ``bool[N]`` when given.
+  ``x`` needs a leading sample axis N and a floating dtype; ``targets``
+  must fit it and the logits of ``apply_fn(params, x)`` (evaluated
+  abstractly: no FLOPs, and it works on tracers); ``lambdas`` must be
+  ``float[N]``, non-negative where concrete (on the active rows), and
+  ``active`` ``bool[N]`` when given.
   """
   if x.ndim < 1:
     raise ValueError("x must have a leading sample axis [N, ...].")
+  check_floating_images(x)
   n = x.shape[0]
   check_targets_shape(targets, n)
   if lambdas is not None:
@@ -183,6 +256,8 @@ def check_kkt_inputs(
       raise ValueError(f"lambdas must be floating, got {lambdas.dtype}.")
   if active is not None:
     check_active(active, n)
+  if lambdas is not None:
+    check_nonnegative_lambdas(lambdas, active)
   # Abstract evaluation: no FLOPs, and it works on tracers too.
   out = jax.eval_shape(apply_fn, params, x)
   if not hasattr(out, "shape"):
@@ -199,10 +274,13 @@ __all__ = [
   "check_active",
   "check_choice",
   "check_chunk_size",
+  "check_floating_images",
   "check_kkt_inputs",
   "check_logits_vs_targets",
+  "check_nonnegative_lambdas",
   "check_target_values",
   "check_targets_shape",
   "error_summary",
+  "host_float32_images",
   "is_concrete",
 ]

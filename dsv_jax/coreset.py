@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv_jax import retrain
+from dsv_jax import checks, retrain
 from dsv_jax.types import Params, PyTree
 
 
@@ -38,6 +38,7 @@ def features_of(
 
   The function is jitted with ``params`` as an argument (one compile).
   """
+  checks.check_floating_images(images, "images")
   fn = jax.jit(features_fn)
   out = [
     np.asarray(fn(params, images[i : i + batch_size]))
@@ -121,7 +122,7 @@ def el2n_scores(
   Returns:
     ``float32[N]``.
   """
-  images = np.asarray(images, np.float32)
+  images = checks.host_float32_images(images, "images")
   labels = np.asarray(labels, np.int32)
   res = retrain.retrain(
     model_fn,

@@ -25,12 +25,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC
 
+from dsv_jax import checks
+
 JUDGES = ("logistic", "rbf_svm", "1nn")
 
 
 def _raw(images: np.ndarray, info: Any) -> np.ndarray:
   """Normalised images -> raw pixels in [0, 1], flattened ``[N, D]``."""
-  raw = np.clip(info.denormalize(np.asarray(images, np.float32)), 0.0, 1.0)
+  images = checks.host_float32_images(images, "images")
+  raw = np.clip(info.denormalize(images), 0.0, 1.0)
   return raw.reshape(len(raw), -1).astype(np.float32)
 
 

@@ -3,9 +3,14 @@
 Every function here works for any classifier given as a pure
 ``apply_fn(params, x[N, ...]) -> logits[N, C]`` (eval mode). ``params`` is the
 frozen trained theta*; only the candidates ``x`` and the multipliers
-``lambdas`` are meant to be optimised. ``targets`` are int labels ``[N]`` or
-soft targets ``float[N, C]`` (rows sum to 1). The per-sample loss ``L_i`` is
-softmax cross-entropy.
+``lambdas`` are meant to be optimised. ``x`` is floating point, in the
+space the model was trained in (images normalised as
+``DatasetInfo.normalize`` does; integer pixels raise a ``ValueError``).
+``targets`` are int labels ``[N]`` or soft targets ``float[N, C]`` (rows
+sum to 1). The multipliers are ``lambdas >= 0`` (dual feasibility):
+concrete ones with a negative entry raise a ``ValueError``; traced ones
+(inside ``jit``, ``grad``, ``vmap``) cannot be checked and are not. The
+per-sample loss ``L_i`` is softmax cross-entropy.
 
 The DeepKKT conditions (Eq. 6) become losses:
 
@@ -200,16 +205,28 @@ def weighted_loss_grad(
   Differentiable (by reverse-over-reverse autodiff) with respect to every
   argument.
 
+  Multipliers must be non-negative (dual feasibility). A negative
+  ``lambda_i`` is defined -- it flips sample i's gradient in the sum -- but
+  it is not a KKT multiplier, so concrete ``lambdas`` with a negative entry
+  raise a ``ValueError``. Traced ones (inside ``jit``, ``grad`` or ``vmap``)
+  are not checked: their values are unknown when the check runs. Synthesis
+  keeps them feasible by softplus or by the active mask
+  (`dsv_jax.synthesize`).
+
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
     params: the parameter pytree theta.
-    x: ``[N, ...]`` samples.
+    x: ``[N, ...]`` floating samples (normalised images).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
-    lambdas: ``float[N]`` multipliers.
+    lambdas: ``float[N]`` multipliers, ``>= 0``.
     chunk_size: samples per backward pass; None for a single pass.
 
   Returns:
     A pytree like ``params``.
+
+  Raises:
+    ValueError: integer ``x``, concrete negative ``lambdas``, or shapes that
+      do not fit each other or the model.
 
   References:
     Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 5 (right-hand side,
@@ -248,13 +265,15 @@ def stationarity_residual(
   """Residual of the stationarity condition, ``theta + sum_i lambda_i g_i``.
 
   Zero exactly when ``theta = -sum_i lambda_i grad_theta L_i(theta)``.
+  Inputs are checked as in `weighted_loss_grad` (``lambdas >= 0`` where
+  concrete).
 
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
     params: the trained parameter pytree theta*.
-    x: ``[N, ...]`` candidates.
+    x: ``[N, ...]`` floating candidates (normalised images).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
-    lambdas: ``float[N]`` multipliers.
+    lambdas: ``float[N]`` multipliers, ``>= 0``.
     chunk_size: samples per backward pass; None for a single pass.
 
   Returns:
@@ -612,12 +631,16 @@ def stationarity_loss(
   * ``"l2_sq"`` (Algorithm 1): ``sum_p r_p^2``;
   * ``"cosine"``: ``1 - cos(theta*, -g)``, in [0, 2].
 
+  A negative multiplier breaks dual feasibility: concrete ``lambdas`` with
+  a negative entry raise a ``ValueError``, traced ones are not checked (see
+  `weighted_loss_grad`).
+
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
     params: the trained parameter pytree theta*.
-    x: ``[N, ...]`` candidates.
+    x: ``[N, ...]`` floating candidates (normalised images).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
-    lambdas: ``float[N]`` multipliers.
+    lambdas: ``float[N]`` multipliers, ``>= 0``.
     distance: one of ``DISTANCES``.
     method: ``"fast"`` (custom VJP, reverse-of-jvp; reverse mode only:
       ``jax.jvp`` raises a ``TypeError``) or ``"reverse"`` (plain
@@ -627,6 +650,10 @@ def stationarity_loss(
 
   Returns:
     A scalar.
+
+  Raises:
+    ValueError: integer ``x``, concrete negative ``lambdas``, an unknown
+      ``distance`` or ``method``, or shapes that do not fit.
 
   References:
     Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 8; Algorithm 1
@@ -754,12 +781,22 @@ def deepkkt_loss(
   fast custom-VJP path when ``method="fast"``; forward mode needs
   ``method="reverse"``.
 
+  Multipliers of active candidates must be non-negative (dual
+  feasibility). A negative one is defined -- it flips that candidate's
+  gradient in the stationarity sum -- but it is not a KKT multiplier, so
+  concrete ``lambdas`` with a negative entry on an active row raise a
+  ``ValueError``; an inactive row's lambda is not checked (it takes no
+  part). Traced ``lambdas`` or ``active`` (inside ``jit``, ``grad`` or
+  ``vmap``) are not checked: their values are unknown when the check
+  runs. Synthesis keeps them feasible by softplus or by the mask
+  (`dsv_jax.synthesize`).
+
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
     params: the trained parameter pytree theta* (frozen).
-    x: ``[N, ...]`` candidates.
+    x: ``[N, ...]`` floating candidates (normalised images).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
-    lambdas: ``float[N]`` multipliers.
+    lambdas: ``float[N]`` multipliers, ``>= 0`` on the active rows.
     active: optional ``bool[N]`` dual-feasibility mask (all True if None).
     beta_stationarity: ``beta_stat``, the weight of the stationarity term
       (1 in the paper); it scales the term's value and its gradients with
@@ -777,6 +814,10 @@ def deepkkt_loss(
     ``loss`` (per-sample CE), ``entropy`` (predictive entropy), ``margin``
     (target logit minus the largest other logit), ``correct`` (bool), all
     ``[N]``, and ``num_active`` (int32 scalar).
+
+  Raises:
+    ValueError: integer ``x``, concrete negative ``lambdas`` on active rows,
+      an unknown ``distance`` or ``method``, or shapes that do not fit.
 
   References:
     Lee et al., "Deep Support Vectors", NeurIPS 2024, Eq. 6-9, Algorithm 1.
@@ -860,7 +901,7 @@ def make_deepkkt_loss(
   pytree of arrays (``active`` may be None), so ``jax.jit(loss)`` needs no
   static arguments and ``jax.grad(loss, argnums=(1, 3), has_aux=True)``
   differentiates with respect to ``x`` and ``lambdas``. The configuration
-  is checked here, once.
+  is checked here, once; the arrays on every call, as by `deepkkt_loss`.
 
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
@@ -930,7 +971,7 @@ def per_sample_grads(
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
     params: the parameter pytree theta.
-    x: ``[N, ...]`` samples.
+    x: ``[N, ...]`` floating samples (normalised images).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
 
   Returns:
@@ -980,7 +1021,7 @@ def per_sample_grad_dots(
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``.
     params: the parameter pytree theta.
-    x: ``[N, ...]`` samples.
+    x: ``[N, ...]`` floating samples (normalised images).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
     direction: a pytree like ``params``.
     chunk_size: samples per pass; None for a single pass.

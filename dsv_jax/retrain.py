@@ -317,8 +317,9 @@ def retrain(
     A `RetrainResult`.
 
   Raises:
-    ValueError: an empty set, NaN/Inf pixels, labels out of range, soft
-      rows not summing to 1, or shapes that do not fit the model.
+    ValueError: an empty set, integer or NaN/Inf pixels (images are
+      normalised floats), labels out of range, soft rows not summing to 1,
+      or shapes that do not fit the model.
   """
   checks.check_choice("vectorize", vectorize, VECTORIZE)
   vectorize = resolve_vectorize(vectorize)
@@ -331,7 +332,7 @@ def retrain(
     if v < 1:
       raise ValueError(f"{name} must be >= 1, got {v}.")
   t0 = time.perf_counter()
-  images = np.asarray(images, np.float32)
+  images = checks.host_float32_images(images, "images")
   per_model = images.ndim == 5
   if per_model and images.shape[0] != num_models:
     raise ValueError(

@@ -546,7 +546,7 @@ def represented_leaves(
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``, evaluation mode.
     params: the trained parameter pytree theta*.
-    x: ``[N, ...]`` samples (e.g. the training set).
+    x: ``[N, ...]`` floating samples (e.g. the training set, normalised).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
     num_probe: samples probed (evenly spaced over ``x``).
     tol: the invariance threshold above.
@@ -558,7 +558,7 @@ def represented_leaves(
     raise ValueError(f"num_probe must be >= 1, got {num_probe}.")
   if not 0 < tol < 1:
     raise ValueError(f"tol must lie in (0, 1), got {tol}.")
-  x, targets = np.asarray(x), np.asarray(targets)
+  x, targets = checks.host_float32_images(x), np.asarray(targets)
   # Probes are spread over the samples whose gradient is not exactly zero
   # (a float32 softmax saturates on very confident samples: they carry no
   # information about invariance).
@@ -764,7 +764,8 @@ def fit_lambdas(
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``, evaluation mode.
     params: the trained parameter pytree theta*.
-    x: ``[N, ...]`` training samples (host memory; streamed in chunks).
+    x: ``[N, ...]`` floating training samples (normalised images; host
+      memory, streamed in chunks).
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
     distance: stationarity distance, one of ``DISTANCES``.
     slackness: weight of the complementary-slackness (contribution) term;
@@ -797,12 +798,12 @@ def fit_lambdas(
     ``(lambdas float32[N] >= 0, FitInfo)``.
 
   Raises:
-    ValueError: bad arguments, NaN/inf in x or params, targets out of
-      range, a resume state of another problem size, or (with slackness)
-      no sample with ``<theta*, -g_i> > 0``.
+    ValueError: bad arguments, integer or NaN/inf x, NaN/inf params,
+      targets out of range, a resume state of another problem size, or
+      (with slackness) no sample with ``<theta*, -g_i> > 0``.
   """
   t_start = time.perf_counter()
-  x = np.asarray(x, np.float32)
+  x = checks.host_float32_images(x)
   targets = np.asarray(targets)
   _check_args(
     distance, init, slackness, max_iters, tol, chunk_size, l1_smoothing
@@ -1140,7 +1141,8 @@ def stationarity_residuals(
 
   Args:
     apply_fn, params, x, targets: as in `fit_lambdas`.
-    lambdas: ``float[N]``.
+    lambdas: ``float[N]``, ``>= 0`` (dual feasibility; a negative entry
+      raises a ``ValueError``).
     mask: a pytree of bools like ``params`` (`Represented.mask`): the
       parameters of the first residual; None: all.
     chunk_size: samples per pass.
@@ -1150,12 +1152,13 @@ def stationarity_residuals(
   Returns:
     ``(residual over the masked parameters, residual over all)``.
   """
-  x, targets = np.asarray(x, np.float32), np.asarray(targets)
+  x, targets = checks.host_float32_images(x), np.asarray(targets)
   lambdas = np.asarray(lambdas, np.float32)
   if lambdas.shape != (len(x),):
     raise ValueError(
       f"lambdas must have shape [N] = ({len(x)},), got {lambdas.shape}."
     )
+  checks.check_nonnegative_lambdas(lambdas)
   mesh = parallel.make_mesh() if mesh is None else mesh
   op = _make_operator(
     apply_fn,
@@ -1220,7 +1223,7 @@ def select_dsvs(
   Args:
     apply_fn: ``(params, x[B, ...]) -> logits[B, C]``, evaluation mode.
     params: the trained parameter pytree theta*.
-    x: ``[N, ...]`` training samples.
+    x: ``[N, ...]`` floating training samples (normalised images).
     labels: int ``[N]`` their labels.
     k: samples per class to return.
     score: one of ``SCORES``.
@@ -1240,13 +1243,14 @@ def select_dsvs(
     >>> print(sel.indices)  # the two samples nearest the boundary
     [2 1]
   """
+  x = checks.host_float32_images(x)
   labels = np.asarray(labels)
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(
       f"labels must be int [N], got {labels.dtype}{list(labels.shape)}."
     )
   checks.check_choice("score", score, SCORES)
-  num_classes = jax.eval_shape(apply_fn, params, np.asarray(x)[:1]).shape[-1]
+  num_classes = jax.eval_shape(apply_fn, params, x[:1]).shape[-1]
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}.")
   counts = np.bincount(labels, minlength=num_classes)

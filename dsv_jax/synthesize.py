@@ -19,6 +19,13 @@ dataset's valid pixel range after every step.
   for _ in range(steps):
     state, metrics = step(state, targets, key)       # fold_in(key, step)
 
+``x0`` is floating point, in the dataset's normalised space
+(``DatasetInfo.normalize``; integer pixels raise a ``ValueError``). Every
+array of the state ``init_fn`` returns is a fresh buffer, never the
+caller's ``x0`` or ``active``, so donating the state deletes nothing the
+caller holds; `synthesize` copies a ``state`` it is given for the same
+reason.
+
 Dual feasibility (lambda >= 0), two ways (``dual``):
   * ``"mask"`` (the paper's): lambda is a free scalar; a candidate whose
     lambda falls below 0 is disqualified: its `active` flag goes False, it
@@ -78,8 +85,10 @@ class Synthesizer(NamedTuple):
   Attributes:
     init_fn: ``(key, x0[N, H, W, C], targets, active=None) ->
       SynthState``; draws the initial lambdas from ``key`` and checks the
-      inputs. ``active`` (``bool[N]``, default all True) marks rows that
-      take part (e.g. False on padding rows added for sharding).
+      inputs (``x0`` floating, normalised). ``active`` (``bool[N]``,
+      default all True) marks rows that take part (e.g. False on padding
+      rows added for sharding). The state holds copies of ``x0`` and
+      ``active``, so donating it leaves the caller's arrays alone.
     step_fn: ``(state, targets, key) -> (state, metrics)``; one optimiser
       step. Metrics are scalars computed at the state before the update,
       except ``num_active`` and ``survival`` (after it).
@@ -180,14 +189,15 @@ def target_labels(targets: jax.typing.ArrayLike) -> jax.Array:
 def check_images(
   x: Any, image_shape: Sequence[int] | None = None, *, name: str = "x0"
 ) -> None:
-  """Eager checks of candidate images; raises a clear `ValueError`.
+  """Checks candidate images; raises a clear `ValueError`.
 
-  Checks rank 4, floating dtype, the per-image shape (if given) and that
-  every pixel is finite. Skipped for tracers (inside jit).
+  Checks rank 4, the per-image shape (if given), a floating dtype (images
+  normalised as ``DatasetInfo.normalize`` does: integer pixels are never
+  converted silently) and that every pixel is finite. Tracers (inside jit)
+  get the shape and dtype checks only.
   """
-  if isinstance(x, jax.core.Tracer):
-    return
-  x = np.asarray(x)
+  if checks.is_concrete(x):
+    x = np.asarray(x)
   if x.ndim != 4:
     raise ValueError(f"{name} must be images [N, H, W, C], got {x.shape}.")
   if image_shape is not None and tuple(x.shape[1:]) != tuple(image_shape):
@@ -195,8 +205,9 @@ def check_images(
       f"{name} has images of shape {tuple(x.shape[1:])}; the model expects "
       f"{tuple(image_shape)}."
     )
-  if not np.issubdtype(x.dtype, np.floating):
-    raise ValueError(f"{name} must be floating point, got {x.dtype}.")
+  checks.check_floating_images(x, name)
+  if not checks.is_concrete(x):
+    return
   finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
   if not finite.all():
     bad = np.flatnonzero(~finite)
@@ -273,6 +284,7 @@ def other_init(
     ``(images[num, H, W, C], indices[num])`` into ``images``.
   """
   images = np.asarray(images)
+  checks.check_floating_images(images, "images")
   if num > len(images):
     raise ValueError(f"{num} images requested, {len(images)} available.")
   idx = np.asarray(jax.random.permutation(key, len(images)))[:num]
@@ -323,8 +335,13 @@ def initial_state(
   x_tx: optax.GradientTransformation,
   lambda_tx: optax.GradientTransformation,
 ) -> SynthState:
-  """A step-0 `SynthState` (all candidates active unless ``active``)."""
+  """A step-0 `SynthState` (all candidates active unless ``active``).
+
+  Every array is a fresh buffer: the state is meant to be donated to the
+  jitted step, which must not delete the caller's ``x`` or ``active``.
+  """
   n = x.shape[0]
+  x, lambda_param = jnp.copy(x), jnp.copy(lambda_param)
   return SynthState(
     step=jnp.zeros((), jnp.int32),
     x=x,
@@ -332,7 +349,7 @@ def initial_state(
     active=(
       jnp.ones((n,), jnp.bool_)
       if active is None
-      else jnp.asarray(active, jnp.bool_)
+      else jnp.array(active, jnp.bool_, copy=True)
     ),
     opt_x=x_tx.init(x),
     opt_lambda=lambda_tx.init(lambda_param),
@@ -600,7 +617,9 @@ def synthesize(
 
   The lambda initialisation uses ``fold_in(key, 0)``; step t uses
   ``fold_in(fold_in(key, 1), t)``. ``callback(step, metrics)`` gets host
-  floats every ``log_every`` steps (and at the last step).
+  floats every ``log_every`` steps (and at the last step). The steps
+  donate only the library's own buffers: ``x0``, ``targets`` and a given
+  ``state`` stay usable.
 
   Returns:
     The final `SynthState`.
@@ -608,6 +627,10 @@ def synthesize(
   targets = jnp.asarray(targets)
   if state is None:
     state = synth.init_fn(jax.random.fold_in(key, 0), x0, targets)
+  else:
+    # The step donates its input state: copy the caller's (e.g. a state
+    # returned by an earlier call, resumed here) so it is not deleted.
+    state = jax.tree.map(jnp.copy, state)
   step_key = jax.random.fold_in(key, 1)
   step_fn = jax.jit(synth.step_fn, donate_argnums=(0,))
   start = int(state.step)
@@ -634,7 +657,7 @@ def edit(
 
   Args:
     apply_fn, params: the frozen classifier.
-    images: ``[N, H, W, C]`` starting images (normalised).
+    images: floating ``[N, H, W, C]`` starting images (normalised).
     new_targets: int ``[N]`` or soft ``[N, C]`` targets to move them to.
     key: PRNG key.
     steps: optimisation steps.
@@ -643,6 +666,7 @@ def edit(
   Returns:
     ``(edited[N, H, W, C], lambdas[N], active[N])``.
   """
+  check_images(images, name="images")
   synth = make_synthesizer(apply_fn, params, **synth_kwargs)
   state = synthesize(synth, key, images, new_targets, steps=steps)
   return state.x, synth.lambdas_fn(state), state.active
@@ -673,6 +697,7 @@ def interpolate(
   x0 = jnp.asarray(x0)
   if x0.ndim != 3:
     raise ValueError(f"x0 must be one image [H, W, C], got {x0.shape}.")
+  checks.check_floating_images(x0, "x0")
   k = len(deltas)
   targets = blend_targets(
     jnp.full((k,), class_a, jnp.int32),

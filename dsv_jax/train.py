@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from dsv_jax import augment, parallel
+from dsv_jax import augment, checks, parallel
 from dsv_jax.models import FunctionalModel
 from dsv_jax.types import Params, PyTree
 
@@ -261,7 +261,8 @@ def train_classifier(
 
   Args:
     fm: the model as pure functions (see `dsv_jax.models.functional`).
-    train_split: `{"image": f32[N, H, W, C], "label": i32[N]}`.
+    train_split: `{"image": f32[N, H, W, C], "label": i32[N]}`, images
+      normalised (`DatasetInfo.normalize`).
     key: PRNG key; batches and augmentations derive from it and the step.
     steps: total number of optimiser steps of the run.
     batch_size, learning_rate, weight_decay, lr_schedule: the recipe (see
@@ -279,6 +280,9 @@ def train_classifier(
   Returns:
     The final `TrainState` and the last logged metrics.
   """
+  checks.check_floating_images(train_split["image"], "train_split['image']")
+  if eval_split is not None:
+    checks.check_floating_images(eval_split["image"], "eval_split['image']")
   tx = make_optimizer(
     learning_rate=learning_rate,
     weight_decay=weight_decay,
@@ -476,7 +480,7 @@ def finish_full_batch(
   shapes = [leaves[i].shape for i in opt_idx]
   sizes = [int(np.prod(sh)) for sh in shapes]
   n = len(labels)
-  images = np.asarray(images, np.float32)
+  images = checks.host_float32_images(images, "images")
   labels = np.asarray(labels, np.int32)
   chunk_size = parallel.balanced_chunk(n, chunk_size)
 
