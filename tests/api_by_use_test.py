@@ -355,6 +355,19 @@ def test_select_as_in_the_readme(model):
     mask=rep.mask,
   )
   assert np.isfinite(res) and np.isfinite(res_all)
+  # The accelerator strategy, chosen by hand on CPU: the same residuals.
+  assert select.resolve_strategy("device") == "device"
+  on_device = _reused(
+    select.stationarity_residuals,
+    apply_fn,
+    params,
+    x,
+    labels,
+    jnp.asarray(lambdas),
+    mask=rep.mask,
+    strategy="device",
+  )
+  np.testing.assert_allclose(on_device, (res, res_all), rtol=1e-5)
 
   lambdas, weights = jnp.asarray(lambdas), jnp.asarray(fit.weights)
   scores = _reused(
