@@ -79,7 +79,6 @@ def run(args, n):
   x = sz.noise_init(key, n, shape)
   synth = sz.make_synthesizer(
     apply_fn,
-    params,
     x_tx=optax.adam(0.01),
     lambda_tx=optax.adam(0.05),
     eta=5.0,
@@ -92,8 +91,8 @@ def run(args, n):
     pixel_min=lo,
     pixel_max=hi,
   )
-  state = synth.init_fn(key, x, labels)
-  step = jax.jit(synth.step_fn, donate_argnums=(0,))
+  state = synth.init_fn(key, params, x, labels)
+  step = synth.step
 
   x2 = jnp.concatenate([x, x])
   l2 = jnp.concatenate([labels, labels])
@@ -107,7 +106,7 @@ def run(args, n):
   kkt_step = jax.jit(jax.value_and_grad(kkt_loss, argnums=(0, 1)))
 
   t0 = time.perf_counter()
-  state, _ = step(state, labels, key)
+  state, _ = step(state, params, labels, key)
   jax.block_until_ready(state.x)
   compile_synth = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -117,7 +116,7 @@ def run(args, n):
   holder = {"state": state}
 
   def synth_call():
-    holder["state"], m = step(holder["state"], labels, key)
+    holder["state"], m = step(holder["state"], params, labels, key)
     return holder["state"].x
 
   times = {"synth": [], "kkt_2n": []}

@@ -103,7 +103,6 @@ def reconstruction_loss(
 
 def make_reconstructor(
   apply_fn: ApplyFn,
-  params: Params,
   *,
   x_tx: optax.GradientTransformation | None = None,
   lambda_tx: optax.GradientTransformation | None = None,
@@ -116,7 +115,8 @@ def make_reconstructor(
   """The reconstruction baseline as a `synthesize.Synthesizer`.
 
   Args:
-    apply_fn, params: the frozen classifier (eval mode).
+    apply_fn: the frozen classifier (eval mode); its params are an
+      argument of the returned functions.
     x_tx: optimiser of x (default ``optax.adam(0.01)``).
     lambda_tx: optimiser of lambda (default ``optax.adam(0.05)``).
     lambda_min, beta_lambda: see `reconstruction_loss`.
@@ -124,11 +124,11 @@ def make_reconstructor(
     pixel_min, pixel_max: bounds x is clipped to after every step.
 
   Returns:
-    A `Synthesizer` whose ``init_fn(key, x0, labels, active=None)`` and
-    ``step_fn(state, labels, key)`` match DeepKKT synthesis (``labels``
-    int ``[N]``; soft targets are reduced to their argmax). lambda is a
-    free variable (``lambda_param`` is lambda) held near ``>= lambda_min``
-    by the hinge; no candidate is ever deactivated.
+    A `Synthesizer` whose ``init_fn(key, params, x0, labels, active=None)``
+    and ``step_fn(state, params, labels, key)`` match DeepKKT synthesis
+    (``labels`` int ``[N]``; soft targets are reduced to their argmax).
+    lambda is a free variable (``lambda_param`` is lambda) held near
+    ``>= lambda_min`` by the hinge; no candidate is ever deactivated.
   """
   if lambda_min < 0 or beta_lambda < 0:
     raise ValueError(
@@ -148,7 +148,7 @@ def make_reconstructor(
       return x
     return jnp.clip(x, lo, hi)
 
-  def init_fn(key, x0, targets, active=None) -> SynthState:
+  def init_fn(key, params, x0, targets, active=None) -> SynthState:
     synthesize.check_candidates(apply_fn, params, x0, targets)
     lam = jax.random.uniform(key, (x0.shape[0],), jnp.float32, low, high)
     return synthesize.initial_state(
@@ -159,7 +159,7 @@ def make_reconstructor(
       lambda_tx=lambda_tx,
     )
 
-  def loss_fn(x, lambda_param, active, targets, key):
+  def loss_fn(params, x, lambda_param, active, targets, key):
     del key  # The baseline has no augmentation.
     labels = synthesize.target_labels(targets)
     total, aux = reconstruction_loss(
@@ -186,10 +186,15 @@ def make_reconstructor(
     }
     return total, jax.tree.map(jax.lax.stop_gradient, metrics)
 
-  def step_fn(state: SynthState, targets, key):
-    grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
+  def step_fn(state: SynthState, params, targets, key):
+    grad_fn = jax.grad(loss_fn, argnums=(1, 2), has_aux=True)
     (gx, gl), metrics = grad_fn(
-      state.x, state.lambda_param, state.active, jnp.asarray(targets), key
+      params,
+      state.x,
+      state.lambda_param,
+      state.active,
+      jnp.asarray(targets),
+      key,
     )
     ux, opt_x = x_tx.update(gx, state.opt_x, state.x)
     ul, opt_lambda = lambda_tx.update(gl, state.opt_lambda, state.lambda_param)
@@ -209,7 +214,7 @@ def make_reconstructor(
   def lambdas_fn(state: SynthState) -> jax.Array:
     return state.lambda_param
 
-  return Synthesizer(init_fn, step_fn, lambdas_fn, loss_fn)
+  return synthesize.synthesizer(init_fn, step_fn, lambdas_fn, loss_fn)
 
 
 __all__ = ["make_reconstructor", "margins", "reconstruction_loss"]

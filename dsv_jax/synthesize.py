@@ -13,11 +13,19 @@ dataset's valid pixel range after every step.
 `make_synthesizer` is an optax-style factory returning pure functions over a
 `SynthState` pytree (jit, shard and checkpoint it as-is):
 
-  synth = make_synthesizer(apply_fn, params, pixel_min=info.pixel_min, ...)
-  state = synth.init_fn(key, x0, targets)            # validates inputs
-  step = jax.jit(synth.step_fn, donate_argnums=(0,))
+  synth = make_synthesizer(apply_fn, pixel_min=info.pixel_min, ...)
+  state = synth.init_fn(key, params, x0, targets)    # validates inputs
   for _ in range(steps):
-    state, metrics = step(state, targets, key)       # fold_in(key, step)
+    state, metrics = synth.step(state, params, targets, key)
+
+The classifier's parameters are an argument of every function, never
+closed over: a closed-over array is a constant of the compiled program
+(slow compiles, one program per classifier, no effect of placing it on
+devices, an error for arrays spanning hosts). ``synth.step`` is
+``jax.jit(synth.step_fn, donate_argnums=(0,))``, built once per
+synthesizer, so every run of it, for any classifier of the architecture,
+reuses its compiled programs. Step t draws its augmentation from
+``fold_in(key, t)``.
 
 ``x0`` is floating point, in the dataset's normalised space
 (``DatasetInfo.normalize``; integer pixels raise a ``ValueError``). Every
@@ -83,24 +91,35 @@ class Synthesizer(NamedTuple):
   """Pure functions of a synthesis run (see `make_synthesizer`).
 
   Attributes:
-    init_fn: ``(key, x0[N, H, W, C], targets, active=None) ->
+    init_fn: ``(key, params, x0[N, H, W, C], targets, active=None) ->
       SynthState``; draws the initial lambdas from ``key`` and checks the
-      inputs (``x0`` floating, normalised). ``active`` (``bool[N]``,
-      default all True) marks rows that take part (e.g. False on padding
-      rows added for sharding). The state holds copies of ``x0`` and
-      ``active``, so donating it leaves the caller's arrays alone.
-    step_fn: ``(state, targets, key) -> (state, metrics)``; one optimiser
-      step. Metrics are scalars computed at the state before the update,
-      except ``num_active`` and ``survival`` (after it).
+      inputs against the model (``x0`` floating, normalised). ``active``
+      (``bool[N]``, default all True) marks rows that take part (e.g.
+      False on padding rows added for sharding). The state holds copies of
+      ``x0`` and ``active``, so donating it leaves the caller's arrays
+      alone.
+    step_fn: ``(state, params, targets, key) -> (state, metrics)``; one
+      optimiser step. Metrics are scalars computed at the state before the
+      update, except ``num_active`` and ``survival`` (after it).
     lambdas_fn: ``state -> float[N]`` multipliers lambda.
-    loss_fn: ``(x, lambda_param, active, targets, key) -> (total, aux)``,
-      the objective at step key ``key`` (already folded with the step).
+    loss_fn: ``(params, x, lambda_param, active, targets, key) -> (total,
+      aux)``, the objective at step key ``key`` (already folded with the
+      step).
+    step: ``step_fn`` jitted once, donating the state (see the module
+      docstring).
   """
 
   init_fn: Callable[..., SynthState]
   step_fn: Callable[..., tuple[SynthState, dict[str, jax.Array]]]
   lambdas_fn: Callable[[SynthState], jax.Array]
   loss_fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+  step: Callable[..., tuple[SynthState, dict[str, jax.Array]]]
+
+
+def synthesizer(init_fn, step_fn, lambdas_fn, loss_fn) -> Synthesizer:
+  """A `Synthesizer` of these pure functions, with its jitted step."""
+  step = jax.jit(step_fn, donate_argnums=(0,))
+  return Synthesizer(init_fn, step_fn, lambdas_fn, loss_fn, step)
 
 
 # ----------------------------------------------------------------------------
@@ -391,7 +410,6 @@ def describe_logits(
 
 def make_synthesizer(
   apply_fn: ApplyFn,
-  params: Params,
   *,
   x_tx: optax.GradientTransformation | None = None,
   lambda_tx: optax.GradientTransformation | None = None,
@@ -507,7 +525,7 @@ def make_synthesizer(
       return x
     return jnp.clip(x, lo, hi)
 
-  def init_fn(key, x0, targets, active=None) -> SynthState:
+  def init_fn(key, params, x0, targets, active=None) -> SynthState:
     check_candidates(apply_fn, params, x0, targets)
     lam = jax.random.uniform(key, (x0.shape[0],), jnp.float32, low, high)
     return initial_state(
@@ -518,7 +536,7 @@ def make_synthesizer(
       lambda_tx=lambda_tx,
     )
 
-  def kkt_term(x, lam, active, targets):
+  def kkt_term(params, x, lam, active, targets):
     if beta_stationarity == 0:
       logits = apply_fn(params, x)
       primal = kkt.primal_loss(logits, targets, gated=gated, active=active)
@@ -530,9 +548,9 @@ def make_synthesizer(
       apply_fn, params, x, targets, lam, active=active, **kkt_kw
     )
 
-  def loss_fn(x, lambda_param, active, targets, key):
+  def loss_fn(params, x, lambda_param, active, targets, key):
     lam = to_lambda(lambda_param)
-    clean, aux_c = kkt_term(x, lam, active, targets)
+    clean, aux_c = kkt_term(params, x, lam, active, targets)
     total = clean
     aux = {
       "kkt": clean,
@@ -543,7 +561,7 @@ def make_synthesizer(
     }
     if eta > 0:
       xa = x if augment_fn is None else augment_fn(key, x)
-      aug, aux_a = kkt_term(xa, lam, active, targets)
+      aug, aux_a = kkt_term(params, xa, lam, active, targets)
       total = total + eta * aug
       aux.update(
         kkt_aug=aug,
@@ -562,12 +580,12 @@ def make_synthesizer(
     aux = jax.tree.map(jax.lax.stop_gradient, aux)
     return total, aux
 
-  def step_fn(state: SynthState, targets, key):
+  def step_fn(state: SynthState, params, targets, key):
     targets = jnp.asarray(targets)
     step_key = jax.random.fold_in(key, state.step)
-    grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
+    grad_fn = jax.grad(loss_fn, argnums=(1, 2), has_aux=True)
     (gx, gl), aux = grad_fn(
-      state.x, state.lambda_param, state.active, targets, step_key
+      params, state.x, state.lambda_param, state.active, targets, step_key
     )
     ux, opt_x = x_tx.update(gx, state.opt_x, state.x)
     ul, opt_lambda = lambda_tx.update(gl, state.opt_lambda, state.lambda_param)
@@ -595,7 +613,7 @@ def make_synthesizer(
   def lambdas_fn(state: SynthState) -> jax.Array:
     return to_lambda(state.lambda_param)
 
-  return Synthesizer(init_fn, step_fn, lambdas_fn, loss_fn)
+  return synthesizer(init_fn, step_fn, lambdas_fn, loss_fn)
 
 
 # ----------------------------------------------------------------------------
@@ -604,6 +622,7 @@ def make_synthesizer(
 
 def synthesize(
   synth: Synthesizer,
+  params: Params,
   key: jax.Array,
   x0: jax.typing.ArrayLike,
   targets: jax.typing.ArrayLike,
@@ -626,16 +645,15 @@ def synthesize(
   """
   targets = jnp.asarray(targets)
   if state is None:
-    state = synth.init_fn(jax.random.fold_in(key, 0), x0, targets)
+    state = synth.init_fn(jax.random.fold_in(key, 0), params, x0, targets)
   else:
     # The step donates its input state: copy the caller's (e.g. a state
     # returned by an earlier call, resumed here) so it is not deleted.
     state = jax.tree.map(jnp.copy, state)
   step_key = jax.random.fold_in(key, 1)
-  step_fn = jax.jit(synth.step_fn, donate_argnums=(0,))
   start = int(state.step)
   for t in range(start + 1, steps + 1):
-    state, metrics = step_fn(state, targets, step_key)
+    state, metrics = synth.step(state, params, targets, step_key)
     if callback is not None and (
       (log_every and t % log_every == 0) or t == steps
     ):
@@ -667,8 +685,8 @@ def edit(
     ``(edited[N, H, W, C], lambdas[N], active[N])``.
   """
   check_images(images, name="images")
-  synth = make_synthesizer(apply_fn, params, **synth_kwargs)
-  state = synthesize(synth, key, images, new_targets, steps=steps)
+  synth = make_synthesizer(apply_fn, **synth_kwargs)
+  state = synthesize(synth, params, key, images, new_targets, steps=steps)
   return state.x, synth.lambdas_fn(state), state.active
 
 
@@ -706,8 +724,8 @@ def interpolate(
     num_classes,
   )
   x = jnp.broadcast_to(x0, (k, *x0.shape))
-  synth = make_synthesizer(apply_fn, params, **synth_kwargs)
-  state = synthesize(synth, key, x, targets, steps=steps)
+  synth = make_synthesizer(apply_fn, **synth_kwargs)
+  state = synthesize(synth, params, key, x, targets, steps=steps)
   return state.x, targets
 
 
@@ -730,6 +748,7 @@ __all__ = [
   "other_init",
   "real_init",
   "synthesize",
+  "synthesizer",
   "target_labels",
   "tv_prior",
 ]

@@ -87,7 +87,6 @@ def run(args, hp):
   apply_fn = clf.apply_fn
   synth = synthesize.make_synthesizer(
     apply_fn,
-    clf.params,
     x_tx=optax.adam(hp["lr_x"]),
     lambda_tx=optax.adam(hp["lr_lambda"]),
     eta=hp["eta"],
@@ -113,6 +112,7 @@ def run(args, hp):
   t0 = time.perf_counter()
   state = synthesize.synthesize(
     synth,
+    clf.params,
     key,
     x0,
     labels,

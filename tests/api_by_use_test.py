@@ -400,12 +400,13 @@ def test_synthesize_save_load_retrain(model, tmp_path):
   x0 = synthesize.noise_init(jax.random.key(1), len(targets), SHAPE)
   synth = synthesize.make_synthesizer(
     apply_fn,
-    params,
     pixel_min=INFO.pixel_min,
     pixel_max=INFO.pixel_max,
     augment_fn=augment.make_augment(),
   )
-  state = _reused(synthesize.synthesize, synth, KEY, x0, targets, steps=2)
+  state = _reused(
+    synthesize.synthesize, synth, params, KEY, x0, targets, steps=2
+  )
   assert int(state.step) == 2
   assert np.asarray(state.x).min() >= INFO.pixel_min.min() - 1e-6
 
@@ -483,24 +484,32 @@ def test_synthesis_never_deletes_its_inputs(model):
   targets = jnp.asarray(synthesize.class_targets(2, C))
   x0 = synthesize.noise_init(jax.random.key(1), len(targets), SHAPE)
   active = jnp.asarray(np.ones(len(targets), bool))
-  synth = synthesize.make_synthesizer(apply_fn, params, **CHEAP)
+  synth = synthesize.make_synthesizer(apply_fn, **CHEAP)
   _reused(synthesize.check_candidates, apply_fn, params, x0, targets)
 
-  state = _reused(synthesize.synthesize, synth, KEY, x0, targets, steps=2)
+  state = _reused(
+    synthesize.synthesize, synth, params, KEY, x0, targets, steps=2
+  )
   # Resuming from a state leaves the caller's state usable.
   later = _reused(
-    synthesize.synthesize, synth, KEY, x0, targets, steps=3, state=state
+    synthesize.synthesize,
+    synth,
+    params,
+    KEY,
+    x0,
+    targets,
+    steps=3,
+    state=state,
   )
   assert int(state.step) == 2 and int(later.step) == 3
 
   # The factory's own loop, as the module docstring shows it: only the
-  # state init_fn made is donated, never x0 or active.
-  step = jax.jit(synth.step_fn, donate_argnums=(0,))
+  # state init_fn made is donated, never x0, active or params.
+  def run(params, x0, targets, active):
+    state = synth.init_fn(KEY, params, x0, targets, active)
+    return synth.step(state, params, targets, KEY)
 
-  def run(x0, targets, active):
-    return step(synth.init_fn(KEY, x0, targets, active), targets, KEY)
-
-  new, metrics = _reused(run, x0, targets, active)
+  new, metrics = _reused(run, params, x0, targets, active)
   assert int(new.step) == 1
   _assert_finite(metrics)
 
@@ -530,8 +539,10 @@ def test_synthesis_never_deletes_its_inputs(model):
   )
   assert images.shape == (3, *SHAPE) and soft.shape == (3, C)
 
-  recon = baseline.make_reconstructor(apply_fn, params)
-  done = _reused(synthesize.synthesize, recon, KEY, x0, targets, steps=2)
+  recon = baseline.make_reconstructor(apply_fn)
+  done = _reused(
+    synthesize.synthesize, recon, params, KEY, x0, targets, steps=2
+  )
   assert int(done.step) == 2
 
 
@@ -616,7 +627,8 @@ INTEGER_EDGES = {
     m.apply_fn, m.params, u, m.labels, _lambdas()
   ),
   "synthesize.synthesize": lambda m, u: synthesize.synthesize(
-    synthesize.make_synthesizer(m.apply_fn, m.params),
+    synthesize.make_synthesizer(m.apply_fn),
+    m.params,
     KEY,
     u,
     m.labels,
@@ -632,8 +644,8 @@ INTEGER_EDGES = {
     KEY, u, 2, src_info=INFO, dst_info=INFO
   ),
   "baseline.make_reconstructor": lambda m, u: baseline.make_reconstructor(
-    m.apply_fn, m.params
-  ).init_fn(KEY, u, m.labels),
+    m.apply_fn
+  ).init_fn(KEY, m.params, u, m.labels),
   "retrain.retrain images": lambda m, u: retrain.retrain(
     m.model_fn, u, m.labels, m.x, m.labels, **_RETRAIN
   ),

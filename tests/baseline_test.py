@@ -100,10 +100,8 @@ def test_inactive_rows_take_no_part():
 
 
 def _recon(**kw):
-  params, *_ = _problem(jnp.float32)
   return baseline.make_reconstructor(
     _apply,
-    params,
     x_tx=optax.adam(0.05),
     lambda_tx=optax.adam(0.05),
     pixel_min=-1.5,
@@ -114,18 +112,22 @@ def _recon(**kw):
 
 def test_steps_decrease_loss_and_clip_pixels():
   recon = _recon()
-  _, x, labels, _ = _problem(jnp.float32)
-  state = recon.init_fn(jax.random.key(1), x, labels)
+  params, x, labels, _ = _problem(jnp.float32)
+  state = recon.init_fn(jax.random.key(1), params, x, labels)
   lam0 = np.asarray(recon.lambdas_fn(state))
   assert np.all((lam0 >= 0.5) & (lam0 <= 1.0))
-  step = jax.jit(recon.step_fn)
   first = None
   for _ in range(40):
-    state, m = step(state, labels, jax.random.key(2))
+    state, m = recon.step(state, params, labels, jax.random.key(2))
     first = float(m["total"]) if first is None else first
   last = float(
     recon.loss_fn(
-      state.x, state.lambda_param, state.active, labels, jax.random.key(2)
+      params,
+      state.x,
+      state.lambda_param,
+      state.active,
+      labels,
+      jax.random.key(2),
     )[0]
   )
   assert last < 0.5 * first
@@ -135,14 +137,21 @@ def test_steps_decrease_loss_and_clip_pixels():
 
 def test_loop_resumes_from_checkpoint(tmp_path):
   recon = _recon()
-  _, x, labels, _ = _problem(jnp.float32)
+  params, x, labels, _ = _problem(jnp.float32)
   key = jax.random.key(3)
   full, *_ = synthesis_loop.run_synthesis_loop(
-    recon, key, np.asarray(x), np.asarray(labels), steps=4, log_every=2
+    recon,
+    params,
+    key,
+    np.asarray(x),
+    np.asarray(labels),
+    steps=4,
+    log_every=2,
   )
   ckptr = checkpoints.RunCheckpointer(tmp_path / "ckpt")
   synthesis_loop.run_synthesis_loop(
     recon,
+    params,
     key,
     np.asarray(x),
     np.asarray(labels),
@@ -152,6 +161,7 @@ def test_loop_resumes_from_checkpoint(tmp_path):
   )
   resumed, _, start, _ = synthesis_loop.run_synthesis_loop(
     recon,
+    params,
     key,
     np.asarray(x),
     np.asarray(labels),
@@ -174,10 +184,15 @@ def test_loop_resumes_from_checkpoint(tmp_path):
   ],
 )
 def test_clear_errors(kw, targets, match):
-  _, x, labels, _ = _problem(jnp.float32)
+  params, x, labels, _ = _problem(jnp.float32)
   with pytest.raises(ValueError, match=match):
     recon = _recon(**kw)
-    recon.init_fn(jax.random.key(0), x, labels if targets is None else targets)
+    recon.init_fn(
+      jax.random.key(0),
+      params,
+      x,
+      labels if targets is None else targets,
+    )
 
 
 def test_run_baseline_tiny_workdir(tmp_path):

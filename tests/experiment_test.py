@@ -586,7 +586,7 @@ def test_only_per_candidate_state_is_sharded():
   apply_fn = lambda p, x: x.reshape(len(x), -1) @ p  # noqa: E731
   params = jnp.ones((64, 10), jnp.float32) / 64
   synth = synthesize.make_synthesizer(
-    apply_fn, params, x_tx=optax.chain(optax.adam(0.01), counter_tx())
+    apply_fn, x_tx=optax.chain(optax.adam(0.01), counter_tx())
   )
   mesh = parallel.make_mesh()
   n = parallel.num_shards(mesh)
@@ -594,7 +594,7 @@ def test_only_per_candidate_state_is_sharded():
   t = jnp.arange(n, dtype=jnp.int32)
   valid = jnp.ones((n,), bool)
   sh = synthesis_loop.state_shardings(
-    lambda k, x, tt, v: synth.init_fn(k, x, tt, active=v),
+    lambda k, x, tt, v: synth.init_fn(k, params, x, tt, active=v),
     x0,
     t,
     valid,

@@ -88,8 +88,10 @@ def test_the_selection_programs_take_theta_as_an_argument(lowered):
 
 def test_the_synthesis_step_takes_theta_as_an_argument(lowered):
   apply_fn, params, x, y = _classifier()
-  synth = synthesize.make_synthesizer(apply_fn, params)
-  synthesize.synthesize(synth, jax.random.key(0), x[:10], y[:10], steps=2)
+  synth = synthesize.make_synthesizer(apply_fn)
+  synthesize.synthesize(
+    synth, params, jax.random.key(0), x[:10], y[:10], steps=2
+  )
   _assert_no_parameter_constants(lowered, params)
 
 
@@ -137,3 +139,33 @@ def test_device_resident_selection_equals_host_streaming(devices, lowered):
   ran = {name for name, _ in lowered}
   assert {"add_grad", "matvec_all", "rmatvec_all"} <= ran  # Both ran.
   assert select.resolve_strategy("auto") == "host"  # Tests run on CPU.
+
+
+def test_a_second_classifier_reuses_the_compiled_synthesis_step():
+  # Two classifiers of one architecture (different weights): the
+  # synthesizer's jitted step compiles once and serves both.
+  def build(seed):
+    return models.nnx_apply_fn(
+      models.build_model(
+        "convnet",
+        image_shape=(8, 8, 1),
+        num_classes=10,
+        key=jax.random.key(seed),
+        width=8,
+        depth=2,
+        norm="none",
+      )
+    )
+
+  apply_fn, params_a = build(0)
+  _, params_b = build(1)
+  synth = synthesize.make_synthesizer(apply_fn)
+  x0 = jax.random.normal(jax.random.key(1), (10, 8, 8, 1))
+  y = jnp.arange(10) % 10
+  runs = [
+    synthesize.synthesize(synth, p, jax.random.key(0), x0, y, steps=2)
+    for p in (params_a, params_b)
+  ]
+  assert synth.step._cache_size() == 1
+  # Each run used its own classifier.
+  assert not np.allclose(runs[0].x, runs[1].x)

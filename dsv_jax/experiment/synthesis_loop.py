@@ -38,6 +38,7 @@ def state_shardings(init_fn: Callable, x0p, tp, valid, key, mesh):
 
 def run_synthesis_loop(
   synth: synthesize.Synthesizer,
+  params,
   key: jax.Array,
   x0: np.ndarray,
   targets: np.ndarray,
@@ -54,8 +55,9 @@ def run_synthesis_loop(
   """Runs a synthesis sharded over `mesh`, resuming from `checkpointer`.
 
   Candidates are padded to a multiple of the mesh size (padding rows start
-  inactive), sharded ``P("data")`` with the classifier replicated, and the
-  step is jitted once with donated state.
+  inactive), sharded ``P("data")`` with the classifier's ``params``
+  replicated (an argument of the step, not a constant of it), and the step
+  is jitted once with donated state.
 
   Returns:
     ``(state, n, resumed_from_step, rows)``: the final state (padded), the
@@ -69,9 +71,9 @@ def run_synthesis_loop(
   )
   synthesize.check_images(x0)
   init_key = jax.random.fold_in(key, 0)
-  state = synth.init_fn(init_key, x0p, tp, active=valid)
+  state = synth.init_fn(init_key, params, x0p, tp, active=valid)
   state_sh = state_shardings(
-    lambda k, x, t, v: synth.init_fn(k, x, t, active=v),
+    lambda k, x, t, v: synth.init_fn(k, params, x, t, active=v),
     x0p,
     tp,
     valid,
@@ -80,6 +82,7 @@ def run_synthesis_loop(
   )
   state = jax.device_put(state, state_sh)
   tp = parallel.shard_batch(tp, mesh)
+  params = parallel.replicate(params, mesh)
   resumed = 0
   if checkpointer is not None:
     restored = checkpointer.restore(state)
@@ -90,14 +93,19 @@ def run_synthesis_loop(
   step_key = jax.random.fold_in(key, 1)
   step_fn = jax.jit(
     synth.step_fn,
-    in_shardings=(state_sh, parallel.batch_sharding(mesh), None),
+    in_shardings=(
+      state_sh,
+      parallel.replicated_sharding(mesh),
+      parallel.batch_sharding(mesh),
+      None,
+    ),
     out_shardings=(state_sh, None),
     donate_argnums=(0,),
   )
   rows = []
   t0, s0 = time.perf_counter(), resumed
   for step in range(resumed + 1, steps + 1):
-    state, metrics = step_fn(state, tp, step_key)
+    state, metrics = step_fn(state, params, tp, step_key)
     if step % log_every == 0 or step == steps:
       metrics = {k: float(v) for k, v in metrics.items()}
       now = time.perf_counter()

@@ -60,7 +60,6 @@ def run_baseline(
   labels = np.asarray(synthesize.target_labels(targets), np.int32)
   recon = baseline.make_reconstructor(
     clf.apply_fn,
-    clf.params,
     x_tx=optax.adam(bl.lr_x),
     lambda_tx=optax.adam(bl.lr_lambda),
     lambda_min=bl.lambda_min,
@@ -76,6 +75,7 @@ def run_baseline(
     t0 = time.perf_counter()
     state, n, resumed, rows = synthesis_loop.run_synthesis_loop(
       recon,
+      clf.params,
       key,
       x0,
       labels,

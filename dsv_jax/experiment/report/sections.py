@@ -388,10 +388,9 @@ def entropy_protocol_run(config, workdir, clf, ds) -> dict[str, np.ndarray]:
   key = jax.random.fold_in(jax.random.key(config.seed), 80)
   x0, _ = synthesize.real_init(jax.random.fold_in(key, 2), ds.train, labels)
   synth = synthesize.make_synthesizer(
-    clf.apply_fn, clf.params, **common.synth_kwargs(recipe, info)
+    clf.apply_fn, **common.synth_kwargs(recipe, info)
   )
-  state = synth.init_fn(jax.random.fold_in(key, 0), x0, labels)
-  step_fn = jax.jit(synth.step_fn, donate_argnums=(0,))
+  state = synth.init_fn(jax.random.fold_in(key, 0), clf.params, x0, labels)
   entropy_fn = jax.jit(
     lambda p, x: synthesize.describe(clf.apply_fn, p, x, labels)["entropy"]
   )
@@ -399,7 +398,7 @@ def entropy_protocol_run(config, workdir, clf, ds) -> dict[str, np.ndarray]:
   rec_steps, rec = [0], [np.asarray(entropy_fn(clf.params, state.x))]
   step_key = jax.random.fold_in(key, 1)
   for t in range(1, steps + 1):
-    state, _ = step_fn(state, labels, step_key)
+    state, _ = synth.step(state, clf.params, labels, step_key)
     if t % every == 0 or t == steps:
       rec_steps.append(t)
       rec.append(np.asarray(entropy_fn(clf.params, state.x)))

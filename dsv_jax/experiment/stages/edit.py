@@ -48,10 +48,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   images, index = common.real_images(config, src, jax.random.fold_in(key, 2))
   new = ((src + ed.shift) % c).astype(np.int32)
   synth = synthesize.make_synthesizer(
-    clf.apply_fn, clf.params, **common.synth_kwargs(config, info)
+    clf.apply_fn, **common.synth_kwargs(config, info)
   )
   state, n, _, _ = synthesis_loop.run_synthesis_loop(
-    synth, key, images, new, steps=ed.steps, log_every=ed.steps, name="edit"
+    synth,
+    clf.params,
+    key,
+    images,
+    new,
+    steps=ed.steps,
+    log_every=ed.steps,
+    name="edit",
   )
   edited = np.asarray(state.x)[:n]
   pred_before = models.predict(clf.apply_fn, clf.params, images).argmax(-1)

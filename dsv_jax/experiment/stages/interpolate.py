@@ -63,10 +63,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   x0 = np.repeat(image, it.num_deltas, axis=0)
   synth = synthesize.make_synthesizer(
-    clf.apply_fn, clf.params, **common.synth_kwargs(config, info)
+    clf.apply_fn, **common.synth_kwargs(config, info)
   )
   state, n, _, _ = synthesis_loop.run_synthesis_loop(
     synth,
+    clf.params,
     key,
     x0,
     targets,

@@ -53,7 +53,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   key = common.synthesis_key(config)
   x0, targets, source, index = common.initial_candidates(config, clf, key)
   synth = synthesize.make_synthesizer(
-    clf.apply_fn, clf.params, **common.synth_kwargs(config, info)
+    clf.apply_fn, **common.synth_kwargs(config, info)
   )
   mesh = parallel.make_mesh(sy.num_devices or None)
   out_dir = os.path.join(workdir, "synthesize")
@@ -79,6 +79,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.perf_counter()
     state, n, resumed, _ = synthesis_loop.run_synthesis_loop(
       synth,
+      clf.params,
       key,
       x0,
       targets,
