@@ -35,6 +35,13 @@ mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) works with
 ``method="reverse"`` only: on the fast method JAX raises ``TypeError:
 can't apply forward-mode autodiff (jvp) to a custom_vjp function``.
 
+With ``chunk_size`` every function here streams over chunks of candidates
+(``lax.scan``), memory O(P + chunk activations). Candidates sharded
+``P("data")`` over a mesh (`dsv_jax.parallel`) stay sharded inside every
+chunk when N and ``chunk_size`` are both multiples of the number of
+devices: each device computes its share of every chunk and the sum over
+candidates is an all-reduce (other sizes compile, with all-gathers).
+
 Two equivalent interfaces: the functions below take ``apply_fn`` and the
 configuration on every call (``deepkkt_loss(apply_fn, params, x, targets,
 lambdas, distance=...)``); ``make_deepkkt_loss(apply_fn, distance=...)``
@@ -50,6 +57,7 @@ trainable part as ``params``::
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -82,28 +90,73 @@ METHODS: tuple[Method, ...] = get_args(Method)
 # Chunking over the sample axis (memory O(P + chunk activations)).
 
 
-def _chunk_plan(n: int, chunk_size: int | None) -> tuple[int, int] | None:
-  """(chunk, padding) for a scan over chunks, or None for a single pass."""
+class _ChunkPlan(NamedTuple):
+  """How N samples go into equal chunks that stay within every shard.
+
+  The samples are viewed as ``stripes`` contiguous runs of ``n // stripes``
+  and every chunk takes ``per_stripe`` consecutive samples from each run:
+  chunk k of stripe s holds samples ``s * (n // stripes) + k * per_stripe +
+  [0, per_stripe)``. With ``P("data")`` sharding each device holds whole
+  runs as long as ``stripes`` is a multiple of the device count, so every
+  chunk is split over every device, the sharded axis stays the chunk's
+  row axis, and the sum over a chunk is a local sum plus an all-reduce.
+  Contiguous chunks (``stripes == 1``) would put the sharded axis on the
+  scanned one: every device would then compute every chunk, on all-gathered
+  candidates.
+  """
+
+  n: int
+  stripes: int
+  per_stripe: int
+  num_chunks: int
+
+  @property
+  def chunk(self) -> int:
+    return self.stripes * self.per_stripe
+
+
+def _chunk_plan(n: int, chunk_size: int | None) -> _ChunkPlan | None:
+  """The chunks of a scan over ``n`` samples, or None for a single pass.
+
+  ``stripes = gcd(n, chunk_size)``: a multiple of the device count whenever
+  ``n`` and ``chunk_size`` both are (``parallel.pad_to_multiple`` gives
+  ``n``). Every chunk holds exactly ``chunk_size`` samples; each stripe's
+  last one is padded.
+  """
   if chunk_size is None or chunk_size >= n:
     return None
-  return chunk_size, -n % chunk_size
+  stripes = math.gcd(n, chunk_size)
+  per_stripe = chunk_size // stripes
+  num_chunks = -(-(n // stripes) // per_stripe)
+  return _ChunkPlan(n, stripes, per_stripe, num_chunks)
 
 
-def _to_chunks(a: jax.Array, chunk: int, pad: int, *, zero: bool) -> jax.Array:
-  """[N, ...] -> [num_chunks, chunk, ...], padding the last chunk.
+def _to_chunks(a: jax.Array, plan: _ChunkPlan, *, zero: bool) -> jax.Array:
+  """[N, ...] -> [num_chunks, chunk, ...], padding every stripe's end.
 
-  Data rows are padded by repeating the last sample (``zero=False``) so that
-  the model never sees an out-of-distribution row (which could produce
-  inf/NaN and poison a zero-weighted sum); weights are padded with zeros.
+  Data rows are padded by repeating the stripe's last sample (``zero=False``)
+  so that the model never sees an out-of-distribution row (which could
+  produce inf/NaN and poison a zero-weighted sum); weights are padded with
+  zeros. Padding and transposes act on the axes that are not sharded.
   """
+  rest = a.shape[1:]
+  a = a.reshape(plan.stripes, plan.n // plan.stripes, *rest)
+  pad = plan.num_chunks * plan.per_stripe - a.shape[1]
   if pad:
-    widths = [(0, pad)] + [(0, 0)] * (a.ndim - 1)
-    a = jnp.pad(a, widths) if zero else jnp.pad(a, widths, mode="edge")
-  return a.reshape(-1, chunk, *a.shape[1:])
+    # Not jnp.pad(mode="edge"): on a mesh its transpose (reverse-mode
+    # gradient) compiled to a collective-permute between devices.
+    last = jnp.zeros_like(a[:, -1:]) if zero else a[:, -1:]
+    a = jnp.concatenate([a, jnp.repeat(last, pad, axis=1)], axis=1)
+  a = a.reshape(plan.stripes, plan.num_chunks, plan.per_stripe, *rest)
+  return jnp.swapaxes(a, 0, 1).reshape(plan.num_chunks, plan.chunk, *rest)
 
 
-def _from_chunks(a: jax.Array, n: int) -> jax.Array:
-  return a.reshape(-1, *a.shape[2:])[:n]
+def _from_chunks(a: jax.Array, plan: _ChunkPlan) -> jax.Array:
+  """The inverse of `_to_chunks`: [num_chunks, chunk, ...] -> [N, ...]."""
+  rest = a.shape[2:]
+  a = a.reshape(plan.num_chunks, plan.stripes, plan.per_stripe, *rest)
+  a = jnp.swapaxes(a, 0, 1).reshape(plan.stripes, -1, *rest)
+  return a[:, : plan.n // plan.stripes].reshape(plan.n, *rest)
 
 
 def _tree_add(a: PyTree, b: PyTree) -> PyTree:
@@ -160,15 +213,13 @@ def _weighted_grad_and_logits(
 
     return jax.grad(weighted_loss, has_aux=True)(params)
 
-  n = x.shape[0]
-  plan = _chunk_plan(n, chunk_size)
+  plan = _chunk_plan(x.shape[0], chunk_size)
   if plan is None:
     return one_pass(x, targets, lambdas)
-  chunk, pad = plan
   xs = (
-    _to_chunks(x, chunk, pad, zero=False),
-    _to_chunks(targets, chunk, pad, zero=False),
-    _to_chunks(lambdas, chunk, pad, zero=True),
+    _to_chunks(x, plan, zero=False),
+    _to_chunks(targets, plan, zero=False),
+    _to_chunks(lambdas, plan, zero=True),
   )
 
   def body(acc, xs_c):
@@ -177,7 +228,7 @@ def _weighted_grad_and_logits(
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   g, logits = jax.lax.scan(body, zeros, xs)
-  return g, _from_chunks(logits, n)
+  return g, _from_chunks(logits, plan)
 
 
 def weighted_loss_grad(
@@ -194,9 +245,11 @@ def weighted_loss_grad(
   Computed as ONE backward pass of the lambda-weighted summed loss
   ``grad_theta sum_i lambda_i L_i``; no per-sample gradient is formed. With
   ``chunk_size`` the sum streams over chunks of samples (``lax.scan``), so
-  memory is O(P + chunk_size activations) for any N. Chunk only where memory
-  requires it: on XLA:CPU a convolution inside the scanned loop body ran
-  7-15x slower than one unchunked pass (see ``benchmarks/README.md``).
+  memory is O(P + chunk_size activations) for any N (on a mesh, see the
+  module docstring for the sizes that keep chunks sharded). Chunk only
+  where memory requires it: on XLA:CPU a convolution inside the scanned
+  loop body ran 7-15x slower than one unchunked pass (see
+  ``benchmarks/README.md``).
   Differentiable (by reverse-over-reverse autodiff) with respect to every
   argument.
 
@@ -479,20 +532,16 @@ def _stationarity_fast_bwd(static, residuals, cotangents):
       diff_cts = []
     return diff_cts, (ct_loss * dots).astype(lambdas.dtype)
 
-  n = x.shape[0]
-  plan = _chunk_plan(n, static.chunk_size)
+  plan = _chunk_plan(x.shape[0], static.chunk_size)
   if plan is None:
     diff_cts, ct_lambdas = chunk_grads(x, targets, lambdas, ct_logits)
     shared_cts, data_cts = diff_cts[:num_shared], diff_cts[num_shared:]
   else:
-    chunk, pad = plan
     xs = (
-      _to_chunks(x, chunk, pad, zero=False),
-      _to_chunks(targets, chunk, pad, zero=False),
-      _to_chunks(lambdas, chunk, pad, zero=True),
-      None
-      if ct_logits is None
-      else _to_chunks(ct_logits, chunk, pad, zero=True),
+      _to_chunks(x, plan, zero=False),
+      _to_chunks(targets, plan, zero=False),
+      _to_chunks(lambdas, plan, zero=True),
+      None if ct_logits is None else _to_chunks(ct_logits, plan, zero=True),
     )
 
     def body(acc, xs_c):
@@ -503,8 +552,8 @@ def _stationarity_fast_bwd(static, residuals, cotangents):
     shared_inputs = [*param_leaves, *consts]
     init = [jnp.zeros_like(shared_inputs[i]) for i in diff_idx[:num_shared]]
     shared_cts, (data_cts, ct_lambdas) = jax.lax.scan(body, init, xs)
-    data_cts = [_from_chunks(c, n) for c in data_cts]
-    ct_lambdas = _from_chunks(ct_lambdas, n)
+    data_cts = [_from_chunks(c, plan) for c in data_cts]
+    ct_lambdas = _from_chunks(ct_lambdas, plan)
 
   shared_cts = iter(shared_cts)
   out_params: list[jax.Array | None] = [None] * num_params
@@ -544,7 +593,7 @@ def _stationarity_and_logits(
   # meta-learning uses): hoist them into explicit inputs. The converted
   # function is traced for the shape it is called with, one chunk.
   plan = _chunk_plan(x.shape[0], chunk_size)
-  rows = x.shape[0] if plan is None else plan[0]
+  rows = x.shape[0] if plan is None else plan.chunk
   example_x = jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype)
   converted, consts = _hoist_closure(apply_fn, params, example_x)
   static = _Static(converted, treedef, distance, chunk_size)
@@ -1012,16 +1061,11 @@ def per_sample_grad_dots(
     per_sample_loss = lambda p: cross_entropy(apply_fn(p, xc), tc)
     return jax.jvp(per_sample_loss, (params,), (direction,))[1]
 
-  n = x.shape[0]
-  plan = _chunk_plan(n, chunk_size)
+  plan = _chunk_plan(x.shape[0], chunk_size)
   if plan is None:
     return dots(x, targets)
-  chunk, pad = plan
-  xs = (
-    _to_chunks(x, chunk, pad, zero=False),
-    _to_chunks(targets, chunk, pad, zero=False),
-  )
-  return _from_chunks(jax.lax.map(lambda a: dots(*a), xs), n)
+  xs = (_to_chunks(x, plan, zero=False), _to_chunks(targets, plan, zero=False))
+  return _from_chunks(jax.lax.map(lambda a: dots(*a), xs), plan)
 
 
 __all__ = [
