@@ -42,6 +42,11 @@ chunk when N and ``chunk_size`` are both multiples of the number of
 devices: each device computes its share of every chunk and the sum over
 candidates is an all-reduce (other sizes compile, with all-gathers).
 
+Matmuls and convolutions run at float32 precision (`MATMUL_PRECISION`)
+whatever ``jax_default_matmul_precision`` says: the TPU (bfloat16 passes)
+and Ampere+ GPU (TF32) defaults are too coarse for a residual that is a
+difference of nearly equal sums.
+
 Two equivalent interfaces: the functions below take ``apply_fn`` and the
 configuration on every call (``deepkkt_loss(apply_fn, params, x, targets,
 lambdas, distance=...)``); ``make_deepkkt_loss(apply_fn, distance=...)``
@@ -57,6 +62,7 @@ trainable part as ``params``::
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, get_args
@@ -84,6 +90,34 @@ DISTANCES: tuple[Distance, ...] = get_args(Distance)
 # complementary-slackness term needs a distance that is not scale-free.
 DEFAULT_DISTANCE: Distance = "cosine"
 METHODS: tuple[Method, ...] = get_args(Method)
+
+
+# ----------------------------------------------------------------------------
+# Matmul precision.
+
+# Every function here runs its matmuls and convolutions in float32 whatever
+# the ambient `jax_default_matmul_precision`: by default TPUs multiply
+# float32 in bfloat16 passes and Ampere+ GPUs in TF32 (about 3 significant
+# digits), while the stationarity residual theta* + sum_i lambda_i g_i is a
+# difference of nearly equal sums, and selection's cancellation-free
+# residual, curvature backtracking and extrapolation by linearity all rely
+# on float32 products. Layers given an explicit ``precision`` keep theirs.
+MATMUL_PRECISION = "highest"
+
+
+def full_precision(fn: Callable) -> Callable:
+  """``fn`` traced with default matmul precision `MATMUL_PRECISION`.
+
+  JAX fixes a matmul's precision when the operation is traced, so this
+  holds for ``fn`` under ``jax.jit`` and for every derivative of it.
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.default_matmul_precision(MATMUL_PRECISION):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 # ----------------------------------------------------------------------------
@@ -231,6 +265,7 @@ def _weighted_grad_and_logits(
   return g, _from_chunks(logits, plan)
 
 
+@full_precision
 def weighted_loss_grad(
   apply_fn: ApplyFn,
   params: Params,
@@ -289,6 +324,7 @@ def weighted_loss_grad(
   )[0]
 
 
+@full_precision
 def stationarity_residual(
   apply_fn: ApplyFn,
   params: Params,
@@ -571,6 +607,9 @@ def _stationarity_fast_bwd(static, residuals, cotangents):
   return out_params, out_consts, ct_x, ct_targets, ct_lambdas
 
 
+# The backward rule is traced after the public function has returned, out
+# of `full_precision`; its matmuls are those of the model's jaxpr, which
+# `_hoist_closure` traced inside it, and keep their precision.
 _stationarity_fast.defvjp(
   _stationarity_fast_fwd, _stationarity_fast_bwd, symbolic_zeros=True
 )
@@ -641,6 +680,7 @@ def _hoist_closure(
   return converted, hoisted
 
 
+@full_precision
 def stationarity_loss(
   apply_fn: ApplyFn,
   params: Params,
@@ -778,6 +818,7 @@ def primal_loss(
   return _primal_loss(logits, targets, gated=gated, active=active)
 
 
+@full_precision
 def deepkkt_loss(
   apply_fn: ApplyFn,
   params: Params,
@@ -964,6 +1005,7 @@ def make_deepkkt_loss(
 # Per-sample gradients: explicit (reference) and matrix-free products.
 
 
+@full_precision
 def per_sample_grads(
   apply_fn: ApplyFn,
   params: Params,
@@ -1009,6 +1051,7 @@ def per_sample_grads(
   return jax.vmap(one)(x, targets)
 
 
+@full_precision
 def per_sample_grad_dots(
   apply_fn: ApplyFn,
   params: Params,
@@ -1071,6 +1114,7 @@ def per_sample_grad_dots(
 __all__ = [
   "DEFAULT_DISTANCE",
   "DISTANCES",
+  "MATMUL_PRECISION",
   "METHODS",
   "Distance",
   "Method",
@@ -1078,6 +1122,7 @@ __all__ = [
   "DeepKKTLoss",
   "deepkkt_loss",
   "distance_fn",
+  "full_precision",
   "make_deepkkt_loss",
   "num_scalars",
   "per_sample_grad_dots",
