@@ -7,12 +7,15 @@ runs interleaved, medians over --repeats):
 * ``train``: value and gradient of the mean cross-entropy w.r.t. params (the
   plain training step on the same batch);
 * ``kkt_fast``: value and gradient of ``kkt.deepkkt_loss`` w.r.t. x and
-  lambdas with ``method="fast"`` (the custom VJP: reverse-of-jvp);
+  lambdas with ``method="fast"`` (the custom VJP: forward-over-reverse);
 * ``kkt_reverse``: the same with ``method="reverse"`` (reverse-over-reverse);
 * ``kkt_fast_chunked``: ``kkt_fast`` streaming over --chunk_size candidates
   at a time (``lax.scan``), the bounded-memory mode;
 * ``kkt_per_sample`` (only at --per_sample_n): the same loss built from
   explicit per-sample gradients (``jax.vmap`` of ``jax.grad``).
+
+Times are wall-clock and process CPU time (all threads); on a machine
+shared with other jobs the CPU time is the steadier of the two.
 
 Memory: XLA's ``compiled.memory_analysis()`` of every executable (temporary
 buffers, i.e. activations and intermediates; arguments and outputs apart),
@@ -148,7 +151,8 @@ def make_steps(apply_fn, distance, chunk_size):
   }
 
 
-def bench_variant(variant, args):
+def convnet(variant, args):
+  """``(apply_fn, params)`` of the benchmark ConvNet (seed 0)."""
   norm, pool = VARIANTS[variant]
   model = models.ConvNet(
     in_channels=3,
@@ -160,7 +164,11 @@ def bench_variant(variant, args):
     pool=pool,
     rngs=nnx.Rngs(0),
   )
-  apply_fn, params = models.nnx_apply_fn(model)
+  return models.nnx_apply_fn(model)
+
+
+def bench_variant(variant, args):
+  apply_fn, params = convnet(variant, args)
   num_params = sum(p.size for p in jax.tree.leaves(params))
   steps = make_steps(apply_fn, args.distance, args.chunk_size)
   rows = []
@@ -185,22 +193,27 @@ def bench_variant(variant, args):
       memory[name] = None if analysis is None else analysis.temp_size_in_bytes
       jax.block_until_ready(compiled[name](*inputs))  # warm-up run
     times = {name: [] for name in names}
+    cpu_times = {name: [] for name in names}
     repeats = {name: args.repeats for name in names}
     repeats["kkt_per_sample"] = max(1, min(2, args.repeats))
     for r in range(args.repeats):
       for name in names:  # interleaved: machine noise hits all alike
         if r >= repeats[name]:
           continue
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         jax.block_until_ready(compiled[name](*inputs))
         times[name].append(time.perf_counter() - start)
+        cpu_times[name].append(time.process_time() - cpu_start)
     median = {name: statistics.median(t) for name, t in times.items()}
+    cpu = {name: statistics.median(t) for name, t in cpu_times.items()}
     row = {
       "variant": variant,
       "n": n,
       "num_params": num_params,
       "median_s": median,
       "ratio_to_train": {k: v / median["train"] for k, v in median.items()},
+      "median_cpu_s": cpu,
+      "cpu_ratio_to_train": {k: v / cpu["train"] for k, v in cpu.items()},
       "compile_s": compile_s,
       "temp_bytes": memory,
       "per_sample_matrix_bytes": n * num_params * 4,
@@ -216,7 +229,10 @@ def print_row(row, flush=False):
     ratio = row["ratio_to_train"][name]
     mib = row["temp_bytes"][name]
     mib = "?" if mib is None else f"{mib / 2**20:.0f}MiB"
-    parts.append(f"{name}={t * 1e3:.0f}ms ({ratio:.2f}x, {mib})")
+    cpu_ratio = row["cpu_ratio_to_train"][name]
+    parts.append(
+      f"{name}={t * 1e3:.0f}ms ({ratio:.2f}x; cpu {cpu_ratio:.2f}x, {mib})"
+    )
   print("  ".join(parts), flush=flush)
 
 

@@ -23,14 +23,20 @@ The DeepKKT conditions (Eq. 6) become losses:
   contributes nothing; shapes never change).
 
 Derivatives of the stationarity loss with respect to ``x`` and ``lambdas``
-are derivatives of a gradient. ``method="fast"`` (the default) differentiates
-it with a ``jax.custom_vjp``: with ``u = dD/dg`` taken from the forward
-residual, ``d/dx <u, g(x, lambda)>`` is the reverse-mode gradient of a
-forward-mode directional derivative of the weighted loss along the fixed
-parameter direction ``u`` (reverse-of-jvp), and the lambda-gradient is that
-directional derivative itself. It is exact and measured faster than the plain
-reverse-over-reverse formulation, which ``method="reverse"`` keeps. See
-``benchmarks/README.md``.
+are derivatives of a gradient. ``method="fast"`` (the default)
+differentiates the whole DeepKKT loss with a ``jax.custom_vjp`` whose
+forward rule does the work (forward-over-reverse). It linearises
+``(theta, c) -> grad [sum_i lambda_i L_i + <c, logits>]`` (the gradient
+with respect to ``x`` and whatever else is differentiated) once: the
+primal, one forward and one weighted backward pass, gives ``g``, the
+logits, and so ``u = dD/dg`` and the primal term's ``dL_primal/dlogits``.
+The tangent along ``theta``-direction ``beta_stat u`` and ``c``-direction
+``beta_primal dL_primal/dlogits`` is then the gradient of the total
+(``d/de grad F(theta + e u) = grad <u, grad_theta F>``), and the tangent
+of the per-sample losses, ``beta_stat <u, grad_theta L_i>``, its
+lambda-gradient. The backward rule only scales them. It is exact and
+measured faster than the plain reverse-over-reverse formulation, which
+``method="reverse"`` keeps. See ``benchmarks/README.md``.
 
 Both methods differentiate with respect to everything ``apply_fn`` closes
 over, too (bilevel and meta-learning uses: an outer ``jax.grad`` over a
@@ -39,6 +45,18 @@ explicit inputs of its custom VJP (as ``jax.closure_convert`` would). Forward
 mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) works with
 ``method="reverse"`` only: on the fast method JAX raises ``TypeError:
 can't apply forward-mode autodiff (jvp) to a custom_vjp function``.
+
+With ``chunk_size`` every function here streams over chunks of candidates
+(``lax.scan``), memory O(P + chunk activations). Candidates sharded
+``P("data")`` over a mesh (`dsv_jax.parallel`) stay sharded inside every
+chunk when N and ``chunk_size`` are both multiples of the number of
+devices: each device computes its share of every chunk and the sum over
+candidates is an all-reduce (other sizes compile, with all-gathers).
+
+Matmuls and convolutions run at float32 precision (`MATMUL_PRECISION`)
+whatever ``jax_default_matmul_precision`` says: the TPU (bfloat16 passes)
+and Ampere+ GPU (TF32) defaults are too coarse for a residual that is a
+difference of nearly equal sums.
 
 Two equivalent interfaces: the functions below take ``apply_fn`` and the
 configuration on every call (``deepkkt_loss(apply_fn, params, x, targets,
@@ -55,6 +73,8 @@ trainable part as ``params``::
 """
 
 import dataclasses
+import functools
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -84,31 +104,104 @@ METHODS: tuple[Method, ...] = get_args(Method)
 
 
 # ----------------------------------------------------------------------------
+# Matmul precision.
+
+# Every function here runs its matmuls and convolutions in float32 whatever
+# the ambient `jax_default_matmul_precision`: by default TPUs multiply
+# float32 in bfloat16 passes and Ampere+ GPUs in TF32 (about 3 significant
+# digits), while the stationarity residual theta* + sum_i lambda_i g_i is a
+# difference of nearly equal sums, and selection's cancellation-free
+# residual, curvature backtracking and extrapolation by linearity all rely
+# on float32 products. Layers given an explicit ``precision`` keep theirs.
+MATMUL_PRECISION = "highest"
+
+
+def full_precision(fn: Callable) -> Callable:
+  """``fn`` traced with default matmul precision `MATMUL_PRECISION`.
+
+  JAX fixes a matmul's precision when the operation is traced, so this
+  holds for ``fn`` under ``jax.jit`` and for every derivative of it.
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.default_matmul_precision(MATMUL_PRECISION):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
+# ----------------------------------------------------------------------------
 # Chunking over the sample axis (memory O(P + chunk activations)).
 
 
-def _chunk_plan(n: int, chunk_size: int | None) -> tuple[int, int] | None:
-  """(chunk, padding) for a scan over chunks, or None for a single pass."""
+class _ChunkPlan(NamedTuple):
+  """How N samples go into equal chunks that stay within every shard.
+
+  The samples are viewed as ``stripes`` contiguous runs of ``n // stripes``
+  and every chunk takes ``per_stripe`` consecutive samples from each run:
+  chunk k of stripe s holds samples ``s * (n // stripes) + k * per_stripe +
+  [0, per_stripe)``. With ``P("data")`` sharding each device holds whole
+  runs as long as ``stripes`` is a multiple of the device count, so every
+  chunk is split over every device, the sharded axis stays the chunk's
+  row axis, and the sum over a chunk is a local sum plus an all-reduce.
+  Contiguous chunks (``stripes == 1``) would put the sharded axis on the
+  scanned one: every device would then compute every chunk, on all-gathered
+  candidates.
+  """
+
+  n: int
+  stripes: int
+  per_stripe: int
+  num_chunks: int
+
+  @property
+  def chunk(self) -> int:
+    return self.stripes * self.per_stripe
+
+
+def _chunk_plan(n: int, chunk_size: int | None) -> _ChunkPlan | None:
+  """The chunks of a scan over ``n`` samples, or None for a single pass.
+
+  ``stripes = gcd(n, chunk_size)``: a multiple of the device count whenever
+  ``n`` and ``chunk_size`` both are (``parallel.pad_to_multiple`` gives
+  ``n``). Every chunk holds exactly ``chunk_size`` samples; each stripe's
+  last one is padded.
+  """
   if chunk_size is None or chunk_size >= n:
     return None
-  return chunk_size, -n % chunk_size
+  stripes = math.gcd(n, chunk_size)
+  per_stripe = chunk_size // stripes
+  num_chunks = -(-(n // stripes) // per_stripe)
+  return _ChunkPlan(n, stripes, per_stripe, num_chunks)
 
 
-def _to_chunks(a: jax.Array, chunk: int, pad: int, *, zero: bool) -> jax.Array:
-  """[N, ...] -> [num_chunks, chunk, ...], padding the last chunk.
+def _to_chunks(a: jax.Array, plan: _ChunkPlan, *, zero: bool) -> jax.Array:
+  """[N, ...] -> [num_chunks, chunk, ...], padding every stripe's end.
 
-  Data rows are padded by repeating the last sample (``zero=False``) so that
-  the model never sees an out-of-distribution row (which could produce
-  inf/NaN and poison a zero-weighted sum); weights are padded with zeros.
+  Data rows are padded by repeating the stripe's last sample (``zero=False``)
+  so that the model never sees an out-of-distribution row (which could
+  produce inf/NaN and poison a zero-weighted sum); weights are padded with
+  zeros. Padding and transposes act on the axes that are not sharded.
   """
+  rest = a.shape[1:]
+  a = a.reshape(plan.stripes, plan.n // plan.stripes, *rest)
+  pad = plan.num_chunks * plan.per_stripe - a.shape[1]
   if pad:
-    widths = [(0, pad)] + [(0, 0)] * (a.ndim - 1)
-    a = jnp.pad(a, widths) if zero else jnp.pad(a, widths, mode="edge")
-  return a.reshape(-1, chunk, *a.shape[1:])
+    # Not jnp.pad(mode="edge"): on a mesh its transpose (reverse-mode
+    # gradient) compiled to a collective-permute between devices.
+    last = jnp.zeros_like(a[:, -1:]) if zero else a[:, -1:]
+    a = jnp.concatenate([a, jnp.repeat(last, pad, axis=1)], axis=1)
+  a = a.reshape(plan.stripes, plan.num_chunks, plan.per_stripe, *rest)
+  return jnp.swapaxes(a, 0, 1).reshape(plan.num_chunks, plan.chunk, *rest)
 
 
-def _from_chunks(a: jax.Array, n: int) -> jax.Array:
-  return a.reshape(-1, *a.shape[2:])[:n]
+def _from_chunks(a: jax.Array, plan: _ChunkPlan) -> jax.Array:
+  """The inverse of `_to_chunks`: [num_chunks, chunk, ...] -> [N, ...]."""
+  rest = a.shape[2:]
+  a = a.reshape(plan.num_chunks, plan.stripes, plan.per_stripe, *rest)
+  a = jnp.swapaxes(a, 0, 1).reshape(plan.stripes, -1, *rest)
+  return a[:, : plan.n // plan.stripes].reshape(plan.n, *rest)
 
 
 def _tree_add(a: PyTree, b: PyTree) -> PyTree:
@@ -165,15 +258,13 @@ def _weighted_grad_and_logits(
 
     return jax.grad(weighted_loss, has_aux=True)(params)
 
-  n = x.shape[0]
-  plan = _chunk_plan(n, chunk_size)
+  plan = _chunk_plan(x.shape[0], chunk_size)
   if plan is None:
     return one_pass(x, targets, lambdas)
-  chunk, pad = plan
   xs = (
-    _to_chunks(x, chunk, pad, zero=False),
-    _to_chunks(targets, chunk, pad, zero=False),
-    _to_chunks(lambdas, chunk, pad, zero=True),
+    _to_chunks(x, plan, zero=False),
+    _to_chunks(targets, plan, zero=False),
+    _to_chunks(lambdas, plan, zero=True),
   )
 
   def body(acc, xs_c):
@@ -182,9 +273,10 @@ def _weighted_grad_and_logits(
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   g, logits = jax.lax.scan(body, zeros, xs)
-  return g, _from_chunks(logits, n)
+  return g, _from_chunks(logits, plan)
 
 
+@full_precision
 def weighted_loss_grad(
   apply_fn: ApplyFn,
   params: Params,
@@ -199,9 +291,11 @@ def weighted_loss_grad(
   Computed as ONE backward pass of the lambda-weighted summed loss
   ``grad_theta sum_i lambda_i L_i``; no per-sample gradient is formed. With
   ``chunk_size`` the sum streams over chunks of samples (``lax.scan``), so
-  memory is O(P + chunk_size activations) for any N. Chunk only where memory
-  requires it: on XLA:CPU a convolution inside the scanned loop body ran
-  7-15x slower than one unchunked pass (see ``benchmarks/README.md``).
+  memory is O(P + chunk_size activations) for any N (on a mesh, see the
+  module docstring for the sizes that keep chunks sharded). Chunk only
+  where memory requires it: on XLA:CPU a convolution inside the scanned
+  loop body ran 7-15x slower than one unchunked pass (see
+  ``benchmarks/README.md``).
   Differentiable (by reverse-over-reverse autodiff) with respect to every
   argument.
 
@@ -253,6 +347,7 @@ def weighted_loss_grad(
   )[0]
 
 
+@full_precision
 def stationarity_residual(
   apply_fn: ApplyFn,
   params: Params,
@@ -364,17 +459,20 @@ def distance_fn(distance: Distance) -> Callable[[Params, Params], jax.Array]:
 
 
 class _Static(NamedTuple):
-  """Non-differentiable configuration of the custom-VJP stationarity loss.
+  """Non-differentiable configuration of the custom-VJP DeepKKT loss.
 
   ``apply_fn`` is ``(params, x, consts) -> logits``: the model with every
   value it closes over that may carry a derivative hoisted into ``consts``
   (`_hoist_closure`), so that the custom VJP sees them as inputs.
+  ``gated`` configures the primal term; None leaves it out (the
+  stationarity loss alone).
   """
 
   apply_fn: Callable[[Params, jax.Array, list[jax.Array]], jax.Array]
   treedef: Any
   distance: str
   chunk_size: int | None
+  gated: bool | None
 
 
 @jax.tree_util.register_static
@@ -387,187 +485,285 @@ class _Perturbed:
   x: bool
   targets: bool
   lambdas: bool
+  betas: bool
 
 
-def _stationarity_reverse(
+def _flagged(flags: tuple[bool, ...]) -> list[int]:
+  return [i for i, f in enumerate(flags) if f]
+
+
+def _primal_term(static, logits, targets, active):
+  if static.gated is None:
+    return jnp.zeros((), logits.dtype)
+  return _primal_loss(logits, targets, gated=static.gated, active=active)
+
+
+def _static_weighted_grad(static, params, consts, x, targets, lambdas):
+  """`_weighted_grad_and_logits` of the converted model, in chunks."""
+  return _weighted_grad_and_logits(
+    lambda p, xc: static.apply_fn(p, xc, consts),
+    params,
+    x,
+    targets,
+    lambdas,
+    static.chunk_size,
+  )
+
+
+def _kkt_reverse(
   static: _Static,
   param_leaves: list[jax.Array],
   consts: list[jax.Array],
   x: jax.Array,
   targets: jax.Array,
   lambdas: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-  """(D(theta*, g), logits); autodiff through it is reverse-over-reverse."""
+  active: jax.Array | None,
+  betas: jax.Array,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+  """``(total, (stationarity, primal, logits))``; autodiff through it is
+  reverse-over-reverse. ``total = betas[0] * stationarity + betas[1] *
+  primal``; ``lambdas`` are the effective (masked) multipliers."""
   params = jax.tree.unflatten(static.treedef, param_leaves)
-  g, logits = _weighted_grad_and_logits(
-    lambda p, xc: static.apply_fn(p, xc, consts),
-    params,
-    x,
-    targets,
-    lambdas,
-    static.chunk_size,
-  )
-  return _DISTANCE_FNS[static.distance](params, g), logits
+  g, logits = _static_weighted_grad(static, params, consts, x, targets, lambdas)
+  stationarity = _DISTANCE_FNS[static.distance](params, g)
+  primal = _primal_term(static, logits, targets, active)
+  total = betas[0] * stationarity + betas[1] * primal
+  return total, (stationarity, primal, logits)
 
 
-_stationarity_fast = jax.custom_vjp(_stationarity_reverse, nondiff_argnums=(0,))
+_kkt_fast = jax.custom_vjp(_kkt_reverse, nondiff_argnums=(0,))
 
 
-def _stationarity_fast_fwd(static, param_leaves, consts, x, targets, lambdas):
+def _gradient_map(static, perturbed, consts, x, targets, lambdas, with_theta):
+  """``K(theta_leaves, c)`` for the forward-over-reverse derivative.
+
+  ``K`` returns ``(grad_theta, grads, (per_sample, logits))``: the gradients
+  of ``sum_i lambda_i L_i + <c, logits>`` with respect to theta (None
+  unless ``with_theta``) and to the perturbed constants, x and targets, in
+  that order (``grads``, a list), with the per-sample losses and logits.
+  ``c`` None leaves its term out.
+  """
+  const_idx = _flagged(perturbed.consts)
+  diff = [consts[i] for i in const_idx]
+  diff += [x] if perturbed.x else []
+  diff += [targets] if perturbed.targets else []
+
+  def f(theta_leaves, diff_values, c):
+    cs = list(consts)
+    for i, value in zip(const_idx, diff_values[: len(const_idx)], strict=True):
+      cs[i] = value
+    rest = iter(diff_values[len(const_idx) :])
+    xx = next(rest) if perturbed.x else x
+    tt = next(rest) if perturbed.targets else targets
+    params = jax.tree.unflatten(static.treedef, theta_leaves)
+    logits = static.apply_fn(params, xx, cs)
+    per_sample = cross_entropy(logits, tt)
+    value = jnp.sum(lambdas * per_sample)
+    if c is not None:
+      value = value + jnp.sum(c * logits)
+    return value, (per_sample, logits)
+
+  def K(theta_leaves, c):
+    if with_theta:
+      (g_theta, grads), aux = jax.grad(f, (0, 1), has_aux=True)(
+        theta_leaves, diff, c
+      )
+    elif diff:
+      g_theta = None
+      grads, aux = jax.grad(f, 1, has_aux=True)(theta_leaves, diff, c)
+    else:  # Only lambdas: a forward pass (its jvp), no reverse pass.
+      g_theta, grads = None, []
+      aux = f(theta_leaves, diff, c)[1]
+    return g_theta, grads, aux
+
+  return K
+
+
+def _kkt_fast_fwd(
+  static, param_leaves, consts, x, targets, lambdas, active, betas
+):
   perturbed = _Perturbed(
     params=tuple(leaf.perturbed for leaf in param_leaves),
     consts=tuple(c.perturbed for c in consts),
     x=x.perturbed,
     targets=targets.perturbed,
     lambdas=lambdas.perturbed,
+    betas=betas.perturbed,
   )
   param_leaves = [leaf.value for leaf in param_leaves]
   consts = [c.value for c in consts]
   x, targets, lambdas = x.value, targets.value, lambdas.value
+  active = None if active is None else active.value
+  betas = betas.value
   params = jax.tree.unflatten(static.treedef, param_leaves)
-  g, logits = _weighted_grad_and_logits(
-    lambda p, xc: static.apply_fn(p, xc, consts),
-    params,
-    x,
-    targets,
-    lambdas,
-    static.chunk_size,
-  )
-  loss, distance_vjp = jax.vjp(_DISTANCE_FNS[static.distance], params, g)
-  # u_theta = dD/dtheta* (direct), u = dD/dg: fixed directions for the
-  # backward pass, computed once from the forward residual.
-  u_theta, u = distance_vjp(jnp.ones_like(loss))
-  if not any(perturbed.params):
-    u_theta = None
-  residuals = (param_leaves, consts, x, targets, lambdas, u_theta, u, perturbed)
-  return (loss, logits), residuals
-
-
-def _stationarity_fast_bwd(static, residuals, cotangents):
-  param_leaves, consts, x, targets, lambdas, u_theta, u, perturbed = residuals
-  ct_loss, ct_logits = cotangents
-  if isinstance(ct_loss, SymbolicZero):
-    ct_loss = jnp.zeros((), lambdas.dtype)
-  if isinstance(ct_logits, SymbolicZero):
-    ct_logits = None
-  num_params, num_consts = len(param_leaves), len(consts)
-  # Inputs of h below, in order: the parameter leaves, the closed-over
-  # constants, then x and targets. lambdas never enter h: d/dlambda_i of
-  # sum_i lambda_i d_i is d_i itself. Parameters and constants are shared
-  # by every sample (their cotangents add up over chunks); x and targets
-  # are per sample.
-  diff_idx = [i for i, p in enumerate(perturbed.params) if p]
-  diff_idx += [num_params + i for i, p in enumerate(perturbed.consts) if p]
-  num_shared = len(diff_idx)
-  if perturbed.x:
-    diff_idx.append(num_params + num_consts)
-  if perturbed.targets:
-    diff_idx.append(num_params + num_consts + 1)
-
-  def chunk_grads(xc, tc, lc, ctl):
-    inputs = [*param_leaves, *consts, xc, tc]
-
-    def h(diff_values):
-      # ct_loss * <u, grad_theta sum_i lambda_i L_i> + <ct_logits, logits>
-      # as a forward-mode directional derivative along u; its gradient with
-      # respect to (theta, consts, x, targets) is the full VJP of the loss.
-      full = list(inputs)
-      for i, value in zip(diff_idx, diff_values, strict=True):
-        full[i] = value
-      params = jax.tree.unflatten(static.treedef, full[:num_params])
-      cs = full[num_params : num_params + num_consts]
-      xx, tt = full[num_params + num_consts :]
-
-      def per_sample_loss(p):
-        logits = static.apply_fn(p, xx, cs)
-        return cross_entropy(logits, tt), logits
-
-      _, dots, logits = jax.jvp(per_sample_loss, (params,), (u,), has_aux=True)
-      value = ct_loss * jnp.sum(lc * dots)
-      if ctl is not None:
-        value = value + jnp.sum(ctl * logits)
-      return value, dots
-
-    if diff_idx:
-      value, h_vjp, dots = jax.vjp(
-        h, [inputs[i] for i in diff_idx], has_aux=True
-      )
-      (diff_cts,) = h_vjp(jnp.ones_like(value))
-    else:  # Only lambdas: one jvp, no reverse pass at all.
-      _, dots = h([])
-      diff_cts = []
-    return diff_cts, (ct_loss * dots).astype(lambdas.dtype)
-
-  n = x.shape[0]
-  plan = _chunk_plan(n, static.chunk_size)
+  with_c = static.gated is not None
+  plan = _chunk_plan(x.shape[0], static.chunk_size)
   if plan is None:
-    diff_cts, ct_lambdas = chunk_grads(x, targets, lambdas, ct_logits)
-    shared_cts, data_cts = diff_cts[:num_shared], diff_cts[num_shared:]
-  else:
-    chunk, pad = plan
-    xs = (
-      _to_chunks(x, chunk, pad, zero=False),
-      _to_chunks(targets, chunk, pad, zero=False),
-      _to_chunks(lambdas, chunk, pad, zero=True),
-      None
-      if ct_logits is None
-      else _to_chunks(ct_logits, chunk, pad, zero=True),
+    # One linearisation of K serves both passes: its primal gives g (and
+    # the logits), its tangent along (u, dprimal/dlogits), chosen from that
+    # primal, gives every cotangent; the forward and the weighted backward
+    # pass run once.
+    K = _gradient_map(
+      static, perturbed, consts, x, targets, lambdas, with_theta=True
     )
+    if with_c:
+      logits_shape = jax.eval_shape(static.apply_fn, params, x, consts)
+      c0 = jnp.zeros(logits_shape.shape, logits_shape.dtype)
+      (g_leaves, _, (_, logits)), lin = jax.linearize(K, param_leaves, c0)
+    else:
+      (g_leaves, _, (_, logits)), lin = jax.linearize(
+        lambda th: K(th, None), param_leaves
+      )
+    g = jax.tree.unflatten(static.treedef, g_leaves)
+  else:
+    g, logits = _static_weighted_grad(
+      static, params, consts, x, targets, lambdas
+    )
+  stationarity, distance_vjp = jax.vjp(
+    _DISTANCE_FNS[static.distance], params, g
+  )
+  # u_theta = dD/dtheta* (direct), u = dD/dg: the stationarity term's
+  # direction; its gradient is <u, d g> along the perturbation.
+  u_theta, u = distance_vjp(jnp.ones_like(stationarity))
+  dir_theta = [betas[0] * a for a in jax.tree.leaves(u)]
+  primal, primal_vjp = jax.vjp(
+    lambda z, t: _primal_term(static, z, t, active), logits, targets
+  )
+  dir_c, d_primal_targets = primal_vjp(jnp.ones_like(primal))
+  dir_c = betas[1] * dir_c
+  total = betas[0] * stationarity + betas[1] * primal
+
+  # The gradient of the total along a perturbation of the inputs (at fixed
+  # lambda) is the tangent of K's gradients along theta-direction
+  # beta_stat * u and logits-direction beta_primal * dprimal/dlogits
+  # (forward-over-reverse: d/de grad F(theta + e u) = grad <u, grad_theta
+  # F>); the lambda-gradient is the tangent of the per-sample losses,
+  # beta_stat * <u, grad_theta L_i>.
+  with_theta = any(perturbed.params)
+  if plan is None:
+    tangents = lin(dir_theta, dir_c) if with_c else lin(dir_theta)
+    t_theta, t_grads, (t_per_sample, _) = tangents
+  else:
+    xs = (
+      _to_chunks(x, plan, zero=False),
+      _to_chunks(targets, plan, zero=False),
+      _to_chunks(lambdas, plan, zero=True),
+      _to_chunks(dir_c, plan, zero=True) if with_c else None,
+    )
+    num_shared = sum(perturbed.consts)
 
     def body(acc, xs_c):
-      diff_cts, ct_l = chunk_grads(*xs_c)
-      acc = [a + c for a, c in zip(acc, diff_cts[:num_shared], strict=True)]
-      return acc, (diff_cts[num_shared:], ct_l)
+      xc, tc, lc, cc = xs_c
+      K = _gradient_map(static, perturbed, consts, xc, tc, lc, with_theta)
+      c0 = None if cc is None else jnp.zeros_like(cc)
+      _, (t_theta, t_grads, (t_ps, _)) = jax.jvp(
+        K, (param_leaves, c0), (dir_theta, cc)
+      )
+      shared = ([] if t_theta is None else t_theta) + t_grads[:num_shared]
+      acc = [a + s for a, s in zip(acc, shared, strict=True)]
+      return acc, (t_grads[num_shared:], t_ps)
 
-    shared_inputs = [*param_leaves, *consts]
-    init = [jnp.zeros_like(shared_inputs[i]) for i in diff_idx[:num_shared]]
-    shared_cts, (data_cts, ct_lambdas) = jax.lax.scan(body, init, xs)
-    data_cts = [_from_chunks(c, n) for c in data_cts]
-    ct_lambdas = _from_chunks(ct_lambdas, n)
+    init = [jnp.zeros_like(a) for a in param_leaves] if with_theta else []
+    init += [jnp.zeros_like(consts[i]) for i in _flagged(perturbed.consts)]
+    acc, (data, t_per_sample) = jax.lax.scan(body, init, xs)
+    t_theta = acc[: len(param_leaves)] if with_theta else None
+    t_grads = acc[len(t_theta or []) :] + [_from_chunks(d, plan) for d in data]
+    t_per_sample = _from_chunks(t_per_sample, plan)
 
-  shared_cts = iter(shared_cts)
-  out_params: list[jax.Array | None] = [None] * num_params
-  direct = None if u_theta is None else jax.tree.leaves(u_theta)
-  for i, p in enumerate(perturbed.params):
-    if p:
-      out_params[i] = next(shared_cts) + ct_loss * direct[i]
-  out_consts: list[jax.Array | None] = [
-    next(shared_cts) if p else None for p in perturbed.consts
-  ]
-  data_cts = iter(data_cts)
-  ct_x = next(data_cts) if perturbed.x else None
-  ct_targets = next(data_cts) if perturbed.targets else None
-  ct_lambdas = ct_lambdas if perturbed.lambdas else None
-  return out_params, out_consts, ct_x, ct_targets, ct_lambdas
+  # The cotangents of a unit cotangent on the total: the backward rule
+  # only scales them.
+  t_grads = iter(t_grads)
+  unit_params = [None] * len(param_leaves)
+  for i, direct in enumerate(jax.tree.leaves(u_theta)):
+    if perturbed.params[i]:
+      unit_params[i] = t_theta[i] + betas[0] * direct
+  unit_consts = [next(t_grads) if p else None for p in perturbed.consts]
+  unit_x = next(t_grads) if perturbed.x else None
+  unit_targets = None
+  if perturbed.targets:
+    unit_targets = next(t_grads) + betas[1] * d_primal_targets
+  unit_lambdas = (
+    t_per_sample.astype(lambdas.dtype) if perturbed.lambdas else None
+  )
+  unit_betas = jnp.stack([stationarity, primal]) if perturbed.betas else None
+  units = (unit_params, unit_consts, unit_x, unit_targets, unit_lambdas)
+  aux = (stationarity, primal, logits)
+  return (total, aux), (*units, unit_betas)
 
 
-_stationarity_fast.defvjp(
-  _stationarity_fast_fwd, _stationarity_fast_bwd, symbolic_zeros=True
-)
+def _kkt_fast_bwd(static, units, cotangents):
+  # The aux outputs reach callers through stop_gradient (`_kkt_terms`):
+  # their cotangents are zero.
+  ct_total, _ = cotangents
+  if isinstance(ct_total, SymbolicZero):
+    ct_total = jnp.zeros(ct_total.shape, ct_total.dtype)
+  unit_params, unit_consts, unit_x, unit_targets, unit_lambdas, unit_betas = (
+    units
+  )
+  scale = lambda a: None if a is None else ct_total * a
+  return (
+    [scale(a) for a in unit_params],
+    [scale(a) for a in unit_consts],
+    scale(unit_x),
+    scale(unit_targets),
+    scale(unit_lambdas),
+    None,
+    scale(unit_betas),
+  )
 
 
-def _stationarity_and_logits(
-  apply_fn, params, x, targets, lambdas, *, distance, method, chunk_size
+# The forward rule, which does all the work, is traced inside the public
+# functions' `full_precision`; the backward rule only scales.
+_kkt_fast.defvjp(_kkt_fast_fwd, _kkt_fast_bwd, symbolic_zeros=True)
+
+
+def _kkt_terms(
+  apply_fn,
+  params,
+  x,
+  targets,
+  lambdas,
+  active,
+  betas,
+  *,
+  gated,
+  distance,
+  method,
+  chunk_size,
 ):
+  """``(total, (stationarity, primal, logits))``, the aux without gradient.
+
+  ``lambdas`` are the effective multipliers (zero where not ``active``);
+  ``betas = (beta_stationarity, beta_primal)``; ``gated`` None: no primal
+  term.
+  """
+  dtype = jnp.result_type(lambdas, *jax.tree.leaves(params))
+  betas = jnp.stack([jnp.asarray(b, dtype) for b in betas])
   # Parameters enter as a flat list of leaves: the custom VJP's symbolic-zero
   # protocol would otherwise have to unflatten arbitrary custom pytree nodes
   # (e.g. nnx.State) around its CustomVJPPrimal records.
   leaves, treedef = jax.tree.flatten(params)
   if method == "reverse":
     static = _Static(
-      lambda p, xc, _: apply_fn(p, xc), treedef, distance, chunk_size
+      lambda p, xc, _: apply_fn(p, xc), treedef, distance, chunk_size, gated
     )
-    return _stationarity_reverse(static, leaves, [], x, targets, lambdas)
+    total, aux = _kkt_reverse(
+      static, leaves, [], x, targets, lambdas, active, betas
+    )
+    return total, jax.lax.stop_gradient(aux)
   # A custom VJP must not close over values that are being differentiated
   # (an outer jax.grad over something apply_fn closes over: bilevel and
   # meta-learning uses): hoist them into explicit inputs. The converted
   # function is traced for the shape it is called with, one chunk.
   plan = _chunk_plan(x.shape[0], chunk_size)
-  rows = x.shape[0] if plan is None else plan[0]
+  rows = x.shape[0] if plan is None else plan.chunk
   example_x = jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype)
   converted, consts = _hoist_closure(apply_fn, params, example_x)
-  static = _Static(converted, treedef, distance, chunk_size)
-  return _stationarity_fast(static, leaves, consts, x, targets, lambdas)
+  static = _Static(converted, treedef, distance, chunk_size, gated)
+  total, aux = _kkt_fast(
+    static, leaves, consts, x, targets, lambdas, active, betas
+  )
+  return total, jax.lax.stop_gradient(aux)
 
 
 def _hoist_closure(
@@ -611,6 +807,7 @@ def _hoist_closure(
   return converted, hoisted
 
 
+@full_precision
 def stationarity_loss(
   apply_fn: ApplyFn,
   params: Params,
@@ -642,7 +839,7 @@ def stationarity_loss(
     targets: int labels ``[N]`` or soft targets ``float[N, C]``.
     lambdas: ``float[N]`` multipliers, ``>= 0``.
     distance: one of ``DISTANCES``.
-    method: ``"fast"`` (custom VJP, reverse-of-jvp; reverse mode only:
+    method: ``"fast"`` (custom VJP, forward-over-reverse; reverse mode only:
       ``jax.jvp`` raises a ``TypeError``) or ``"reverse"`` (plain
       reverse-over-reverse autodiff; any mode). Values and gradients agree,
       with respect to every argument and to what ``apply_fn`` closes over.
@@ -678,12 +875,15 @@ def stationarity_loss(
   checks.check_choice("method", method, METHODS)
   checks.check_chunk_size(chunk_size)
   checks.check_kkt_inputs(apply_fn, params, x, targets, lambdas)
-  return _stationarity_and_logits(
+  return _kkt_terms(
     apply_fn,
     params,
     x,
     targets,
     lambdas,
+    None,
+    (1.0, 0.0),
+    gated=None,
     distance=distance,
     method=method,
     chunk_size=chunk_size,
@@ -756,6 +956,7 @@ def primal_loss(
   return _primal_loss(logits, targets, gated=gated, active=active)
 
 
+@full_precision
 def deepkkt_loss(
   apply_fn: ApplyFn,
   params: Params,
@@ -845,28 +1046,27 @@ def deepkkt_loss(
   checks.check_chunk_size(chunk_size)
   checks.check_kkt_inputs(apply_fn, params, x, targets, lambdas, active)
   effective = lambdas if active is None else jnp.where(active, lambdas, 0.0)
-  stationarity, logits = _stationarity_and_logits(
+  total, (stationarity, primal, logits) = _kkt_terms(
     apply_fn,
     params,
     x,
     targets,
     effective,
+    active,
+    (beta_stationarity, beta_primal),
+    gated=gated,
     distance=distance,
     method=method,
     chunk_size=chunk_size,
   )
-  primal = _primal_loss(logits, targets, gated=gated, active=active)
-  total = beta_stationarity * stationarity + beta_primal * primal
-
-  logits = jax.lax.stop_gradient(logits)
   labels = _target_labels(targets)
   log_probs = jax.nn.log_softmax(logits)
   target_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
   others = jnp.where(jax.nn.one_hot(labels, logits.shape[-1]), -jnp.inf, logits)
   aux = {
     "total": jax.lax.stop_gradient(total),
-    "stationarity": jax.lax.stop_gradient(stationarity),
-    "primal": jax.lax.stop_gradient(primal),
+    "stationarity": stationarity,
+    "primal": primal,
     "loss": cross_entropy(logits, jax.lax.stop_gradient(targets)),
     "entropy": -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1),
     "margin": target_logit - jnp.max(others, axis=-1),
@@ -956,6 +1156,7 @@ def make_deepkkt_loss(
 # Per-sample gradients: explicit (reference) and matrix-free products.
 
 
+@full_precision
 def per_sample_grads(
   apply_fn: ApplyFn,
   params: Params,
@@ -1001,6 +1202,7 @@ def per_sample_grads(
   return jax.vmap(one)(x, targets)
 
 
+@full_precision
 def per_sample_grad_dots(
   apply_fn: ApplyFn,
   params: Params,
@@ -1053,21 +1255,17 @@ def per_sample_grad_dots(
     per_sample_loss = lambda p: cross_entropy(apply_fn(p, xc), tc)
     return jax.jvp(per_sample_loss, (params,), (direction,))[1]
 
-  n = x.shape[0]
-  plan = _chunk_plan(n, chunk_size)
+  plan = _chunk_plan(x.shape[0], chunk_size)
   if plan is None:
     return dots(x, targets)
-  chunk, pad = plan
-  xs = (
-    _to_chunks(x, chunk, pad, zero=False),
-    _to_chunks(targets, chunk, pad, zero=False),
-  )
-  return _from_chunks(jax.lax.map(lambda a: dots(*a), xs), n)
+  xs = (_to_chunks(x, plan, zero=False), _to_chunks(targets, plan, zero=False))
+  return _from_chunks(jax.lax.map(lambda a: dots(*a), xs), plan)
 
 
 __all__ = [
   "DEFAULT_DISTANCE",
   "DISTANCES",
+  "MATMUL_PRECISION",
   "METHODS",
   "Distance",
   "Method",
@@ -1075,6 +1273,7 @@ __all__ = [
   "DeepKKTLoss",
   "deepkkt_loss",
   "distance_fn",
+  "full_precision",
   "make_deepkkt_loss",
   "num_scalars",
   "per_sample_grad_dots",

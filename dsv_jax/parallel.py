@@ -6,7 +6,9 @@ the usual data-parallel one: parameters and optimiser state are replicated
 their leading axis over the ``data`` axis (``P("data")``). Under
 ``jax.jit`` XLA then turns the lambda-weighted gradient sum of the
 stationarity term into an all-reduce; no ``shard_map`` or ``psum`` is
-needed.
+needed. With ``chunk_size`` (`dsv_jax.kkt`) that holds when the padded N
+and ``chunk_size`` are both multiples of `num_shards`: every chunk is then
+split over the devices.
 
 The mesh axis uses ``AxisType.Auto`` (``jax.make_mesh`` defaults to Explicit
 axis types, which would make sharding part of every array's type).

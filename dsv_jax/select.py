@@ -513,6 +513,7 @@ def _residual_norms(apply_fn, params, x, targets, chunk=1024) -> np.ndarray:
   return np.concatenate(out)
 
 
+@kkt.full_precision
 def represented_leaves(
   apply_fn: ApplyFn,
   params: Params,
@@ -718,6 +719,7 @@ def _check_args(
 # The solver.
 
 
+@kkt.full_precision
 def fit_lambdas(
   apply_fn: ApplyFn,
   params: Params,
@@ -1119,6 +1121,7 @@ def fit_lambdas(
   return lambdas, info
 
 
+@kkt.full_precision
 def stationarity_residuals(
   apply_fn: ApplyFn,
   params: Params,

@@ -624,6 +624,36 @@ def test_beta_stationarity_scales_the_term_and_its_gradients(x64, method):
   np.testing.assert_allclose(glb, 0.5 * gl1, rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_gradients_with_respect_to_the_betas(x64, chunk_size):
+  # The fast method takes the weights as inputs of its custom VJP: their
+  # gradients are the two terms, as reverse-over-reverse finds.
+  apply_fn, params, x, targets, lambdas = make_problem("conv")
+
+  def total(betas, method):
+    return kkt.deepkkt_loss(
+      apply_fn,
+      params,
+      x,
+      targets,
+      lambdas,
+      beta_stationarity=betas[0],
+      beta_primal=betas[1],
+      gated=False,
+      method=method,
+      chunk_size=chunk_size,
+    )
+
+  betas = jnp.array([0.7, 1.3])
+  for method in kkt.METHODS:
+    grad, aux = jax.jit(jax.grad(total, has_aux=True), static_argnums=1)(
+      betas, method
+    )
+    np.testing.assert_allclose(
+      grad, [aux["stationarity"], aux["primal"]], rtol=1e-12
+    )
+
+
 def test_active_mask_equals_dropping_candidates(x64):
   # The mask is applied outside the stationarity term, identically for both
   # methods (which are compared with a mask above): test the default.
