@@ -138,37 +138,23 @@ def test_steps_decrease_loss_and_clip_pixels():
 def test_loop_resumes_from_checkpoint(tmp_path):
   recon = _recon()
   params, x, labels, _ = _problem(jnp.float32)
-  key = jax.random.key(3)
-  full, *_ = synthesis_loop.run_synthesis_loop(
-    recon,
-    params,
-    key,
-    np.asarray(x),
-    np.asarray(labels),
-    steps=4,
-    log_every=2,
-  )
+
+  def run(steps, checkpointer=None):
+    return synthesis_loop.run_synthesis_loop(
+      recon,
+      params,
+      jax.random.key(3),
+      np.asarray(x),
+      np.asarray(labels),
+      steps=steps,
+      checkpointer=checkpointer,
+      log_every=2,
+    )
+
+  full, *_ = run(4)
   ckptr = checkpoints.RunCheckpointer(tmp_path / "ckpt")
-  synthesis_loop.run_synthesis_loop(
-    recon,
-    params,
-    key,
-    np.asarray(x),
-    np.asarray(labels),
-    steps=2,
-    checkpointer=ckptr,
-    log_every=2,
-  )
-  resumed, _, start, _ = synthesis_loop.run_synthesis_loop(
-    recon,
-    params,
-    key,
-    np.asarray(x),
-    np.asarray(labels),
-    steps=4,
-    checkpointer=ckptr,
-    log_every=2,
-  )
+  run(2, ckptr)
+  resumed, _, start, _ = run(4, ckptr)
   ckptr.close()
   assert start == 2
   np.testing.assert_allclose(resumed.x, full.x, rtol=1e-6, atol=1e-7)
