@@ -58,6 +58,52 @@ def test_bad_model_arguments():
     )
 
 
+def _reference_convnet(params, x, depth):
+  """The default ConvNet (instance norm, average pooling) written out in
+  numpy: per block a 3x3 SAME convolution with bias, a per-sample,
+  per-channel normalisation over H and W (epsilon 1e-5) with a learned
+  scale and bias, ReLU and 2x2 average pooling (odd sizes floored); then a
+  dense layer on the flattened [H, W, C] map."""
+  x = np.asarray(x, np.float64)
+  for i in range(depth):
+    conv, norm = params["convs"][i], params["norms"][i]
+    kernel = np.asarray(conv["kernel"], np.float64)  # [3, 3, C_in, C_out]
+    n, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    y = sum(
+      padded[:, dy : dy + h, dx : dx + w] @ kernel[dy, dx]
+      for dy in range(3)
+      for dx in range(3)
+    ) + np.asarray(conv["bias"])
+    mean = y.mean(axis=(1, 2), keepdims=True)
+    var = y.var(axis=(1, 2), keepdims=True)
+    y = (y - mean) / np.sqrt(var + 1e-5) * np.asarray(norm["scale"])
+    y = np.maximum(y + np.asarray(norm["bias"]), 0.0)
+    h2, w2 = h // 2, w // 2
+    y = y[:, : 2 * h2, : 2 * w2].reshape(n, h2, 2, w2, 2, -1)
+    x = y.mean(axis=(2, 4))
+  head = params["head"]
+  return x.reshape(len(x), -1) @ np.asarray(head["kernel"]) + head["bias"]
+
+
+def test_default_convnet_matches_a_reference_computation():
+  # 10x10 inputs, depth 2: 10 -> 5 -> 2, the second pooling floors.
+  model = models.ConvNet(
+    3, 4, image_size=10, width=5, depth=2, rngs=nnx.Rngs(0)
+  )
+  assert (model.pool, type(model.norms[0])) == ("avg", nnx.GroupNorm)
+  apply_fn, params = models.nnx_apply_fn(model)
+  # Trained-looking values: norm scales away from 1, biases away from 0.
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+    lambda a: a + 0.3 * rng.normal(size=a.shape).astype(a.dtype), params
+  )
+  x = rng.normal(size=(3, 10, 10, 3)).astype(np.float32)
+  np.testing.assert_allclose(
+    apply_fn(params, x), _reference_convnet(params, x, 2), rtol=1e-4, atol=1e-5
+  )
+
+
 class _LinenConvNet(nn.Module):
   """A Linen twin of `models.ConvNet(norm="batch", pool="max")`."""
 

@@ -7,11 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
 
-from dsv_jax import checkpoints, configs
+from dsv_jax import checkpoints, configs, select
 from dsv_jax.experiment import common, registry, report
 from dsv_jax.experiment import workdir as wdir
 from dsv_jax.experiment.report import cache as report_cache
@@ -252,9 +253,10 @@ def test_flip_rates_known_answer():
   # A linear model that predicts the class of the larger of two pixels.
   apply_fn = lambda p, x: x.reshape(len(x), -1) @ p
   params = np.eye(2, dtype=np.float32)
-  images = np.array([[[[1.0]], [[0.0]]]], np.float32).reshape(1, 2, 1, 1)
-  images = np.concatenate([images, images])  # Class 0, twice.
-  labels = np.zeros(2, np.int32)
+  # Class 0, twice, and a class-0 image the model gets wrong: left out.
+  images = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 2.0]], np.float32)
+  images = images.reshape(3, 2, 1, 1)
+  labels = np.zeros(3, np.int32)
   added = np.array([[[[0.0]], [[1.0]]]], np.float32).reshape(1, 2, 1, 1)
   rates = report_sections.flip_rates(
     apply_fn,
@@ -269,6 +271,129 @@ def test_flip_rates_known_answer():
   )
   # x + r * a: pixel 1 = r beats pixel 0 = 1 only for r > 1.
   assert rates == {0.5: 0.0, 2.0: 1.0}
+
+
+def _selection_workdir(tmp_path, lambdas, weights, labels, rankable):
+  """A workdir holding only select/lambdas.npz, ranked as the stage does."""
+  scores = np.where(rankable, lambdas * weights, 0.0)
+  per_class = select.rank_per_class(scores, labels, labels.max() + 1)
+  os.makedirs(tmp_path / "select")
+  np.savez(
+    tmp_path / "select" / "lambdas.npz",
+    lambdas=lambdas,
+    scores=scores,
+    rankable=rankable,
+    weights=weights,
+    labels=labels,
+    order=np.concatenate(per_class),
+    class_start=np.cumsum([0] + [len(i) for i in per_class]),
+  )
+  return str(tmp_path)
+
+
+def _three_pixel_classifier():
+  """Predicts the brightest of three pixels (images [N, 1, 1, 3])."""
+  info = types.SimpleNamespace(num_classes=3, class_names=("a", "b", "c"))
+  return types.SimpleNamespace(
+    apply_fn=lambda p, x: x.reshape(len(x), -1) @ p,
+    params=np.eye(3, dtype=np.float32),
+    info=info,
+  )
+
+
+def test_lambda_accuracy_section_known_values(tmp_path):
+  # Test accuracy per class 1, 1/2, 0 (training images: all correct);
+  # lambda sums 3, 2, 1 (contribution scores the other way round): Pearson
+  # r = +1, between lambda and the test split's accuracy.
+  eye = np.eye(3, dtype=np.float32).reshape(3, 1, 1, 3)
+  labels = np.array([0, 1, 2], np.int32)
+  wd = _selection_workdir(
+    tmp_path,
+    lambdas=np.array([3.0, 2.0, 1.0], np.float32),
+    weights=np.array([1 / 3, 1.0, 3.0], np.float32),
+    labels=labels,
+    rankable=np.ones(3, bool),
+  )
+  ds = types.SimpleNamespace(
+    train={"image": eye, "label": labels},
+    test={
+      "image": eye[[0, 0, 1, 0, 1, 1]],
+      "label": np.array([0, 0, 1, 1, 2, 2], np.int32),
+    },
+  )
+  clf = _three_pixel_classifier()
+  md, res = report_sections.lambda_accuracy_section(
+    None, wd, clf, ds, str(tmp_path)
+  )
+  np.testing.assert_allclose(res["accuracy"], [1.0, 0.5, 0.0])
+  np.testing.assert_allclose(res["lambda_sums"], [3.0, 2.0, 1.0])
+  np.testing.assert_allclose(res["pearson"], 1.0)
+  assert "r = 1.000" in md and "| b | 2 | 50.00 |" in md
+
+
+def test_coreset_section_ranks_and_draws_as_documented(tmp_path, monkeypatch):
+  # Every row's training images, recomputed by hand from lambdas.npz, the
+  # EL2N scores and the random draws; retraining is replaced by a fake
+  # that records what it was given.
+  rng = np.random.default_rng(0)
+  n, c = 15, 3
+  labels = np.arange(n, dtype=np.int32) % c
+  lambdas = rng.uniform(0.1, 1.0, n).astype(np.float32)
+  weights = rng.uniform(0.1, 1.0, n).astype(np.float32)
+  rankable = np.arange(n) != 4
+  wd = _selection_workdir(tmp_path, lambdas, weights, labels, rankable)
+  x = rng.normal(size=(n, 1, 1, 4)).astype(np.float32)
+  el2n = rng.uniform(size=n)
+  monkeypatch.setattr(report_sections, "el2n_run", lambda *a: el2n)
+  clf = types.SimpleNamespace(
+    info=types.SimpleNamespace(num_classes=c),
+    params=None,
+    functional=types.SimpleNamespace(
+      state=None, eval_features=lambda p, s, xx: xx.reshape(len(xx), -1)
+    ),
+  )
+  seen = {}
+
+  def rows(name, images, targets):
+    seen[name] = (np.asarray(images), np.asarray(targets))
+    return {"accuracies": [0.5, 0.7], "mean": 0.6, "std": 0.1}
+
+  rows.ds = types.SimpleNamespace(train={"image": x, "label": labels})
+  rows.clf = clf
+  config = configs.get_config("digits", "tiny")
+  config.report.coreset_ipc = (2,)
+  _, res = report_sections.coreset_section(config, wd, rows)
+
+  def top(scores):
+    return np.concatenate(
+      [
+        i[np.argsort(-scores[i], kind="stable")][:2]
+        for i in (np.flatnonzero(labels == k) for k in range(c))
+      ]
+    )
+
+  contribution = np.where(rankable, lambdas * weights, 0.0)
+  expected = {
+    "selected k=2": top(contribution),
+    "selected_lambda k=2": top(np.where(rankable, lambdas, 0.0)),
+    "el2n k=2": top(el2n),
+  }
+  assert not np.array_equal(*list(expected.values())[:2])
+  for name, idx in expected.items():
+    np.testing.assert_array_equal(seen[name][0], x[idx], err_msg=name)
+    np.testing.assert_array_equal(seen[name][1], labels[idx], err_msg=name)
+  # Random: one draw of 2 per class for each of the K models, all different.
+  draws, draw_labels = seen[f"random k=2 ({config.retrain.num_models} draws)"]
+  assert draws.shape == (config.retrain.num_models, 2 * c, 1, 1, 4)
+  for lab in draw_labels:
+    np.testing.assert_array_equal(np.bincount(lab, minlength=c), [2] * c)
+  assert not np.array_equal(draws[0], draws[1])
+  assert set(res["k2"]) >= {
+    "random",
+    "herding",
+    "selected",
+    "p_selected_vs_random",
+  }
 
 
 def test_report_config_and_missing_stage_errors(tmp_path):

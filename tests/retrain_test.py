@@ -18,7 +18,6 @@ import pytest
 
 from dsv_jax import (
   artifacts,
-  augment,
   configs,
   models,
   parallel,
@@ -82,19 +81,40 @@ RECIPE = {
 }
 
 
+def _accuracies(model_fn, params, model_state, x, y):
+  """Accuracy of each of the K stacked models on (x, y), the obvious way."""
+  eval_apply = model_fn(0).eval_apply
+  out = []
+  for k in range(len(jax.tree.leaves(params)[0])):
+    p, s = jax.tree.map(lambda a, k=k: a[k], (params, model_state))
+    out.append(np.mean(np.argmax(eval_apply(p, s, x), -1) == y))
+  return np.array(out)
+
+
 def test_shapes_and_seed_determinism():
-  a = retrain.retrain(_mlp, X, Y, EX, EY, num_models=3, seed=0, **RECIPE)
+  # 20 eval images in batches of 8: the last batch is padded, and the
+  # padding (zero images, label 0) must not count.
+  kw = dict(RECIPE, num_models=3, eval_batch_size=8)
+  a = retrain.retrain(_mlp, X, Y, EX, EY, seed=2, **kw)
   assert a.accuracies.shape == (3,) and a.final_losses.shape == (3,)
   assert a.steps == 5 and a.time_s > 0
+  direct = _accuracies(_mlp, a.params, a.model_state, EX, EY)
+  np.testing.assert_allclose(a.accuracies, direct)
+  # The check can tell the eval split from the training set and sees the
+  # padding: some model predicts the padding's label 0 on a zero image.
+  assert not np.allclose(
+    direct, _accuracies(_mlp, a.params, a.model_state, X, Y)
+  )
+  zero = np.zeros((1, *SHAPE), np.float32)
+  assert (_accuracies(_mlp, a.params, a.model_state, zero, 0) == 1).any()
   assert np.isclose(a.mean, a.accuracies.mean())
   assert np.isclose(a.std, a.accuracies.std())
-  assert np.all((a.accuracies >= 0) & (a.accuracies <= 1))
   for leaf in jax.tree.leaves(a.params):
     assert leaf.shape[0] == 3
-  b = retrain.retrain(_mlp, X, Y, EX, EY, num_models=3, seed=0, **RECIPE)
+  b = retrain.retrain(_mlp, X, Y, EX, EY, seed=2, **kw)
   np.testing.assert_array_equal(a.accuracies, b.accuracies)
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
-  c = retrain.retrain(_mlp, X, Y, EX, EY, num_models=3, seed=1, **RECIPE)
+  c = retrain.retrain(_mlp, X, Y, EX, EY, seed=1, **kw)
   diff = jax.tree.map(
     lambda p, q: float(jnp.max(jnp.abs(p - q))), a.params, c.params
   )
@@ -134,24 +154,33 @@ def _reference(
   max_shift,
   learning_rate,
 ):
-  """K sequential single-model runs, written out step by step."""
+  """K sequential single-model runs, written out step by step.
+
+  The keys follow `retrain`'s documented scheme, derived here by hand, and
+  the flip and shift are done in numpy from the same draws.
+  """
   tx = optax.chain(
     optax.add_decayed_weights(weight_decay), optax.adam(learning_rate)
   )
   n = len(x)
   b = min(batch_size, n)
+  key = jax.random.key(seed)
+  init_seeds = jax.random.randint(
+    jax.random.fold_in(key, 0), (num_models,), 0, np.iinfo(np.int32).max
+  )
   out = []
-  for k, s in enumerate(retrain.model_seeds(seed, num_models)):
+  for k, s in enumerate(np.asarray(init_seeds)):
     fm = model_fn(int(s))
     params, state, opt = fm.params, fm.state, tx.init(fm.params)
-    data_key, aug_key = jax.random.split(retrain.model_key(seed, k))
+    model_key = jax.random.fold_in(jax.random.fold_in(key, 1), k)
+    data_key, aug_key = jax.random.split(model_key)
     for t in range(steps):
       epoch, pos = divmod(t, n // b)
       perm = np.asarray(
         jax.random.permutation(jax.random.fold_in(data_key, epoch), n)
       )
       idx = perm[pos * b : (pos + 1) * b]
-      xb = augment.flip_and_translate(
+      xb = _flip_and_shift(
         jax.random.fold_in(aug_key, t), x[idx], flip=flip, max_shift=max_shift
       )
       yb = targets[idx]
@@ -169,6 +198,27 @@ def _reference(
       params = optax.apply_updates(params, upd)
     out.append((params, state))
   return out
+
+
+def _flip_and_shift(key, x, *, flip, max_shift):
+  """`augment.flip_and_translate` in numpy: each image flipped with
+  probability 1/2, then zero-padded by `max_shift` and cropped at a random
+  offset (the draws: the key split in two, a Bernoulli and a randint)."""
+  flip_key, shift_key = jax.random.split(key)
+  x = np.asarray(x)
+  b, h, w, _ = x.shape
+  if flip:
+    flipped = np.asarray(jax.random.bernoulli(flip_key, 0.5, (b,)))
+    x = np.where(flipped[:, None, None, None], x[:, :, ::-1], x)
+  m = max_shift
+  offsets = np.asarray(jax.random.randint(shift_key, (b, 2), 0, 2 * m + 1))
+  padded = np.pad(x, ((0, 0), (m, m), (m, m), (0, 0)))
+  return np.stack(
+    [
+      p[dy : dy + h, dx : dx + w]
+      for p, (dy, dx) in zip(padded, offsets, strict=True)
+    ]
+  )
 
 
 def _close(a, b, *, rtol=1e-4, atol=1e-5, skip=()):
@@ -370,8 +420,17 @@ def tiny_workdir(tmp_path_factory):
   return wd, config, ds
 
 
-def test_run_retrain_stage(tiny_workdir):
+def test_run_retrain_stage(tiny_workdir, monkeypatch):
   wd, config, ds = tiny_workdir
+  # Every retraining the stage runs, with its models.
+  calls, real = [], retrain.retrain
+
+  def recording(model_fn, images, targets, *args, **kwargs):
+    res = real(model_fn, images, targets, *args, **kwargs)
+    calls.append((model_fn, images, res))
+    return res
+
+  monkeypatch.setattr(retrain, "retrain", recording)
   # A selected set as the select stage writes it: real training images,
   # one of them disqualified (left out).
   idx = np.flatnonzero(ds.train["label"] < 3)[:5]
@@ -399,6 +458,19 @@ def test_run_retrain_stage(tiny_workdir):
   assert rows["select"]["num_images"] == 4
   assert rows["random_select"]["per_class"] == rows["select"]["per_class"]
   assert full["eval_split"] == "test"
+  # Every row's accuracies are its models evaluated on the test split (539
+  # images: the last eval batch is padded), and the random rows train on
+  # training images.
+  names = ("dsv", "random_dsv", "select", "random_select")
+  for name, (model_fn, images, res) in zip(names, calls, strict=True):
+    direct = _accuracies(
+      model_fn, res.params, res.model_state, ds.test["image"], ds.test["label"]
+    )
+    np.testing.assert_allclose(rows[name]["accuracies"], direct, err_msg=name)
+    if name.startswith("random"):
+      flat = ds.train["image"].reshape(len(ds.train["image"]), -1)
+      for img in images.reshape(len(images), -1):
+        assert (flat == img).all(axis=1).any(), name
   record = wdir.stage_record(wd, "retrain")
   assert record["config_hash"] == registry.stage_hash(config, wd, "retrain")
   assert record["results"] == summary

@@ -46,20 +46,71 @@ def test_augmentations():
   )
   flipped = augment.random_flip(jax.random.key(2), x, prob=1.0)
   np.testing.assert_array_equal(flipped, x[:, :, ::-1])
-  shifted = augment.random_translate(jax.random.key(3), x, max_shift=2)
-  assert shifted.shape == x.shape
-  # Every output is the input shifted by (dy, dx) in [-2, 2]^2, zero-filled.
+  # Every image is flipped or not, independently: both occur, and another
+  # key flips other images.
+  flips = [_flips(x, augment.random_flip(jax.random.key(k), x)) for k in (2, 3)]
+  assert 0 < flips[0].sum() < 16 and not np.array_equal(*flips)
+
+  # Every output is the input shifted by (dy, dx) in [-2, 2]^2, zero-filled;
+  # the shifts differ between images and between keys, and are not all 0.
+  shifts = [_shifts(x, jax.random.key(k)) for k in (3, 4)]
+  for s in shifts:
+    assert len(set(s)) > 4 and s.count((0, 0)) < 8
+  assert shifts[0] != shifts[1]
+  # Same key, same result.
+  np.testing.assert_array_equal(
+    augment.random_translate(jax.random.key(3), x, max_shift=2),
+    augment.random_translate(jax.random.key(3), x, max_shift=2),
+  )
+
+  # The classifier's augmentation: a flip, then a shift, per image.
+  both = augment.flip_and_translate(
+    jax.random.key(5), x, flip=True, max_shift=1
+  )
+  found = set()
   for i in range(16):
-    matches = []
-    for dy in range(-2, 3):
-      for dx in range(-2, 3):
-        padded = np.pad(np.asarray(x[i]), ((2, 2), (2, 2), (0, 0)))
-        crop = padded[2 + dy : 2 + dy + 6, 2 + dx : 2 + dx + 5]
-        matches.append(np.array_equal(crop, shifted[i]))
-    assert any(matches)
-  # Different keys, different shifts; same key, same result.
-  again = augment.random_translate(jax.random.key(3), x, max_shift=2)
-  np.testing.assert_array_equal(shifted, again)
+    found |= {
+      (f, dy, dx)
+      for f in (0, 1)
+      for dy in range(-1, 2)
+      for dx in range(-1, 2)
+      if np.array_equal(_shift(x[i, :, :: 1 - 2 * f], dy, dx, 1), both[i])
+    }
+  assert {f for f, _, _ in found} == {0, 1}
+  assert len({(dy, dx) for _, dy, dx in found}) > 2
+
+
+def _shift(img, dy, dx, max_shift):
+  """`img` [H, W, C] shifted by (dy, dx), zero-filled (the obvious way)."""
+  h, w = img.shape[:2]
+  m = max_shift
+  padded = np.pad(np.asarray(img), ((m, m), (m, m), (0, 0)))
+  return padded[m + dy : m + dy + h, m + dx : m + dx + w]
+
+
+def _shifts(x, key):
+  """The (dy, dx) `random_translate` drew for every image of `x`."""
+  out = augment.random_translate(key, x, max_shift=2)
+  assert out.shape == x.shape
+  shifts = []
+  for i in range(len(x)):
+    found = [
+      (dy, dx)
+      for dy in range(-2, 3)
+      for dx in range(-2, 3)
+      if np.array_equal(_shift(x[i], dy, dx, 2), out[i])
+    ]
+    assert len(found) == 1, found  # Random normal pixels: one match.
+    shifts.append(found[0])
+  return shifts
+
+
+def _flips(x, out):
+  """bool per image: was it flipped left-right (else left alone)?"""
+  flipped = np.all(np.asarray(out) == np.asarray(x)[:, :, ::-1], axis=(1, 2, 3))
+  kept = np.all(np.asarray(out) == np.asarray(x), axis=(1, 2, 3))
+  assert np.all(flipped ^ kept)
+  return flipped
 
 
 def test_training_learns_and_is_deterministic(digits):
