@@ -135,7 +135,11 @@ MUTATIONS: tuple[Mutation, ...] = (
   Mutation(
     "report: per-class accuracy on the train split (and retrain on train)",
     (
-      (SECTIONS, 'x = ds.test["image"]', 'x = ds.train["image"]'),
+      (
+        SECTIONS,
+        'clf.params, ds.test["image"]).argmax(-1)',
+        'clf.params, ds.train["image"]).argmax(-1)',
+      ),
       (SECTIONS, 'y = ds.test["label"]', 'y = ds.train["label"]'),
       RETRAIN_ON_TRAIN,
     ),
@@ -152,8 +156,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     (
       (
         SYN,
-        "aug, aux_a = kkt_term(xa, lam, active, targets)",
-        "aug, aux_a = kkt_term(xa, lam, None, targets)",
+        "aug, aux_a = kkt_term(params, xa, lam, active, targets)",
+        "aug, aux_a = kkt_term(params, xa, lam, None, targets)",
       ),
     ),
     (f"{T_SYN}::test_active_mask_removes_candidates",),

@@ -56,8 +56,13 @@ def _kwargs(info, **over):
 
 @pytest.fixture(scope="module")
 def synth(model):
-  apply_fn, params, info = model
-  return sz.make_synthesizer(apply_fn, params, **_kwargs(info))
+  apply_fn, _, info = model
+  return sz.make_synthesizer(apply_fn, **_kwargs(info))
+
+
+@pytest.fixture(scope="module")
+def params(model):
+  return model[1]
 
 
 def _x0(n, seed=0):
@@ -67,13 +72,13 @@ def _x0(n, seed=0):
 LABELS = np.arange(8, dtype=np.int32) % C
 
 
-def test_determinism(synth):
+def test_determinism(synth, params):
   key = jax.random.key(1)
-  a = sz.synthesize(synth, key, _x0(8), LABELS, steps=4)
-  b = sz.synthesize(synth, key, _x0(8), LABELS, steps=4)
+  a = sz.synthesize(synth, params, key, _x0(8), LABELS, steps=4)
+  b = sz.synthesize(synth, params, key, _x0(8), LABELS, steps=4)
   np.testing.assert_array_equal(a.x, b.x)
   np.testing.assert_array_equal(a.lambda_param, b.lambda_param)
-  c = sz.synthesize(synth, jax.random.key(2), _x0(8), LABELS, steps=4)
+  c = sz.synthesize(synth, params, jax.random.key(2), _x0(8), LABELS, steps=4)
   assert not np.allclose(a.x, c.x)
   assert int(a.step) == 4
 
@@ -89,15 +94,19 @@ def test_beta_stationarity_changes_the_step_gradients(model):
   def grads(beta):
     synth = sz.make_synthesizer(
       apply_fn,
-      params,
       **_kwargs(
         info, beta_stationarity=beta, beta_primal=0.0, beta_tv=0, beta_norm=0
       ),
     )
-    state = synth.init_fn(jax.random.key(0), x0, LABELS)
-    fn = jax.grad(synth.loss_fn, argnums=(0, 1), has_aux=True)
+    state = synth.init_fn(jax.random.key(0), params, x0, LABELS)
+    fn = jax.grad(synth.loss_fn, argnums=(1, 2), has_aux=True)
     (gx, gl), _ = fn(
-      state.x, state.lambda_param, state.active, LABELS, jax.random.key(1)
+      params,
+      state.x,
+      state.lambda_param,
+      state.active,
+      LABELS,
+      jax.random.key(1),
     )
     return np.asarray(gx), np.asarray(gl)
 
@@ -108,12 +117,12 @@ def test_beta_stationarity_changes_the_step_gradients(model):
   np.testing.assert_allclose(gl3, 3 * gl1, rtol=1e-4, atol=1e-9)
 
 
-def _grad_fn(synth):
+def _grad_fn(synth, params):
   """``(x, lambda_param, active, key) -> (gx, g_lambda, aux)``, jitted."""
-  fn = jax.jit(jax.grad(synth.loss_fn, argnums=(0, 1), has_aux=True))
+  fn = jax.jit(jax.grad(synth.loss_fn, argnums=(1, 2), has_aux=True))
 
   def grads(x, lambda_param, active, key):
-    (gx, gl), aux = fn(x, lambda_param, active, LABELS, key)
+    (gx, gl), aux = fn(params, x, lambda_param, active, LABELS, key)
     return np.asarray(gx), np.asarray(gl), aux
 
   return grads
@@ -139,7 +148,7 @@ def test_loss_is_the_sum_of_its_terms(model):
     lambda_init=(0.5, 1.0),
     augment_fn=aug,
   )
-  synth = sz.make_synthesizer(apply_fn, params, **kw)
+  synth = sz.make_synthesizer(apply_fn, **kw)
   x = jnp.asarray(_x0(len(LABELS)))
   lambda_param = jnp.linspace(-1.0, 1.0, len(LABELS))
   keep = np.arange(len(LABELS)) != 5
@@ -158,7 +167,7 @@ def test_loss_is_the_sum_of_its_terms(model):
     total = clean[0] + eta * augmented[0] + priors
     return total, (clean[0], augmented[0])
 
-  gx, gl, aux = _grad_fn(synth)(x, lambda_param, active, key)
+  gx, gl, aux = _grad_fn(synth, params)(x, lambda_param, active, key)
   xs = np.asarray(x, np.float64)[keep]
   tv = np.mean(
     np.mean(np.diff(xs, axis=1) ** 2, axis=(1, 2, 3))
@@ -180,8 +189,8 @@ def test_loss_is_the_sum_of_its_terms(model):
   close(gl, rl)
   # The stationarity and the augmented terms each move both gradients.
   for off in ({"beta_stationarity": 0.0}, {"eta": 0.0}):
-    other = sz.make_synthesizer(apply_fn, params, **dict(kw, **off))
-    ox, ol, _ = _grad_fn(other)(x, lambda_param, active, key)
+    other = sz.make_synthesizer(apply_fn, **dict(kw, **off))
+    ox, ol, _ = _grad_fn(other, params)(x, lambda_param, active, key)
     assert not np.allclose(ox, gx, rtol=1e-3, atol=1e-6), off
     assert not np.allclose(ol, gl, rtol=1e-3, atol=1e-6), off
 
@@ -193,19 +202,19 @@ def test_steps_use_their_own_key_and_the_optimiser_update(model):
   apply_fn, params = _linear_model()
   tx = optax.adam(0.05)
   synth = sz.make_synthesizer(
-    apply_fn, params, **_kwargs(info, x_tx=tx, dual="softplus")
+    apply_fn, **_kwargs(info, x_tx=tx, dual="softplus")
   )
   key = jax.random.key(6)
-  state = synth.init_fn(jax.random.key(0), _x0(len(LABELS)), LABELS)
+  state = synth.init_fn(jax.random.key(0), params, _x0(len(LABELS)), LABELS)
   step = jax.jit(synth.step_fn)
-  grads = _grad_fn(synth)
+  grads = _grad_fn(synth, params)
   for t in range(2):
     at = (state.x, state.lambda_param, state.active)
     gx, _, want = grads(*at, jax.random.fold_in(key, t))
     _, _, other = grads(*at, key)
     update, _ = tx.update(jnp.asarray(gx), state.opt_x, state.x)
     new_x = np.clip(state.x + update, info.pixel_min, info.pixel_max)
-    state, metrics = step(state, LABELS, key)
+    state, metrics = step(state, params, LABELS, key)
     np.testing.assert_allclose(metrics["kkt_aug"], want["kkt_aug"], rtol=1e-5)
     assert not np.isclose(metrics["kkt_aug"], other["kkt_aug"])
     np.testing.assert_allclose(state.x, new_x, rtol=1e-5, atol=1e-6)
@@ -225,13 +234,13 @@ def test_clipping_is_per_channel():
   )
   lo, hi = info.pixel_min, info.pixel_max
   apply_fn, params = _linear_model(info.image_shape)
-  synth = sz.make_synthesizer(apply_fn, params, **_kwargs(info))
+  synth = sz.make_synthesizer(apply_fn, **_kwargs(info))
   x0 = 10 * np.asarray(
     sz.noise_init(jax.random.key(1), len(LABELS), info.image_shape)
   )
-  state = synth.init_fn(jax.random.key(0), x0, LABELS)
+  state = synth.init_fn(jax.random.key(0), params, x0, LABELS)
   np.testing.assert_array_equal(state.x, np.clip(x0, lo, hi))
-  state, _ = jax.jit(synth.step_fn)(state, LABELS, jax.random.key(2))
+  state, _ = jax.jit(synth.step_fn)(state, params, LABELS, jax.random.key(2))
   x = np.asarray(state.x)
   for ch in range(3):
     assert x[..., ch].min() == lo[ch] and x[..., ch].max() == hi[ch], ch
@@ -252,7 +261,6 @@ def test_norm_prior_pulls_towards_its_center(model):
   d = int(np.prod(SHAPE))
   synth = sz.make_synthesizer(
     apply_fn,
-    params,
     **_kwargs(
       info,
       beta_stationarity=0.0,
@@ -263,25 +271,32 @@ def test_norm_prior_pulls_towards_its_center(model):
       norm_center=c,
     ),
   )
-  state = synth.init_fn(jax.random.key(0), x0, LABELS)
-  gx, _ = jax.grad(synth.loss_fn, has_aux=True)(
-    state.x, state.lambda_param, state.active, LABELS, jax.random.key(1)
+  state = synth.init_fn(jax.random.key(0), params, x0, LABELS)
+  gx, _ = jax.grad(synth.loss_fn, argnums=1, has_aux=True)(
+    params,
+    state.x,
+    state.lambda_param,
+    state.active,
+    LABELS,
+    jax.random.key(1),
   )
   want = 2.0 * (np.asarray(state.x) - c) / (d * len(LABELS))
   np.testing.assert_allclose(gx, want, rtol=1e-4, atol=1e-8)
 
 
-def test_resume_from_checkpoint_equals_uninterrupted(synth, tmp_path):
+def test_resume_from_checkpoint_equals_uninterrupted(synth, params, tmp_path):
   key = jax.random.key(3)
-  full = sz.synthesize(synth, key, _x0(8), LABELS, steps=6)
-  half = sz.synthesize(synth, key, _x0(8), LABELS, steps=3)
+  full = sz.synthesize(synth, params, key, _x0(8), LABELS, steps=6)
+  half = sz.synthesize(synth, params, key, _x0(8), LABELS, steps=3)
   ckptr = checkpoints.RunCheckpointer(tmp_path / "ckpt")
   ckptr.save(3, half, {})
-  target = synth.init_fn(jax.random.key(9), _x0(8), LABELS)
+  target = synth.init_fn(jax.random.key(9), params, _x0(8), LABELS)
   step, restored, _ = ckptr.restore(target)
   ckptr.close()
   assert step == 3
-  resumed = sz.synthesize(synth, key, _x0(8), LABELS, steps=6, state=restored)
+  resumed = sz.synthesize(
+    synth, params, key, _x0(8), LABELS, steps=6, state=restored
+  )
   jax.tree.map(
     lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6),
     resumed,
@@ -291,17 +306,17 @@ def test_resume_from_checkpoint_equals_uninterrupted(synth, tmp_path):
 
 def test_active_mask_removes_candidates(synth, model):
   apply_fn, params, info = model
-  state = synth.init_fn(jax.random.key(0), _x0(8), LABELS)
+  state = synth.init_fn(jax.random.key(0), params, _x0(8), LABELS)
   lam = np.array([1.0, -0.5, 1.0, -0.5, 1.0, 1.0, -0.5, 1.0], np.float32)
   state = state._replace(lambda_param=jnp.asarray(lam))
   step = jax.jit(synth.step_fn, donate_argnums=(0,))
-  state, _ = step(state, LABELS, jax.random.key(0))
+  state, _ = step(state, params, LABELS, jax.random.key(0))
   expected = lam >= 0
   np.testing.assert_array_equal(state.active, expected)
   # Disqualified candidates are frozen from then on ...
   x_before = np.asarray(state.x)
   for _ in range(3):
-    state, metrics = step(state, LABELS, jax.random.key(0))
+    state, metrics = step(state, params, LABELS, jax.random.key(0))
   x_after = np.asarray(state.x)
   np.testing.assert_array_equal(x_after[~expected], x_before[~expected])
   assert not np.allclose(x_after[expected], x_before[expected])
@@ -311,13 +326,13 @@ def test_active_mask_removes_candidates(synth, model):
   # rows changes no other row's augmentation.
   plain = sz.make_synthesizer(
     apply_fn,
-    params,
     **_kwargs(info, eta=2.0, augment_fn=lambda key, x: x[:, :, ::-1]),
   )
   k = jax.random.key(0)
   loss = jax.jit(plain.loss_fn)
-  full, _ = loss(state.x, state.lambda_param, state.active, LABELS, k)
+  full, _ = loss(params, state.x, state.lambda_param, state.active, LABELS, k)
   sub, _ = loss(
+    params,
     state.x[expected],
     state.lambda_param[expected],
     jnp.ones(expected.sum(), bool),
@@ -333,29 +348,30 @@ def test_soft_targets_and_softplus(model):
   np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-6)
   np.testing.assert_allclose(soft[0, 0], 0.4)
   np.testing.assert_allclose(soft[0, 1], 0.6)
-  synth = sz.make_synthesizer(
-    apply_fn, params, **_kwargs(info, dual="softplus")
-  )
+  synth = sz.make_synthesizer(apply_fn, **_kwargs(info, dual="softplus"))
   key = jax.random.key(4)
   # One-hot soft targets are the hard labels.
-  hard = sz.synthesize(synth, key, _x0(8), LABELS, steps=3)
-  onehot = sz.synthesize(synth, key, _x0(8), sz.one_hot(LABELS, C), steps=3)
+  hard = sz.synthesize(synth, params, key, _x0(8), LABELS, steps=3)
+  onehot = sz.synthesize(
+    synth, params, key, _x0(8), sz.one_hot(LABELS, C), steps=3
+  )
   np.testing.assert_allclose(hard.x, onehot.x, rtol=1e-5, atol=1e-5)
   # Soft targets move the candidates elsewhere; softplus keeps lambda > 0
   # and never disqualifies anyone.
-  blended = sz.synthesize(synth, key, _x0(8), soft, steps=3)
+  blended = sz.synthesize(synth, params, key, _x0(8), soft, steps=3)
   assert not np.allclose(blended.x, onehot.x)
   assert (np.asarray(synth.lambdas_fn(blended)) > 0).all()
   assert np.asarray(blended.active).all()
 
 
-def test_sharded_equals_single_device(synth):
+def test_sharded_equals_single_device(synth, params):
   assert len(jax.devices()) >= 4, "conftest should provide 4 CPU devices"
   key = jax.random.key(5)
   out = {}
   for devices in (1, 4):
     state, n, _, _ = synthesis_loop.run_synthesis_loop(
       synth,
+      params,
       key,
       _x0(8),
       LABELS,
@@ -376,9 +392,10 @@ def test_sharded_equals_single_device(synth):
   )
 
 
-def test_padding_rows_stay_inactive(synth):
+def test_padding_rows_stay_inactive(synth, params):
   state, n, _, _ = synthesis_loop.run_synthesis_loop(
     synth,
+    params,
     jax.random.key(6),
     _x0(6),
     LABELS[:6],
@@ -436,25 +453,25 @@ def test_edit_and_interpolate_reach_targets(model):
   assert probs[0, 5] < probs[1, 5] < probs[2, 5]
 
 
-def test_bad_input_errors(synth):
+def test_bad_input_errors(synth, params):
   key = jax.random.key(0)
   x = _x0(8)
   bad = x.copy()
   bad[3, 0, 0, 0] = np.nan
   with pytest.raises(ValueError, match="NaN or Inf in 1 image"):
-    synth.init_fn(key, bad, LABELS)
+    synth.init_fn(key, params, bad, LABELS)
   with pytest.raises(ValueError, match="does not fit the model"):
-    synth.init_fn(key, np.zeros((8, 28, 28, 1), np.float32), LABELS)
+    synth.init_fn(key, params, np.zeros((8, 28, 28, 1), np.float32), LABELS)
   with pytest.raises(ValueError, match=r"must lie in \[0, 10\)"):
-    synth.init_fn(key, x, LABELS + 5)
+    synth.init_fn(key, params, x, LABELS + 5)
   with pytest.raises(ValueError, match="summing to 1"):
-    synth.init_fn(key, x, np.full((8, C), 0.5, np.float32))
+    synth.init_fn(key, params, x, np.full((8, C), 0.5, np.float32))
   with pytest.raises(ValueError, match="do not match the 8 candidates"):
-    synth.init_fn(key, x, LABELS[:7])
+    synth.init_fn(key, params, x, LABELS[:7])
   with pytest.raises(ValueError, match="delta must lie"):
     sz.blend_targets(LABELS, LABELS, 1.5, C)
   with pytest.raises(ValueError, match="dual must be one of"):
-    sz.make_synthesizer(lambda p, x: x, {}, dual="relu")
+    sz.make_synthesizer(lambda p, x: x, dual="relu")
 
 
 def test_model_errors_keep_their_cause():
