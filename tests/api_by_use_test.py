@@ -247,6 +247,14 @@ def test_kkt_as_in_the_readme(model):
   direction = _jax(jax.tree.map(np.ones_like, _host_tree(params)))
 
   g = _reused(kkt.weighted_loss_grad, apply_fn, params, x, labels, lambdas)
+  # A user's own function at the precision the DeepKKT functions use.
+  precise = kkt.full_precision(lambda p, xx: apply_fn(p, xx))
+  np.testing.assert_allclose(
+    _reused(jax.jit(precise), params, x),
+    apply_fn(params, x),
+    rtol=1e-5,
+    atol=1e-6,
+  )
   r = _reused(kkt.stationarity_residual, apply_fn, params, x, labels, lambdas)
   loss = _reused(kkt.stationarity_loss, apply_fn, params, x, labels, lambdas)
   total, aux = _reused(
@@ -512,6 +520,15 @@ def test_synthesis_never_deletes_its_inputs(model):
   new, metrics = _reused(run, params, x0, targets, active)
   assert int(new.step) == 1
   _assert_finite(metrics)
+  # A synthesizer assembled from pure functions (as the baseline does)
+  # gets the same jitted step.
+  rebuilt = synthesize.synthesizer(
+    synth.init_fn, synth.step_fn, synth.lambdas_fn, synth.loss_fn
+  )
+  again, _ = rebuilt.step(
+    synth.init_fn(KEY, params, x0, targets, active), params, targets, KEY
+  )
+  np.testing.assert_allclose(again.x, new.x, rtol=1e-6, atol=1e-6)
 
   edited, lambdas, kept = _reused(
     synthesize.edit,
