@@ -442,6 +442,109 @@ MUTATIONS: tuple[Mutation, ...] = (
       "test_default_convnet_matches_a_reference_computation",
     ),
   ),
+  # Accelerator readiness and hardening (issues 14, 16, 18).
+  Mutation(
+    "synthesis: the loop's step closes over theta again",
+    (
+      (
+        SYN,
+        "    state, metrics = synth.step(state, params, targets, step_key)",
+        "    state, metrics = jax.jit(\n"
+        "      lambda s, t, k: synth.step_fn(s, params, t, k)\n"
+        "    )(state, targets, step_key)",
+      ),
+    ),
+    ("tests/programs_test.py",),
+  ),
+  Mutation(
+    "select: the solver's distance closes over theta*",
+    (
+      (
+        SEL,
+        "  def value_and_dual(g):\n    return value_and_dual_at(params, g)",
+        "  def value_and_dual(g):\n    return jax.jit(lambda gg: "
+        "value_and_dual_at(params, gg))(g)",
+      ),
+    ),
+    ("tests/programs_test.py",),
+  ),
+  Mutation(
+    "select: the device strategy drops the last chunk's padding mask",
+    (
+      (
+        SEL,
+        "    lam[:n] = lambdas\n",
+        "    lam[:n] = lambdas\n    lam[n:] = 1.0\n",
+      ),
+    ),
+    ("tests/programs_test.py",),
+  ),
+  Mutation(
+    "train: the batch is not split over the mesh",
+    (
+      (
+        "dsv_jax/train.py",
+        "    if split is not None:\n      images, labels = "
+        "jax.lax.with_sharding_constraint(",
+        "    if False:\n      images, labels = "
+        "jax.lax.with_sharding_constraint(",
+      ),
+    ),
+    (
+      "tests/train_test.py::test_a_batch_split_over_devices_trains_the_same_model",
+    ),
+  ),
+  Mutation(
+    "retrain: the K models stay on one device",
+    (
+      (
+        RET,
+        '  split = vectorize == "vmap" and num_models % '
+        "parallel.num_shards(mesh) == 0",
+        "  split = False",
+      ),
+    ),
+    (f"{T_RET}::test_models_split_over_devices_equal_one_device",),
+  ),
+  Mutation(
+    "models.predict keeps the padded rows",
+    (
+      (
+        "dsv_jax/models.py",
+        "out.append(np.asarray(_logits(apply_fn, params, x))[:m])",
+        "out.append(np.asarray(_logits(apply_fn, params, x)))",
+      ),
+    ),
+    (
+      "tests/programs_test.py::"
+      "test_predict_compiles_a_few_programs_for_any_number_of_images",
+    ),
+  ),
+  Mutation(
+    "metrics: a resumed run keeps the rows it redoes",
+    (
+      (
+        "dsv_jax/experiment/workdir.py",
+        '_write_rows(path, [r for r in rows if r["step"] < row["step"]])',
+        "_write_rows(path, rows)",
+      ),
+    ),
+    ("tests/experiment_test.py::test_a_resumed_run_logs_each_step_once",),
+  ),
+  Mutation(
+    "checkpoints: every save waits for the disk",
+    (
+      (
+        "dsv_jax/checkpoints.py",
+        "    self._last_saved = step\n",
+        "    self._last_saved = step\n"
+        "    self._manager.wait_until_finished()\n",
+      ),
+    ),
+    (
+      "tests/checkpoints_test.py::test_saves_run_in_the_background_until_close",
+    ),
+  ),
 )
 
 
