@@ -353,28 +353,24 @@ def test_select_as_in_the_readme(model):
   assert jax.tree.structure(rep.mask) == jax.tree.structure(params)
   every = _reused(select.resolve_wrt, "all", apply_fn, params, x, labels)
   assert all(jax.tree.leaves(every.mask))
-  res, res_all = _reused(
-    select.stationarity_residuals,
-    apply_fn,
-    params,
-    x,
-    labels,
-    jnp.asarray(lambdas),
-    mask=rep.mask,
-  )
-  assert np.isfinite(res) and np.isfinite(res_all)
   # The accelerator strategy, chosen by hand on CPU: the same residuals.
   assert select.resolve_strategy("device") == "device"
-  on_device = _reused(
-    select.stationarity_residuals,
-    apply_fn,
-    params,
-    x,
-    labels,
-    jnp.asarray(lambdas),
-    mask=rep.mask,
-    strategy="device",
-  )
+  residuals = {
+    strategy: _reused(
+      select.stationarity_residuals,
+      apply_fn,
+      params,
+      x,
+      labels,
+      jnp.asarray(lambdas),
+      mask=rep.mask,
+      strategy=strategy,
+    )
+    for strategy in ("auto", "device")
+  }
+  res, res_all = residuals["auto"]
+  assert np.isfinite(res) and np.isfinite(res_all)
+  on_device = residuals["device"]
   np.testing.assert_allclose(on_device, (res, res_all), rtol=1e-5)
 
   lambdas, weights = jnp.asarray(lambdas), jnp.asarray(fit.weights)

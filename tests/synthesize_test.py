@@ -99,16 +99,10 @@ def test_beta_stationarity_changes_the_step_gradients(model):
       ),
     )
     state = synth.init_fn(jax.random.key(0), params, x0, LABELS)
-    fn = jax.grad(synth.loss_fn, argnums=(1, 2), has_aux=True)
-    (gx, gl), _ = fn(
-      params,
-      state.x,
-      state.lambda_param,
-      state.active,
-      LABELS,
-      jax.random.key(1),
+    gx, gl, _ = _grad_fn(synth, params)(
+      state.x, state.lambda_param, state.active, jax.random.key(1)
     )
-    return np.asarray(gx), np.asarray(gl)
+    return gx, gl
 
   gx1, gl1 = grads(1.0)
   gx3, gl3 = grads(3.0)
@@ -272,13 +266,8 @@ def test_norm_prior_pulls_towards_its_center(model):
     ),
   )
   state = synth.init_fn(jax.random.key(0), params, x0, LABELS)
-  gx, _ = jax.grad(synth.loss_fn, argnums=1, has_aux=True)(
-    params,
-    state.x,
-    state.lambda_param,
-    state.active,
-    LABELS,
-    jax.random.key(1),
+  gx, _, _ = _grad_fn(synth, params)(
+    state.x, state.lambda_param, state.active, jax.random.key(1)
   )
   want = 2.0 * (np.asarray(state.x) - c) / (d * len(LABELS))
   np.testing.assert_allclose(gx, want, rtol=1e-4, atol=1e-8)
