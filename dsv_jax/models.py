@@ -217,7 +217,7 @@ class ResNet18(nnx.Module):
     return self.head(self.features(x))
 
 
-MODELS = ("convnet", "resnet18", "mlp")
+MODELS = ("convnet", "resnet18", "resnet50", "mlp")
 
 
 def build_model(
@@ -240,6 +240,11 @@ def build_model(
     return ConvNet(c, num_classes, image_size=(h, w), rngs=rngs, **kwargs)
   if name == "resnet18":
     return ResNet18(c, num_classes, rngs=rngs, **kwargs)
+  if name == "resnet50":
+    # torchvision's layout, for pretrained weights (dsv_jax.torch_convert).
+    from dsv_jax.resnet import ResNet50
+
+    return ResNet50(c, num_classes, rngs=rngs, **kwargs)
   if name == "mlp":
     return MLP(h * w * c, num_classes, rngs=rngs, **kwargs)
   raise ValueError(f"Unknown model {name!r}; expected one of {MODELS}.")
