@@ -116,3 +116,15 @@ def test_logits_match_torchvision():
   # float32 round-off over 53 layers, relative to the logits' scale.
   np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
   assert np.abs(out - ref).max() < 1e-3 * ref.std()
+
+
+def test_config_builds_resnet50():
+  from dsv_jax.configs import digits
+  from dsv_jax.experiment import common
+
+  config = digits.get_config("tiny")
+  config.model.name = "resnet50"
+  common.validate_config(config)
+  info = common.load_data(config).info
+  model = common.build_model("resnet50", common.model_kwargs(config), info, 0)
+  assert models.num_params(models.functional(model).params) > 23_000_000

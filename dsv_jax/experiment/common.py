@@ -173,6 +173,8 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {"width": m.width, "depth": m.depth, "norm": m.norm, "pool": m.pool}
   if m.name == "resnet18":
     return {"width": m.width, "norm": m.norm}
+  if m.name == "resnet50":  # torchvision's fixed architecture.
+    return {}
   return {"hidden": (m.width,) * m.depth}
 
 
