@@ -60,8 +60,9 @@ def resnet50_from_torch(
   number of classes (read off ``fc.weight``).
 
   Raises:
-    ValueError: a tensor is missing, left over, or of an unexpected shape
-      (the message names it), e.g. the state_dict is not a ResNet-50's.
+    ValueError: a tensor is missing, left over, or has the wrong number of
+      dimensions (the message names it), e.g. the state_dict is not a
+      ResNet-50's. Sizes within a dimension are not checked here.
   """
   sd = {k: v for k, v in state_dict.items() if "num_batches_tracked" not in k}
   params: dict = {}
