@@ -65,6 +65,7 @@ def class_grid(
   max_per_class: int = 10,
   mark: Any = None,
   title: str = "",
+  classes: Any = None,
 ) -> None:
   """Writes a PNG grid: one row per class, up to `max_per_class` images.
 
@@ -77,20 +78,22 @@ def class_grid(
     mark: optional bool ``[N]``; False images get a red frame (e.g.
       disqualified candidates).
     title: figure title.
+    classes: the classes of the rows, in order (default: every class; a
+      few of ImageNet's 1000, say).
   """
   shown = _to_display(images, info)
   labels = np.asarray(labels)
   mark = None if mark is None else np.asarray(mark)
-  c = info.num_classes
+  rows = range(info.num_classes) if classes is None else list(classes)
   cols = max(1, max_per_class)
-  fig = _figure((0.9 * (cols + 1), 0.9 * c))
-  axes = fig.subplots(c, cols + 1, squeeze=False)
-  for row in range(c):
+  fig = _figure((0.9 * (cols + 1), 0.9 * len(rows)))
+  axes = fig.subplots(len(rows), cols + 1, squeeze=False)
+  for row, cls in enumerate(rows):
     axes[row, 0].axis("off")
     axes[row, 0].text(
-      1.0, 0.5, info.class_names[row], ha="right", va="center", fontsize=7
+      1.0, 0.5, info.class_names[cls], ha="right", va="center", fontsize=7
     )
-    idx = np.flatnonzero(labels == row)[:cols]
+    idx = np.flatnonzero(labels == cls)[:cols]
     for col in range(cols):
       ax = axes[row, col + 1]
       if col < len(idx):

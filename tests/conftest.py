@@ -17,3 +17,24 @@ os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 ).strip()
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+_HAVE_TORCH = all(
+  importlib.util.find_spec(m) is not None for m in ("torch", "torchvision")
+)
+
+
+@pytest.fixture
+def torch_required():
+  """Skips a test without torch/torchvision (the [torch] extra), except
+  where DSV_REQUIRE_TORCH=1 (`.ci/run` sets it): there a missing torch is
+  a failure, so CI can never pass by skipping the torch tests."""
+  if _HAVE_TORCH:
+    return
+  if os.environ.get("DSV_REQUIRE_TORCH") == "1":
+    pytest.fail("DSV_REQUIRE_TORCH=1 but torch/torchvision are not installed.")
+  pytest.skip("torch/torchvision (the [torch] extra) are not installed")

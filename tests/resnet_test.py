@@ -1,30 +1,14 @@
 """ResNet-50 (torchvision layout) and the torchvision converter.
 
-The parity test needs torch and torchvision (the `[torch]` extra). It skips
-without them, except where DSV_REQUIRE_TORCH=1 (`.ci/run` sets it), where
-a missing torch is a failure: CI must never pass by skipping it.
+The parity test needs torch and torchvision (the `[torch]` extra; the
+`torch_required` fixture of conftest).
 """
-
-import importlib.util
-import os
 
 import jax
 import numpy as np
 import pytest
 
 from dsv_jax import models, torch_convert
-
-_HAVE_TORCH = all(
-  importlib.util.find_spec(m) is not None for m in ("torch", "torchvision")
-)
-
-
-def _require_torch():
-  if _HAVE_TORCH:
-    return
-  if os.environ.get("DSV_REQUIRE_TORCH") == "1":
-    pytest.fail("DSV_REQUIRE_TORCH=1 but torch/torchvision are not installed.")
-  pytest.skip("torch/torchvision (the [torch] extra) are not installed")
 
 
 def _model(size=32, classes=1000):
@@ -85,8 +69,8 @@ def test_converter_inverts_the_layout_and_names_bad_input():
     torch_convert.resnet50_from_torch(bad)
 
 
-def test_logits_match_torchvision():
-  _require_torch()
+def test_logits_match_torchvision(torch_required):
+  del torch_required
   import torch
   import torchvision
 

@@ -58,6 +58,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.depth = 3
   c.model.norm = "instance"
   c.model.pool = "avg"
+  # Where the classifier comes from (dsv_jax.experiment.sources): "train"
+  # (the train stage), "torchvision:resnet50[:WEIGHTS]" (pretrained,
+  # converted once into source_cache_dir; "" = ~/.cache/dsv_jax/pretrained)
+  # or "module:function" (your factory of (apply_fn, params, info)).
+  c.model.source = "train"
+  c.model.source_cache_dir = ""
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
@@ -109,6 +115,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.synth.other_dataset = "fashion_mnist"
   c.synth.other_data_dir = ""
   c.synth.num_per_class = 10
+  # Classes to synthesise (and edit): "" = all, or a comma-separated list of
+  # indices or class names (ImageNet: WordNet ids or names, "slug,goldfish").
+  c.synth.classes = ""
+  # Side of the synthesised images; 0 = the classifier's own. A globally
+  # pooled network (the ResNets) takes any size: a small one is a cheap
+  # smoke run of an ImageNet model.
+  c.synth.image_size = 0
+  # Low-resolution start (0: off): lowres_steps steps on lowres_size images,
+  # upsampled (bilinear) before the classifier, then synth.steps at full
+  # size from their upsampling. Coarse structure first, as in
+  # multi-resolution feature visualisation; multipliers restart at full size.
+  c.synth.lowres_size = 0
+  c.synth.lowres_steps = 0
   # > 0: soft targets (1 - delta) y_c + delta y_{c+1} (labels as latents).
   c.synth.delta = 0.0
   c.synth.steps = 300
@@ -216,6 +235,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.edit = ml_collections.ConfigDict()
   c.edit.shift = 1  # One real image per class c, edited to class c + shift.
   c.edit.steps = 200
+  # Edits as "source->target" class pairs, by index or name ("slug->head
+  # cabbage,1->3"); "" = every class of synth.classes to class + shift.
+  c.edit.pairs = ""
 
   c.interpolate = ml_collections.ConfigDict()
   c.interpolate.class_a = 0

@@ -6,6 +6,7 @@ stage is its own module under `stages/`.
 """
 
 import json
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -25,6 +26,7 @@ from dsv_jax import (
   synthesize,
   train,
 )
+from dsv_jax.data import imagenet
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.types import ApplyFn, Params
 
@@ -64,13 +66,20 @@ def synthesis_hash(
   workdir: str,
   sections: tuple[str, ...],
   init: str | None = None,
+  inputs: dict[str, str | None] | None = None,
 ) -> str:
   """The hash of a synthesis-like stage from `init`: `sections` under the
-  recipe it runs (`synthesis_recipe`) and the classifier it inverts."""
+  recipe it runs (`synthesis_recipe`), the classifier it inverts and any
+  other `inputs` digests."""
+  from dsv_jax.experiment import sources  # It imports this module.
+
   return wd.config_hash(
     synthesis_recipe(config, init),
     sections,
-    {"classifier": wd.classifier_digest(config.synth.classifier or workdir)},
+    {
+      "classifier": sources.classifier_digest(config, workdir),
+      **(inputs or {}),
+    },
   )
 
 
@@ -119,6 +128,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     f"{config.train.lr_schedule!r} is not one of {train.SCHEDULES}.",
   )
   need(config.data.max_train >= 0, "data.max_train", "must be >= 0.")
+  from dsv_jax.experiment import sources  # It imports this module.
+
+  sources.parse(config.model.source)  # Raises, naming the key.
   if "synth" in config:
     sy, k = config.synth, config.kkt
     need(sy.init in INITS, "synth.init", f"{sy.init!r} not in {INITS}.")
@@ -134,8 +146,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
     for key in ("num_per_class", "steps", "log_every"):
       need(sy[key] >= 1, f"synth.{key}", "must be >= 1.")
-    for key in ("ckpt_every", "num_devices"):
+    for key in ("ckpt_every", "num_devices", "image_size"):
       need(sy[key] >= 0, f"synth.{key}", "must be >= 0.")
+    for key in ("lowres_size", "lowres_steps"):
+      need(sy[key] >= 0, f"synth.{key}", "must be >= 0 (0: off).")
+    need(
+      (sy.lowres_size > 0) == (sy.lowres_steps > 0),
+      "synth.lowres_steps",
+      "synth.lowres_size and synth.lowres_steps are set together.",
+    )
     for key in ("lr_x", "lr_lambda"):
       need(sy[key] > 0, f"synth.{key}", "must be > 0.")
     for key in ("image_steps", "image_lr_x"):
@@ -164,6 +183,72 @@ def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
     seed=config.seed,
     max_train=config.data.max_train or None,
   )
+
+
+def _data_key(config: ml_collections.ConfigDict) -> str:
+  # What `load_data` depends on: per-process caches of data are keyed so.
+  return json.dumps(
+    {"data": config.data.to_dict(), "seed": config.seed},
+    sort_keys=True,
+    default=str,
+  )
+
+
+def try_load_data(config: ml_collections.ConfigDict) -> data.Dataset | None:
+  """`load_data`, or None (logged once) when the data is not on this
+  machine: a classifier from elsewhere (`model.source`) may come without
+  its training set."""
+  key = _data_key(config)
+  if key not in _TRIED_DATA:
+    # One entry: stage hashes and runs of one config ask repeatedly.
+    _TRIED_DATA.clear()
+    try:
+      _TRIED_DATA[key] = load_data(config)
+    except FileNotFoundError as e:
+      logging.info("No %s data here: %s", config.data.name, e)
+      _TRIED_DATA[key] = None
+  return _TRIED_DATA[key]
+
+
+_TRIED_DATA: dict[str, data.Dataset | None] = {}
+
+
+def skipped(stage: str, reason: str) -> dict[str, str]:
+  """The results of a stage that cannot run here, logged in one line."""
+  logging.warning("Stage %s skipped: %s", stage, reason)
+  return {"skipped": reason}
+
+
+def resolve_classes(spec: str, info: data.DatasetInfo, key: str) -> np.ndarray:
+  """int32 class indices of a comma-separated list of indices or names.
+
+  ImageNet classes are also named by WordNet id, and by name ignoring case
+  where that is unambiguous (`data.imagenet.class_index`); other datasets
+  by index or exact class name. "" means every class.
+
+  Raises:
+    ValueError: an unknown class, naming the config `key`.
+  """
+  items = [t.strip() for t in spec.split(",") if t.strip()]
+  if not items:
+    return np.arange(info.num_classes, dtype=np.int32)
+  out = []
+  for item in items:
+    try:
+      if info.name == imagenet.NAME:
+        out.append(imagenet.class_index(item))
+      elif item.isdigit() and int(item) < info.num_classes:
+        out.append(int(item))
+      elif item in info.class_names:
+        out.append(info.class_names.index(item))
+      else:
+        raise ValueError(
+          f"{item!r} is no class index in [0, {info.num_classes}) or name "
+          f"of {info.name} (e.g. {info.class_names[:3]})"
+        )
+    except ValueError as e:
+      raise ValueError(f"Config key {key}: {e}") from e
+  return np.asarray(out, np.int32)
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -229,9 +314,11 @@ def load_classifier(path: str) -> Classifier:
 def classifier_for(
   config: ml_collections.ConfigDict, workdir: str, section: str = "synth"
 ) -> Classifier:
-  """The classifier a stage inverts: `config.<section>.classifier`, or the
-  workdir's own."""
-  return load_classifier(config[section].classifier or workdir)
+  """The classifier a stage inverts or explains (`sources.classifier_for`:
+  `config.<section>.classifier`, `model.source`, or the workdir's own)."""
+  from dsv_jax.experiment import sources  # It imports this module.
+
+  return sources.classifier_for(config, workdir, section)
 
 
 def optimizer(name: str, lr: float) -> optax.GradientTransformation:
@@ -280,7 +367,9 @@ def initial_candidates(config, clf, key):
   """(x0, targets, source, source_index) of the synthesize stage."""
   sy, info = config.synth, clf.info
   c = info.num_classes
-  labels = synthesize.class_targets(sy.num_per_class, c)
+  labels = np.repeat(
+    resolve_classes(sy.classes, info, "synth.classes"), sy.num_per_class
+  )
   n = len(labels)
   init_key = jax.random.fold_in(key, 2)
   if sy.init == "noise":
@@ -311,10 +400,48 @@ def initial_candidates(config, clf, key):
   return np.asarray(x0, np.float32), targets, source, index
 
 
-def real_images(config, labels, key):
-  """Real training images of `labels` (one per entry), drawn with `key`."""
-  ds = load_data(config)
-  return synthesize.real_init(key, ds.train, labels)
+def start_images(config, workdir, labels, key):
+  """``(images, source_index, start)``: one starting image per label.
+
+  Real training images drawn with `key` (``start == "real"``) where the
+  data is here; otherwise (a classifier from elsewhere without its data)
+  DSVs of those classes from the workdir's synthesize stage (``"dsv"``,
+  `source_index` their row there).
+
+  Raises:
+    FileNotFoundError: neither is available (the message says what to run).
+  """
+  ds = try_load_data(config)
+  if ds is not None:
+    return (*synthesize.real_init(key, ds.train, labels), "real")
+  path = os.path.join(workdir, "synthesize")
+  if not os.path.exists(os.path.join(path, artifacts.NPZ)):
+    raise FileNotFoundError(
+      f"No {config.data.name} images here to start from, and no DSVs in "
+      f"{path}: run --stage=synthesize first (it needs no data)."
+    )
+  dsv, _ = artifacts.load_dsv(path)
+  dsv_labels = np.asarray(synthesize.target_labels(dsv.targets))
+  index = []
+  for c in np.asarray(labels):
+    rows = np.flatnonzero((dsv_labels == c) & dsv.active)
+    if not len(rows):
+      raise FileNotFoundError(
+        f"The synthesize stage's DSVs in {path} have no surviving one of "
+        f"class {int(c)}; synthesise that class (synth.classes) first."
+      )
+    index.append(rows[0])
+  index = np.asarray(index, np.int32)
+  return np.asarray(dsv.images[index], np.float32), index, "dsv"
+
+
+def start_digest(config, workdir) -> dict[str, str | None]:
+  """Hash inputs of `start_images`: none when it draws real images (as
+  before there was a fallback), the synthesize record when it starts from
+  those DSVs."""
+  if try_load_data(config) is not None:
+    return {}
+  return {"start": "dsv", "synthesize": wd.record_digest(workdir, "synthesize")}
 
 
 # Classical judges fitted per training split (data config and seed name
@@ -327,11 +454,7 @@ def classical_judges(
   config: ml_collections.ConfigDict, ds: data.Dataset
 ) -> dict[str, Any]:
   """`judges.fit_classical` on `ds` (= `load_data(config)`), cached."""
-  key = json.dumps(
-    {"data": config.data.to_dict(), "seed": config.seed},
-    sort_keys=True,
-    default=str,
-  )
+  key = _data_key(config)
   if key not in _CLASSICAL_JUDGES:
     _CLASSICAL_JUDGES[key] = judges.fit_classical(
       ds.train["image"], ds.train["label"], ds.info
@@ -352,10 +475,8 @@ def judge_dsvs(
   the validation images (``*_real``). Empty when the training data is not
   available (a classifier from elsewhere): the judges need real data.
   """
-  try:
-    ds = load_data(config)
-  except FileNotFoundError as e:
-    logging.info("No training data for the classical judges: %s", e)
+  ds = try_load_data(config)
+  if ds is None:
     return {}
   fm = clf.functional
   agreement = judges.classical_agreement(
@@ -369,7 +490,9 @@ def judge_dsvs(
     ds.info,
     reference_images=ds.validation["image"],
     reference_labels=ds.validation["label"],
-    features_fn=lambda xs: coreset.features_of(
+    features_fn=None
+    if fm.eval_features is None
+    else lambda xs: coreset.features_of(
       lambda p, xx: fm.eval_features(p, fm.state, xx), clf.params, xs
     ),
   )
@@ -440,7 +563,11 @@ __all__ = [
   "load_data",
   "model_kwargs",
   "optimizer",
-  "real_images",
+  "resolve_classes",
+  "skipped",
+  "start_digest",
+  "start_images",
+  "try_load_data",
   "save_described_dsv",
   "synth_kwargs",
   "synthesis_hash",

@@ -36,6 +36,23 @@ def state_shardings(init_fn: Callable, x0p, tp, valid, key, mesh):
   )
 
 
+def resize(x, shape) -> jax.Array:
+  """Images ``[B, h, w, C]`` resized (bilinear, antialiased) to ``shape``
+  ``(H, W, C)``."""
+  return jax.image.resize(x, (x.shape[0], *shape), "bilinear")
+
+
+def upsampling(apply_fn: Callable, shape) -> Callable:
+  """``apply_fn`` on images upsampled to the classifier's ``shape`` first:
+  the classifier of a low-resolution phase, differentiable in the small
+  images."""
+
+  def apply_low(params, x):
+    return apply_fn(params, resize(x, shape))
+
+  return apply_low
+
+
 def run_synthesis_loop(
   synth: synthesize.Synthesizer,
   params,
@@ -134,4 +151,4 @@ def run_synthesis_loop(
   return state, n, resumed, rows
 
 
-__all__ = ["run_synthesis_loop", "state_shardings"]
+__all__ = ["resize", "run_synthesis_loop", "state_shardings", "upsampling"]

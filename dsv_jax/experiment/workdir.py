@@ -44,7 +44,11 @@ PROGRESS_KEYS = ("log_every", "ckpt_every", "eval_every")
 # Paths to a classifier: the hash takes its content instead
 # (`classifier_digest`), so a workdir copied or moved elsewhere keeps its
 # hashes and every finished stage and sub-run.
-LOCATION_KEYS = (("synth", "classifier"), ("select", "classifier"))
+LOCATION_KEYS = (
+  ("synth", "classifier"),
+  ("select", "classifier"),
+  ("model", "source_cache_dir"),
+)
 
 # Options added after runs existed, at the value that reproduces the
 # behaviour from before them: left out of the hashes at that value, so a
@@ -56,6 +60,13 @@ NEUTRAL_DEFAULTS = {
   ("synth", "image_steps"): 0,
   ("synth", "image_lr_x"): 0.0,
   ("synth", "image_priors"): True,
+  # Classifiers from elsewhere, class subsets, other sizes (issue 19).
+  ("model", "source"): "train",
+  ("synth", "classes"): "",
+  ("synth", "image_size"): 0,
+  ("synth", "lowres_size"): 0,
+  ("synth", "lowres_steps"): 0,
+  ("edit", "pairs"): "",
 }
 
 

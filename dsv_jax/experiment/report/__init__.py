@@ -28,7 +28,7 @@ import ml_collections
 from absl import logging
 
 from dsv_jax import data
-from dsv_jax.experiment import common
+from dsv_jax.experiment import common, sources
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.experiment.report.cache import RetrainRows
 from dsv_jax.experiment.report.sections import (
@@ -106,6 +106,16 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   validate_report_config(config)
   workdir = os.path.abspath(workdir)
   digest = stage_hash(config, workdir)
+  if sources.is_external(config):
+    return common.skipped(
+      "report",
+      "its experiments retrain and compare classifiers of this config's "
+      f"recipe against the trained one; model.source={config.model.source}.",
+    )
+  if common.try_load_data(config) is None:
+    return common.skipped(
+      "report", f"it needs the {config.data.name} data, not here."
+    )
   for stage in ("train", "select", "synthesize"):
     if wd.stage_record(workdir, stage) is None:
       raise FileNotFoundError(

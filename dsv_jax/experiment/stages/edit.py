@@ -1,8 +1,10 @@
 """The `edit` stage: one real image per class edited towards another class.
 
 The synthesis objective with hard targets of class ``(c + edit.shift) % C``
-from real images (the image recipe, `common.synthesis_recipe`). Writes
-`edit/strip.png` and `edit/edit.npz`.
+(or the pairs of `edit.pairs`: slug -> head cabbage) from real images, or
+from the synthesize stage's DSVs where the data is not here (the image
+recipe, `common.synthesis_recipe`). Writes `edit/strip.png` and
+`edit/edit.npz`.
 """
 
 import os
@@ -17,17 +19,34 @@ from dsv_jax.experiment import workdir as wd
 
 NAME = "edit"
 SECTIONS = ("seed", "data", "model", "train", "kkt", "synth", "edit")
-UPSTREAM = ("train",)
+UPSTREAM = ("train", "synthesize")
 CKPT_DIRS = ()
 
 
 def stage_hash(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Its sections under the image recipe, and the classifier."""
-  return common.synthesis_hash(config, workdir, SECTIONS, "real")
+  """Its sections under the image recipe, the classifier, and the DSVs it
+  starts from where there is no data (`common.start_digest`)."""
+  return common.synthesis_hash(
+    config, workdir, SECTIONS, "real", common.start_digest(config, workdir)
+  )
+
+
+def _pairs(spec: str, info) -> tuple[np.ndarray, np.ndarray]:
+  """(sources, targets) of `edit.pairs`, "a->b, c->d"."""
+  pairs = [p.split("->") for p in spec.split(",") if p.strip()]
+  if any(len(p) != 2 for p in pairs):
+    raise ValueError(
+      f"Config key edit.pairs: {spec!r} is not a list of 'source->target'."
+    )
+  src, dst = zip(*pairs, strict=True)
+  return (
+    common.resolve_classes(",".join(src), info, "edit.pairs"),
+    common.resolve_classes(",".join(dst), info, "edit.pairs"),
+  )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Edits one real image per class towards class ``(c + shift) % C``.
+  """Edits one image per class towards class ``(c + shift) % C``.
 
   Writes `edit/strip.png` (each original beside its edit, titled with the
   source model's prediction) and `edit/edit.npz`.
@@ -44,9 +63,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   info, ed = clf.info, config.edit
   c = info.num_classes
   key = jax.random.fold_in(jax.random.key(config.seed), 4)
-  src = np.arange(c, dtype=np.int32)
-  images, index = common.real_images(config, src, jax.random.fold_in(key, 2))
-  new = ((src + ed.shift) % c).astype(np.int32)
+  if ed.pairs:
+    src, new = _pairs(ed.pairs, info)
+  else:
+    src = common.resolve_classes(config.synth.classes, info, "synth.classes")
+    new = ((src + ed.shift) % c).astype(np.int32)
+  images, index, start = common.start_images(
+    config, workdir, src, jax.random.fold_in(key, 2)
+  )
   synth = synthesize.make_synthesizer(
     clf.apply_fn, **common.synth_kwargs(config, info)
   )
@@ -75,19 +99,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     both,
     info,
     titles=titles,
-    title=f"editing: class c -> c+{ed.shift} (source-model predictions)",
+    title=(
+      f"editing {'real images' if start == 'real' else 'DSVs'}: class c -> "
+      f"{'edit.pairs' if ed.pairs else f'c+{ed.shift}'} (source-model "
+      "predictions)"
+    ),
   )
   np.savez(
     os.path.join(out_dir, "edit.npz"),
     original=images,
     edited=edited,
     source_index=index,
+    start=start,
     original_label=src,
     target=new,
     prediction=pred_after,
   )
   results = {
     "num_edits": n,
+    "start": start,
     "steps": ed.steps,
     "target_reached": float(np.mean(pred_after == new)),
   }

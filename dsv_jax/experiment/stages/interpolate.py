@@ -1,7 +1,8 @@
 """The `interpolate` stage: soft-label interpolation from class a to b.
 
-One real image of class a optimised towards ``(1 - delta) y_a + delta y_b``
-for a sweep of delta (the image recipe, `common.synthesis_recipe`). Writes
+One real image of class a (a DSV of class a from the synthesize stage where
+the data is not here) optimised towards ``(1 - delta) y_a + delta y_b`` for
+a sweep of delta (the image recipe, `common.synthesis_recipe`). Writes
 `interpolate/strip.png` and `interpolate/interpolate.npz`.
 """
 
@@ -17,13 +18,16 @@ from dsv_jax.experiment import workdir as wd
 
 NAME = "interpolate"
 SECTIONS = ("seed", "data", "model", "train", "kkt", "synth", "interpolate")
-UPSTREAM = ("train",)
+UPSTREAM = ("train", "synthesize")
 CKPT_DIRS = ()
 
 
 def stage_hash(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Its sections under the image recipe, and the classifier."""
-  return common.synthesis_hash(config, workdir, SECTIONS, "real")
+  """Its sections under the image recipe, the classifier, and the DSVs it
+  starts from where there is no data (`common.start_digest`)."""
+  return common.synthesis_hash(
+    config, workdir, SECTIONS, "real", common.start_digest(config, workdir)
+  )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -49,8 +53,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"Config key interpolate.class_a/class_b: must lie in [0, {c})."
     )
   key = jax.random.fold_in(jax.random.key(config.seed), 5)
-  image, index = common.real_images(
-    config, np.array([it.class_a], np.int32), jax.random.fold_in(key, 2)
+  image, index, start = common.start_images(
+    config,
+    workdir,
+    np.array([it.class_a], np.int32),
+    jax.random.fold_in(key, 2),
   )
   deltas = np.linspace(0.0, 1.0, it.num_deltas).astype(np.float32)
   targets = np.asarray(
@@ -101,12 +108,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     targets=targets,
     probs=probs,
     start_index=index,
+    start=start,
   )
   results = {
     "deltas": deltas.tolist(),
     "prob_b": probs[:, it.class_b].tolist(),
     "prob_a": probs[:, it.class_a].tolist(),
     "steps": it.steps,
+    "start": start,
   }
   wd.mark_done(workdir, "interpolate", digest, results)
   return results

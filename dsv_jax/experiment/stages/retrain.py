@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from dsv_jax import artifacts, data, models, retrain, synthesize
-from dsv_jax.experiment import common
+from dsv_jax.experiment import common, sources
 from dsv_jax.experiment import workdir as wd
 
 NAME = "retrain"
@@ -199,7 +199,7 @@ def stage_hash(config: ml_collections.ConfigDict, workdir: str) -> str:
     config,
     SECTIONS,
     {
-      "classifier": wd.classifier_digest(config.synth.classifier or workdir),
+      "classifier": sources.classifier_digest(config, workdir),
       "synthesize": wd.record_digest(workdir, "synthesize"),
       "select": wd.record_digest(workdir, "select"),
     },
@@ -223,8 +223,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = os.path.abspath(workdir)
   digest = stage_hash(config, workdir)
   r = config.retrain
+  ds = common.try_load_data(config)
+  if ds is None:
+    return common.skipped(
+      NAME, f"retraining needs the {config.data.name} data, not here."
+    )
   clf = common.classifier_for(config, workdir)
-  ds = common.load_data(config)
   key = jax.random.fold_in(jax.random.key(config.seed), 6)
   sets, sources = {}, {}
   for i, (name, sub) in enumerate(SET_DIRS):

@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 
 from dsv_jax import checkpoints, parallel, select, synthesize, viz
-from dsv_jax.experiment import common
+from dsv_jax.experiment import common, sources
 from dsv_jax.experiment import workdir as wd
 
 NAME = "select"
@@ -49,7 +49,7 @@ def stage_hash(config: ml_collections.ConfigDict, workdir: str) -> str:
   return wd.config_hash(
     config,
     SECTIONS,
-    {"classifier": wd.classifier_digest(config.select.classifier or workdir)},
+    {"classifier": sources.classifier_digest(config, workdir, "select")},
     exclude=_EXTENDABLE,
   )
 
@@ -159,9 +159,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   s = config.select
   workdir = os.path.abspath(workdir)
   digest = stage_hash(config, workdir)
-  clf = common.load_classifier(s.classifier or workdir)
+  ds = common.try_load_data(config)
+  if ds is None:
+    return common.skipped(
+      NAME, f"selection needs the {config.data.name} training set, not here."
+    )
+  clf = common.classifier_for(config, workdir, "select")
   info = clf.info
-  ds = common.load_data(config)
   if ds.info.name != info.name or ds.info.num_classes != info.num_classes:
     raise ValueError(
       f"The classifier was trained on {info.name!r} ({info.num_classes} "

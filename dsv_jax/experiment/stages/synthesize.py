@@ -4,13 +4,16 @@ Candidates start from noise, real images (k-shot) or another data set
 (0-shot) with the recipe of their init (`common.synthesis_recipe`); x and
 lambda are optimised with the DeepKKT objective (Algorithm 1), sharded over
 the devices and resumable from `ckpt/synthesize`. Writes `synthesize/`:
-the DSV set, grid.png, metrics.jsonl and curves.png.
+the DSV set, grid.png, metrics.jsonl and curves.png. Optionally starts with a
+low-resolution phase (`synth.lowres_size`, `ckpt/synthesize_lowres`).
 """
 
+import dataclasses
 import json
 import os
 import time
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -22,7 +25,7 @@ from dsv_jax.experiment import workdir as wd
 NAME = "synthesize"
 SECTIONS = ("seed", "data", "model", "train", "kkt", "synth")
 UPSTREAM = ("train",)
-CKPT_DIRS = ("synthesize",)
+CKPT_DIRS = ("synthesize", "synthesize_lowres")
 
 
 def stage_hash(
@@ -31,6 +34,46 @@ def stage_hash(
   """The hash of a synthesis from `init` (default `synth.init`): the recipe
   it runs (`common.synthesis_recipe`) and the classifier it inverts."""
   return common.synthesis_hash(config, workdir, SECTIONS, init)
+
+
+def _lowres_phase(config, workdir, digest, clf, key, x0, targets, mesh):
+  """`synth.lowres_steps` steps on `synth.lowres_size` images that the
+  classifier sees upsampled; returns them upsampled, the start of the
+  full-resolution phase. Resumable from `ckpt/synthesize_lowres`."""
+  sy, info = config.synth, clf.info
+  low = (sy.lowres_size, sy.lowres_size, info.image_shape[2])
+  # Noise is drawn at the low resolution (downsampling would average it
+  # away); images are downsampled.
+  low_clf = clf._replace(info=dataclasses.replace(info, image_shape=low))
+  x_low = common.initial_candidates(config, low_clf, key)[0]
+  if x_low.shape[1:] != low:
+    x_low = np.asarray(synthesis_loop.resize(x_low, low))
+  synth = synthesize.make_synthesizer(
+    synthesis_loop.upsampling(clf.apply_fn, info.image_shape),
+    **common.synth_kwargs(config, info),
+  )
+  logging.info(
+    "Low-resolution phase: %d steps at %dx%d.", sy.lowres_steps, *low[:2]
+  )
+  ckpt_dir = os.path.join(workdir, "ckpt", "synthesize_lowres")
+  with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
+    wd.check_resumable(ckptr, ckpt_dir, digest, "low-resolution synthesis")
+    state, n, _, _ = synthesis_loop.run_synthesis_loop(
+      synth,
+      clf.params,
+      jax.random.fold_in(key, 5),
+      x_low,
+      targets,
+      steps=sy.lowres_steps,
+      mesh=mesh,
+      checkpointer=ckptr,
+      ckpt_every=sy.ckpt_every,
+      ckpt_meta={"config_hash": digest},
+      log_every=sy.log_every,
+      name="synthesize (low resolution)",
+    )
+  x = synthesis_loop.resize(state.x[:n], info.image_shape)
+  return np.asarray(x, np.float32)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -56,6 +99,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     clf.apply_fn, **common.synth_kwargs(config, info)
   )
   mesh = parallel.make_mesh(sy.num_devices or None)
+  if sy.lowres_size:
+    x0 = _lowres_phase(config, workdir, digest, clf, key, x0, targets, mesh)
   out_dir = os.path.join(workdir, "synthesize")
   os.makedirs(out_dir, exist_ok=True)
   ckpt_dir = os.path.join(workdir, "ckpt", "synthesize")
@@ -115,6 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     info,
     max_per_class=min(sy.num_per_class, 10),
     mark=active,
+    classes=common.resolve_classes(sy.classes, info, "synth.classes"),
     title=(
       f"DSVs ({sy.init} init, {sy.steps} steps, "
       f"{'primal only' if config.kkt.beta_stationarity == 0 else 'DeepKKT'}"
@@ -149,6 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {
     "num_candidates": n,
     "steps": sy.steps,
+    "lowres_steps": sy.lowres_steps,
     "resumed_from_step": resumed,
     "survival": float(active.mean()),
     "num_active": int(active.sum()),

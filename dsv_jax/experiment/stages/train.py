@@ -3,7 +3,8 @@
 Trains `config.model` on `config.data` with `config.train` (resuming from
 `ckpt/train`), runs the finishing phase (full-batch L-BFGS to a stationary
 point, resuming from `ckpt/train_finish`), and writes `classifier/` (Orbax
-arrays + meta.json, swapped in whole) and `train_metrics.jsonl`.
+arrays + meta.json, swapped in whole) and `train_metrics.jsonl`. With a
+classifier from elsewhere (`model.source`, `sources`) it only records that.
 """
 
 import os
@@ -17,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from dsv_jax import checkpoints, models, select, train
-from dsv_jax.experiment import common
+from dsv_jax.experiment import common, sources
 from dsv_jax.experiment import workdir as wd
 
 NAME = "train"
@@ -55,6 +56,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.validate_config(config)
   workdir = os.path.abspath(workdir)
   digest = stage_hash(config, workdir)
+  if sources.is_external(config):
+    # Nothing to train: later stages take the classifier from the source.
+    results = sources.describe(config)
+    logging.info("Classifier from model.source=%s: not training.", results)
+    wd.mark_done(workdir, "train", digest, results)
+    return results
   ds = common.load_data(config)
   logging.info(
     "Data %s: train %d, validation %d, test %d, images %s, %d classes.",
