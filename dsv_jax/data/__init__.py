@@ -19,6 +19,12 @@ Datasets (``name``):
     TFDS image classification dataset with ``image`` and ``label``
     features, read with `tfds.data_source` from data prepared in the
     ArrayRecord format (no TensorFlow needed to read it).
+  * ``imagenet2012``: TFDS's ImageNet-1k (prepared from the manually
+    downloaded ILSVRC2012 tar files), 1000 classes, RGB photos of any size
+    brought to ``image_size`` squared (default 224) by torchvision's
+    evaluation transform (`imagenet.eval_transform`). Read as seeded random
+    subsets only (``max_train`` required); its splits and normalisation
+    differ from the rules below, see `load_dataset`.
 
 Splits. The test split is the dataset's own, except for digits, whose 539
 test images (30%, rounded) are a stratified draw. The validation split is

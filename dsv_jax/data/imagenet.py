@@ -7,10 +7,14 @@ with the package, holds one ``wnid<TAB>readable name`` row per class
 (torchvision's readable names, which are unique). The normalisation is
 the one every torchvision ImageNet model was trained with, kept here and
 nowhere else: images in the package's normalised space, NHWC.
+`eval_transform` is torchvision's evaluation transform (resize the shorter
+side, centre crop) that turns a photo of any size into a model input.
 """
 
 import functools
 import importlib.resources
+
+import numpy as np
 
 from dsv_jax.data.core import DatasetInfo
 
@@ -19,6 +23,13 @@ NUM_CLASSES = 1000
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 DEFAULT_IMAGE_SIZE = 224
+# torchvision's evaluation transform resizes the shorter side to 256 for a
+# 224 crop; other crop sizes keep the ratio.
+RESIZE_RATIO = 256 / 224
+# Records in TFDS imagenet2012's splits (5.x): the ILSVRC2012 train and
+# validation sets.
+TRAIN_SIZE = 1_281_167
+VALIDATION_SIZE = 50_000
 
 
 @functools.cache
@@ -68,6 +79,67 @@ def imagenet_info(image_size: int = DEFAULT_IMAGE_SIZE) -> DatasetInfo:
     std=STD,
     source="tfds",
   )
+
+
+def resize_size(image_size: int = DEFAULT_IMAGE_SIZE) -> int:
+  """Shorter side that `eval_transform` resizes to: ``round(s * 256 / 224)``."""
+  return round(int(image_size) * RESIZE_RATIO)
+
+
+def eval_transform(
+  image: np.ndarray, image_size: int = DEFAULT_IMAGE_SIZE
+) -> np.ndarray:
+  """torchvision's ImageNet evaluation transform on one uint8 RGB image.
+
+  ``Resize(resize_size(image_size))`` then ``CenterCrop(image_size)``:
+  bilinear resize (with PIL's antialiasing) of the shorter side, the longer
+  side scaled and truncated to an integer, then the centred square. These
+  are torchvision's exact rules for PIL images, so a converted torchvision
+  model sees the pixels it was evaluated on.
+
+  Args:
+    image: ``uint8[H, W, 3]`` raw pixels, any ``H`` and ``W``.
+    image_size: side of the square crop.
+
+  Returns:
+    ``uint8[image_size, image_size, 3]``, raw pixels (not normalised).
+
+  Examples:
+    >>> import numpy as np
+    >>> from dsv_jax.data import imagenet
+    >>> photo = np.zeros((375, 500, 3), np.uint8)
+    >>> imagenet.eval_transform(photo, 224).shape
+    (224, 224, 3)
+  """
+  # Imported here: only ImageNet loading needs it. Pillow comes with
+  # matplotlib and is named in pyproject.toml.
+  from PIL import Image
+
+  image = np.asarray(image)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(
+      f"ImageNet images must be uint8 [H, W, 3], got {image.dtype} "
+      f"{image.shape}."
+    )
+  size = int(image_size)
+  if size < 1:
+    raise ValueError(f"image_size must be >= 1, got {image_size}.")
+  height, width = image.shape[:2]
+  short = resize_size(size)
+  # int(), not round(): torchvision truncates the longer side.
+  if width <= height:
+    new_width, new_height = short, int(short * height / width)
+  else:
+    new_width, new_height = int(short * width / height), short
+  resized = np.asarray(
+    Image.fromarray(image).resize(
+      (new_width, new_height), Image.Resampling.BILINEAR
+    )
+  )
+  # torchvision's centre: round half to even of the offset, as Python's round.
+  top = int(round((new_height - size) / 2.0))
+  left = int(round((new_width - size) / 2.0))
+  return resized[top : top + size, left : left + size]
 
 
 def class_index(spec: int | str) -> int:
@@ -125,9 +197,14 @@ __all__ = [
   "MEAN",
   "NAME",
   "NUM_CLASSES",
+  "RESIZE_RATIO",
   "STD",
+  "TRAIN_SIZE",
+  "VALIDATION_SIZE",
   "class_index",
   "class_names",
+  "eval_transform",
   "imagenet_info",
+  "resize_size",
   "wordnet_ids",
 ]

@@ -10,8 +10,8 @@ import os
 
 import numpy as np
 
-from dsv_jax.data import digits, idx, tfds_source
-from dsv_jax.data.core import Dataset, DatasetInfo
+from dsv_jax.data import digits, idx, imagenet, tfds_source
+from dsv_jax.data.core import SPLITS, Dataset, DatasetInfo
 
 # Seed of every fixed split (digits' test split, the validation split carved
 # from train). Fixed so that validation and test sets are the same in every
@@ -43,7 +43,25 @@ _IDX_CLASSES = {"mnist": _DIGIT_CLASSES, "fashion_mnist": FASHION_MNIST_CLASSES}
 
 TFDS_NAMES = ("cifar10", "cifar100", "svhn_cropped")
 TFDS_PREFIX = "tfds:"
-KNOWN_NAMES = ("digits", "mnist", "fashion_mnist", "idx", *TFDS_NAMES)
+KNOWN_NAMES = (
+  "digits",
+  "mnist",
+  "fashion_mnist",
+  "idx",
+  *TFDS_NAMES,
+  imagenet.NAME,
+)
+
+IMAGENET_HOWTO = (
+  "ImageNet needs a manual download: put ILSVRC2012_img_train.tar and "
+  "ILSVRC2012_img_val.tar (from https://image-net.org) in TFDS's manual_dir "
+  "(DIR/downloads/manual), pip install 'dsv_jax[tfds]', run `tfds build "
+  "{name} --file_format=array_record --data_dir DIR`, and pass DIR as "
+  "--config.data.data_dir."
+)
+# Decoded ImageNet photos average about 0.5 MB: 256 per batched read keeps
+# the decoded records alive at once near 100 MB.
+_IMAGENET_READ_CHUNK = 256
 
 _UINT8_MAX = 255
 
@@ -206,6 +224,112 @@ def _load_raw(name: str, data_dir: str | None, split_seed: int):
   )
 
 
+def _imagenet_bytes(num_images: int, image_size: int) -> int:
+  """Memory of `num_images` float32 ImageNet images of `image_size` squared."""
+  return (
+    num_images * image_size * image_size * 3 * np.dtype(np.float32).itemsize
+  )
+
+
+def _imagenet_indices(
+  num_train_records: int,
+  num_test_records: int,
+  *,
+  sizes: dict[str, int],
+  validation_fraction: float,
+  split_seed: int,
+  seed: int,
+) -> dict[str, np.ndarray]:
+  """Which records of TFDS imagenet2012 to decode, drawn before decoding.
+
+  Our train and validation splits come from TFDS's ``train`` split: a
+  random `validation_fraction` of its records, drawn with `split_seed`, is
+  the validation pool (fixed whatever `seed`), the rest the train pool.
+  Random rather than stratified: labels are only known after decoding.
+  Our test split is TFDS's ``validation`` split (ImageNet's test labels are
+  not public). Each split then takes a random subset of `sizes[split]`
+  records (at most the pool) drawn with its own stream of `seed`, so the
+  size of one split does not change the records of another.
+
+  Returns:
+    ``{split: sorted int64 record indices}``; train and validation indices
+    index TFDS's train split and are disjoint, test indices index TFDS's
+    validation split.
+  """
+  held_out = _held_out_size(
+    num_train_records, validation_fraction, what="validation"
+  )
+  order = np.random.default_rng(split_seed).permutation(num_train_records)
+  pools = {
+    "train": order[held_out:],
+    "validation": order[:held_out],
+    "test": np.arange(num_test_records),
+  }
+  indices = {}
+  for stream, split in enumerate(SPLITS):
+    pool = pools[split]
+    rng = np.random.default_rng([seed, stream])
+    size = min(sizes[split], len(pool))
+    indices[split] = np.sort(rng.choice(pool, size, replace=False))
+  return indices
+
+
+def _read_imagenet(source, keys: np.ndarray, info: DatasetInfo):
+  """Decodes records `keys`, applies `eval_transform` and normalises."""
+  size = info.image_shape[0]
+  # Filled record by record so that memory holds the float32 output plus
+  # one chunk of decoded photos, never all the photos at full size.
+  images = np.empty((len(keys), *info.image_shape), np.float32)
+  labels = np.empty(len(keys), np.int32)
+  records = tfds_source.read_records(source, keys, chunk=_IMAGENET_READ_CHUNK)
+  for i, record in enumerate(records):
+    crop = imagenet.eval_transform(record["image"], size)
+    images[i] = info.normalize(crop.astype(np.float32) / np.float32(_UINT8_MAX))
+    labels[i] = record["label"]
+  return {"image": images, "label": labels}
+
+
+def _load_imagenet(
+  *,
+  data_dir: str | None,
+  image_size: int,
+  validation_fraction: float,
+  split_seed: int,
+  seed: int,
+  limits: dict[str, int | None],
+) -> Dataset:
+  """TFDS imagenet2012, subsets only; see `load_dataset`."""
+  info = imagenet.imagenet_info(image_size)
+  default = max(1, round(validation_fraction * limits["train"]))
+  sizes = {s: default if n is None else n for s, n in limits.items()}
+  # Imported here, as in `tfds_source.load_tfds`: it takes about a second.
+  import tensorflow_datasets as tfds
+
+  sources = {
+    split: tfds_source.data_source(
+      tfds, imagenet.NAME, split, data_dir, howto=IMAGENET_HOWTO
+    )
+    for split in ("train", "validation")
+  }
+  indices = _imagenet_indices(
+    len(sources["train"]),
+    len(sources["validation"]),
+    sizes=sizes,
+    validation_fraction=validation_fraction,
+    split_seed=split_seed,
+    seed=seed,
+  )
+  ours = {
+    "train": sources["train"],
+    "validation": sources["train"],
+    "test": sources["validation"],
+  }
+  arrays = {
+    split: _read_imagenet(ours[split], indices[split], info) for split in SPLITS
+  }
+  return Dataset(info=info, **arrays)
+
+
 def load_dataset(
   name: str,
   *,
@@ -217,6 +341,7 @@ def load_dataset(
   max_validation: int | None = None,
   max_test: int | None = None,
   num_classes: int | None = None,
+  image_size: int | None = None,
 ) -> Dataset:
   """Loads a dataset into memory as normalised float32 numpy splits.
 
@@ -226,9 +351,22 @@ def load_dataset(
   training split before any `max_*` subsetting, so they do not depend on
   `seed` or `max_*` either.
 
+  ``imagenet2012`` (also spelled ``tfds:imagenet2012``) differs, because its
+  1.28M photos vary in size and do not fit in memory. Only the records of
+  random subsets, drawn before decoding, are read, so `max_train` is
+  required; `max_validation` and `max_test` default to `validation_fraction`
+  times `max_train` (at least 1). Train and validation come from TFDS's
+  ``train`` split, validation from a pool of `validation_fraction` of its
+  records fixed by `split_seed` and disjoint from train; test is TFDS's
+  ``validation`` split (ImageNet's test labels are not public). Subsets are
+  random, not stratified (labels are unknown before decoding), drawn with
+  `seed`. Each photo goes through `imagenet.eval_transform(image,
+  image_size)` and is normalised with ImageNet's fixed `imagenet.MEAN` and
+  `imagenet.STD`; ``info == imagenet.imagenet_info(image_size)``.
+
   Args:
     name: ``digits``, ``mnist``, ``fashion_mnist``, ``idx``, ``cifar10``,
-      ``cifar100``, ``svhn_cropped`` or ``tfds:<name>``.
+      ``cifar100``, ``svhn_cropped``, ``imagenet2012`` or ``tfds:<name>``.
     data_dir: folder of IDX files (``idx``, ``mnist``, ``fashion_mnist``) or
       TFDS data directory (TFDS names, and ``mnist``/``fashion_mnist`` when
       it holds no IDX files). None: the defaults in the module docstring.
@@ -243,6 +381,9 @@ def load_dataset(
     max_test: same for the test split.
     num_classes: number of classes of an ``idx`` dataset; inferred from the
       labels (largest label + 1) when None. Only valid with ``idx``.
+    image_size: side of the square images of ``imagenet2012``; None: 224.
+      Only valid with ``imagenet2012``: the other datasets' images have a
+      fixed size.
 
   Returns:
     A validated `Dataset`.
@@ -257,6 +398,28 @@ def load_dataset(
     raise ValueError(
       f"num_classes is only for the 'idx' dataset; {name!r} knows its classes."
     )
+  is_imagenet = name.removeprefix(TFDS_PREFIX) == imagenet.NAME
+  if image_size is not None and not is_imagenet:
+    raise ValueError(
+      f"image_size is only for '{imagenet.NAME}'; {name!r} images have a "
+      "fixed size."
+    )
+  if is_imagenet:
+    image_size = (
+      imagenet.DEFAULT_IMAGE_SIZE if image_size is None else image_size
+    )
+    if not isinstance(image_size, numbers.Integral) or image_size < 1:
+      raise ValueError(
+        f"image_size must be a positive integer, got {image_size}."
+      )
+    if not max_train:
+      full = _imagenet_bytes(imagenet.TRAIN_SIZE, image_size) / 1e9
+      example = _imagenet_bytes(10_000, image_size) / 1e9
+      raise ValueError(
+        f"{imagenet.NAME} needs max_train: its {imagenet.TRAIN_SIZE:,} "
+        f"training images would take {full:,.0f} GB as float32 at "
+        f"{image_size}x{image_size} (max_train=10000: {example:.1f} GB)."
+      )
   if not 0 < validation_fraction < 1:
     raise ValueError(
       f"validation_fraction must lie in (0, 1), got {validation_fraction}."
@@ -269,6 +432,15 @@ def load_dataset(
       raise ValueError(
         f"max_{split_name} must be a positive integer, got {limit}."
       )
+  if is_imagenet:
+    return _load_imagenet(
+      data_dir=data_dir,
+      image_size=int(image_size),
+      validation_fraction=validation_fraction,
+      split_seed=split_seed,
+      seed=seed,
+      limits=limits,
+    )
   raw, class_names, source, max_value = _load_raw(name, data_dir, split_seed)
   for split_name, split in raw.items():
     _check_raw(split, name=split_name)

@@ -7,6 +7,9 @@ network access, spends minutes retrying before it fails. Unprepared data
 raises a `FileNotFoundError` that says how to prepare it instead.
 """
 
+from collections.abc import Iterator, Sequence
+from typing import Any
+
 import numpy as np
 
 # Records decoded per `__getitems__` call: large enough for ArrayRecord's
@@ -21,8 +24,19 @@ TFDS_HOWTO = (
 )
 
 
-def _data_source(tfds, name: str, split: str, data_dir: str | None):
-  """`tfds.data_source` that never downloads and explains unprepared data."""
+def data_source(
+  tfds, name: str, split: str, data_dir: str | None, *, howto: str = TFDS_HOWTO
+):
+  """`tfds.data_source` that never downloads and explains unprepared data.
+
+  Args:
+    tfds: the imported `tensorflow_datasets` module.
+    name: TFDS dataset name.
+    split: TFDS split name.
+    data_dir: TFDS data directory (None: TFDS's default).
+    howto: how to prepare the data, with a ``{name}`` field; ends the
+      `FileNotFoundError` message.
+  """
   try:
     return tfds.data_source(
       name, split=split, data_dir=data_dir, download=False
@@ -37,19 +51,30 @@ def _data_source(tfds, name: str, split: str, data_dir: str | None):
     if not builder.is_prepared():
       raise FileNotFoundError(
         f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. "
-        + TFDS_HOWTO.format(name=name)
+        + howto.format(name=name)
       ) from e
     raise
+
+
+def read_records(
+  source, keys: Sequence[int], *, chunk: int = _READ_CHUNK
+) -> Iterator[dict[str, Any]]:
+  """Decodes the records `keys` of a data source, in that order.
+
+  Only these records are read and decoded, `chunk` at a time, so at most
+  `chunk` decoded records are alive while the caller consumes them.
+  """
+  keys = [int(k) for k in keys]
+  for start in range(0, len(keys), chunk):
+    yield from source.__getitems__(keys[start : start + chunk])
 
 
 def _read_all(source, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """Decodes every record of a data source into ``(images, labels)``."""
   images, labels = [], []
-  for start in range(0, len(source), _READ_CHUNK):
-    keys = list(range(start, min(start + _READ_CHUNK, len(source))))
-    for record in source.__getitems__(keys):
-      images.append(record["image"])
-      labels.append(record["label"])
+  for record in read_records(source, range(len(source))):
+    images.append(record["image"])
+    labels.append(record["label"])
   if not images:
     raise ValueError(f"TFDS dataset {name!r} has an empty {split!r} split.")
   shapes = {image.shape for image in images}
@@ -90,7 +115,7 @@ def load_tfds(
   import tensorflow_datasets as tfds
 
   sources = {
-    split: _data_source(tfds, name, split, data_dir)
+    split: data_source(tfds, name, split, data_dir)
     for split in ("train", "test")
   }
   features = sources["train"].dataset_info.features
