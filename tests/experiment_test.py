@@ -228,8 +228,8 @@ def test_cli_user_errors_are_one_line_and_configs_resolve_by_name(tmp_path):
 def test_unknown_config_arg():
   with pytest.raises(ValueError, match="Unknown config arg 'huge'"):
     configs.get_config("digits", "huge")
-  with pytest.raises(ValueError, match="Unknown config 'imagenet'"):
-    configs.get_config("imagenet")
+  with pytest.raises(ValueError, match="Unknown config 'imagenet21k'"):
+    configs.get_config("imagenet21k")
 
 
 @pytest.mark.parametrize("name", configs.CONFIGS)

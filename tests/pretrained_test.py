@@ -139,3 +139,66 @@ def test_download_failure_is_one_clear_error(torch_required, monkeypatch):
   monkeypatch.setattr(_api, "load_state_dict_from_url", offline)
   with pytest.raises(OSError, match="Could not download torchvision resnet50"):
     pretrained.torchvision_state_dict("resnet50", "IMAGENET1K_V1")
+
+
+def test_imagenet_config_has_the_papers_settings():
+  from dsv_jax import configs
+  from dsv_jax.experiment import common, sources
+
+  c = configs.get_config("imagenet")
+  assert (c.kkt.beta_primal, c.kkt.beta_tv, c.kkt.beta_norm) == (2e-5, 40, 1e-6)
+  assert c.kkt.eta == 5
+  sy = c.synth
+  augs = (
+    sy.aug_translate,
+    sy.aug_crop,
+    sy.aug_cutout,
+    sy.aug_flip,
+    sy.aug_noise,
+  )
+  assert augs == (0.125, 0.2, 0.15, 0.5, 0.01)
+  assert sy.num_devices == 0  # Every local device.
+  assert sources.parse(c.model.source)[:2] == ("torchvision", "resnet50")
+  info = imagenet.imagenet_info()
+  classes = common.resolve_classes(sy.classes, info, "synth.classes")
+  assert len(set(classes.tolist())) == 10
+  assert imagenet.class_index("slug") in classes
+  lowres = configs.get_config("imagenet", "lowres").synth
+  assert (lowres.lowres_size, lowres.lowres_steps) == (56, 500)
+  common.validate_config(configs.get_config("imagenet", "lowres"))
+
+
+# About 4 compiles of a ResNet-50 DeepKKT step: minutes on 2 cores. `.ci/run`
+# runs it in its own step (`pytest -m slow`).
+@pytest.mark.slow
+def test_imagenet_tiny_end_to_end_offline(
+  torch_required, net, tmp_path, monkeypatch
+):
+  """`--config imagenet:tiny` without ImageNet or the network: the random
+  torchvision weights stand in for the download; synthesis (with its
+  low-resolution start), the edit and the interpolation run, the stages
+  that need the data skip."""
+  del torch_required
+  from dsv_jax import artifacts, configs
+  from dsv_jax.experiment import registry
+
+  monkeypatch.setattr(
+    pretrained, "torchvision_state_dict", lambda n, w: net.state_dict()
+  )
+  c = configs.get_config("imagenet", "tiny")
+  c.model.source_cache_dir = str(tmp_path / "cache")
+  c.data.data_dir = str(tmp_path / "no_imagenet")
+  workdir = str(tmp_path / "wd")
+  out = registry.run(c, workdir, "all")
+  for stage in ("select", "retrain", "report"):
+    assert "skipped" in out[stage]
+  assert out["synthesize"]["lowres_steps"] == 2
+  dsv, meta = artifacts.load_dsv(os.path.join(workdir, "synthesize"))
+  assert dsv.images.shape == (2, 32, 32, 3)
+  np.testing.assert_array_equal(dsv.targets, [1, 114])  # goldfish, slug.
+  assert np.isfinite(dsv.images).all()
+  ed = np.load(os.path.join(workdir, "edit", "edit.npz"))
+  np.testing.assert_array_equal(
+    ed["target"], [imagenet.class_index("head cabbage")]
+  )
+  assert out["interpolate"]["start"] == "dsv"

@@ -76,9 +76,12 @@ def test_no_data_synthesize_edit_interpolate(tmp_path):
   c.edit.pairs = "1->class5, class3->0"
   c.interpolate.class_a, c.interpolate.class_b = 1, 4
   c.synth.image_size = 12  # A globally pooled net takes any size.
+  c.synth.lowres_size, c.synth.lowres_steps = 6, 2
   workdir = str(tmp_path / "wd")
   out = registry.run(c, workdir, "all")
   assert out["train"] == {"source": c.model.source, "trained": False}
+  assert out["synthesize"]["lowres_steps"] == 2
+  assert os.path.isdir(os.path.join(workdir, "ckpt", "synthesize_lowres"))
   for stage in ("select", "retrain", "report"):
     assert "skipped" in out[stage], stage
     assert not os.path.exists(os.path.join(workdir, "stages", f"{stage}.json"))

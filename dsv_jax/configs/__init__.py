@@ -1,7 +1,8 @@
 """Default experiment configs, importable after `pip install dsv_jax`.
 
 `get_config(name, arg=None)` returns the ml_collections config of a dataset
-(`digits`, `fashion_mnist`, `mnist`, `cifar10`, `cifar100`); the files in the
+(`digits`, `fashion_mnist`, `mnist`, `cifar10`, `cifar100`,
+`imagenet`); the files in the
 repository's top-level `configs/` directory are thin wrappers around these,
 for `--config configs/<name>.py[:arg]` on the command line.
 """
@@ -10,7 +11,14 @@ import importlib
 
 import ml_collections
 
-CONFIGS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100")
+CONFIGS = (
+  "digits",
+  "fashion_mnist",
+  "mnist",
+  "cifar10",
+  "cifar100",
+  "imagenet",
+)
 
 
 def get_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:

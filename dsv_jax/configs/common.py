@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""
   # Stratified subset sizes for quick runs; 0 = the whole split.
   c.data.max_train = 0
+  # Side images of variable size (ImageNet) are resized and centre-cropped
+  # to on reading; 0 = the dataset's default (224 for imagenet2012).
+  c.data.image_size = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "convnet"

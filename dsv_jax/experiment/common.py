@@ -7,7 +7,7 @@ stage is its own module under `stages/`.
 
 import json
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import ml_collections
@@ -18,7 +18,6 @@ from absl import logging
 from dsv_jax import (
   artifacts,
   augment,
-  checkpoints,
   coreset,
   data,
   judges,
@@ -27,8 +26,13 @@ from dsv_jax import (
   train,
 )
 from dsv_jax.data import imagenet
+from dsv_jax.experiment import sources
 from dsv_jax.experiment import workdir as wd
-from dsv_jax.types import ApplyFn, Params
+from dsv_jax.experiment.classifiers import (
+  Classifier,
+  build_model,
+  load_classifier,
+)
 
 INITS = ("noise", "real", "other")
 IMAGE_INITS = ("real", "other")
@@ -71,8 +75,6 @@ def synthesis_hash(
   """The hash of a synthesis-like stage from `init`: `sections` under the
   recipe it runs (`synthesis_recipe`), the classifier it inverts and any
   other `inputs` digests."""
-  from dsv_jax.experiment import sources  # It imports this module.
-
   return wd.config_hash(
     synthesis_recipe(config, init),
     sections,
@@ -128,8 +130,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     f"{config.train.lr_schedule!r} is not one of {train.SCHEDULES}.",
   )
   need(config.data.max_train >= 0, "data.max_train", "must be >= 0.")
-  from dsv_jax.experiment import sources  # It imports this module.
-
+  need(config.data.image_size >= 0, "data.image_size", "must be >= 0.")
   sources.parse(config.model.source)  # Raises, naming the key.
   if "synth" in config:
     sy, k = config.synth, config.kkt
@@ -182,6 +183,10 @@ def load_data(config: ml_collections.ConfigDict) -> data.Dataset:
     data_dir=config.data.data_dir or None,
     seed=config.seed,
     max_train=config.data.max_train or None,
+    # Only ImageNet's images are resized on reading.
+    **(
+      {"image_size": config.data.image_size} if config.data.image_size else {}
+    ),
   )
 
 
@@ -263,61 +268,11 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {"hidden": (m.width,) * m.depth}
 
 
-def build_model(name: str, kwargs: dict, info: data.DatasetInfo, seed: int):
-  """A fresh `models.build_model` for a dataset, keyed by `seed`."""
-  return models.build_model(
-    name,
-    image_shape=info.image_shape,
-    num_classes=info.num_classes,
-    key=jax.random.key(seed),
-    **kwargs,
-  )
-
-
-class Classifier(NamedTuple):
-  """A trained classifier loaded from disk, ready for the DeepKKT code."""
-
-  apply_fn: ApplyFn  # (params, images) -> logits, evaluation mode.
-  params: Params
-  functional: models.FunctionalModel
-  info: data.DatasetInfo
-  meta: dict[str, Any]
-
-
-def load_classifier(path: str) -> Classifier:
-  """Loads a classifier from a workdir or a `classifier/` directory.
-
-  Raises:
-    FileNotFoundError: no classifier there (the message says to run the
-      `train` stage first).
-    ValueError: the stored arrays do not fit the recorded architecture.
-  """
-  path = wd.classifier_dir(path)
-  meta = checkpoints.load_classifier_meta(path)
-  info = data.DatasetInfo.from_dict(meta["dataset"])
-  model = build_model(
-    meta["model"]["name"], meta["model"]["kwargs"], info, meta["seed"]
-  )
-  fm = models.functional(model)
-  arrays = checkpoints.load_classifier_arrays(
-    path, {"params": fm.params, "model_state": fm.state}
-  )
-  fm = fm._replace(params=arrays["params"], state=arrays["model_state"])
-  state = arrays["model_state"]
-
-  def apply_fn(params, x):
-    return fm.eval_apply(params, state, x)
-
-  return Classifier(apply_fn, arrays["params"], fm, info, meta)
-
-
 def classifier_for(
   config: ml_collections.ConfigDict, workdir: str, section: str = "synth"
 ) -> Classifier:
   """The classifier a stage inverts or explains (`sources.classifier_for`:
   `config.<section>.classifier`, `model.source`, or the workdir's own)."""
-  from dsv_jax.experiment import sources  # It imports this module.
-
   return sources.classifier_for(config, workdir, section)
 
 
@@ -428,7 +383,8 @@ def start_images(config, workdir, labels, key):
     if not len(rows):
       raise FileNotFoundError(
         f"The synthesize stage's DSVs in {path} have no surviving one of "
-        f"class {int(c)}; synthesise that class (synth.classes) first."
+        f"class {int(c)} to start from: add it to synth.classes, or pick a "
+        "class they have."
       )
     index.append(rows[0])
   index = np.asarray(index, np.int32)

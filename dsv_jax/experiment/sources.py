@@ -30,8 +30,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dsv_jax import models, pretrained
-from dsv_jax.experiment import common
+from dsv_jax import data, models, pretrained
+from dsv_jax.experiment import classifiers
 from dsv_jax.experiment import workdir as wd
 
 TRAIN = "train"
@@ -39,7 +39,7 @@ TORCHVISION = "torchvision"
 
 # Resolved external classifiers of this process, by source and cache dir:
 # every stage (and every stage hash) of a run asks for the same one.
-_RESOLVED: dict[tuple[str, str], tuple[common.Classifier, str]] = {}
+_RESOLVED: dict[tuple[str, str], tuple[classifiers.Classifier, str]] = {}
 
 
 def parse(source: str) -> tuple[str, str, str]:
@@ -92,7 +92,7 @@ def _from_factory(module: str, function: str, source: str):
     )
   apply_fn, params, info = out[:3]
   features_fn = out[3] if len(out) == 4 else None
-  if not isinstance(info, common.data.DatasetInfo):
+  if not isinstance(info, data.DatasetInfo):
     raise ValueError(
       f"model.source {source!r}: its third value is a "
       f"{type(info).__name__}, not a dsv_jax.data.DatasetInfo."
@@ -116,13 +116,13 @@ def _from_factory(module: str, function: str, source: str):
       None if features_fn is None else (lambda p, s, x: features_fn(p, x))
     ),
   )
-  clf = common.Classifier(apply_fn, params, fm, info, {"source": source})
+  clf = classifiers.Classifier(apply_fn, params, fm, info, {"source": source})
   return clf, wd.array_digest(*jax.tree.leaves(params), extra=source)
 
 
 def external_classifier(
   config: ml_collections.ConfigDict,
-) -> tuple[common.Classifier, str]:
+) -> tuple[classifiers.Classifier, str]:
   """``(classifier, digest)`` of an external `model.source`, once per
   process (a torchvision model is converted on first use)."""
   source = config.model.source.strip()
@@ -133,7 +133,7 @@ def external_classifier(
     if kind == TORCHVISION:
       logging.info("Classifier: torchvision %s (%s weights).", name, detail)
       path = pretrained.ensure_cached(name, weights=detail, cache_dir=cache_dir)
-      clf = common.load_classifier(path)
+      clf = classifiers.load_classifier(path)
       _RESOLVED[key] = clf, wd.classifier_digest(path)
     elif kind == "factory":
       logging.info("Classifier: %s().", source)
@@ -144,8 +144,8 @@ def external_classifier(
 
 
 def _at_size(
-  clf: common.Classifier, config: ml_collections.ConfigDict
-) -> common.Classifier:
+  clf: classifiers.Classifier, config: ml_collections.ConfigDict
+) -> classifiers.Classifier:
   # synth.image_size: synthesise at another resolution than the classifier
   # was trained at (a globally pooled network takes any).
   size = config.synth.image_size
@@ -157,16 +157,16 @@ def _at_size(
 
 def classifier_for(
   config: ml_collections.ConfigDict, workdir: str, section: str = "synth"
-) -> common.Classifier:
+) -> classifiers.Classifier:
   """The classifier a stage inverts or explains: the path in
   ``config.<section>.classifier``, else ``model.source``, else the
   workdir's own."""
   if config[section].classifier:
-    clf = common.load_classifier(config[section].classifier)
+    clf = classifiers.load_classifier(config[section].classifier)
   elif is_external(config):
     clf = external_classifier(config)[0]
   else:
-    clf = common.load_classifier(workdir)
+    clf = classifiers.load_classifier(workdir)
   return _at_size(clf, config) if section == "synth" else clf
 
 

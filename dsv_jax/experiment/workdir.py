@@ -62,6 +62,7 @@ NEUTRAL_DEFAULTS = {
   ("synth", "image_priors"): True,
   # Classifiers from elsewhere, class subsets, other sizes (issue 19).
   ("model", "source"): "train",
+  ("data", "image_size"): 0,
   ("synth", "classes"): "",
   ("synth", "image_size"): 0,
   ("synth", "lowres_size"): 0,

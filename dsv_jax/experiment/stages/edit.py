@@ -100,9 +100,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     info,
     titles=titles,
     title=(
-      f"editing {'real images' if start == 'real' else 'DSVs'}: class c -> "
-      f"{'edit.pairs' if ed.pairs else f'c+{ed.shift}'} (source-model "
-      "predictions)"
+      f"editing {'real images' if start == 'real' else 'DSVs'}: "
+      f"{ed.pairs.replace(',', ', ') if ed.pairs else f'c -> c+{ed.shift}'}"
+      " (source-model predictions)"
     ),
   )
   np.savez(
