@@ -166,16 +166,23 @@ def train_temp_bytes(apply_fn, params, info, n):
   return None if m is None else m.temp_size_in_bytes
 
 
-def step_memory(synth, apply_fn, params, info, n, num_params, compile_s=None):
-  # compile_s: where this N was timed already, jit's cache makes this
-  # compile free, so the first compile time is passed in.
+def step_memory(
+  synth, apply_fn, params, info, n, num_params, compile_s=None, yardstick=True
+):
+  """The compiled step's memory for N; yardstick: also the training grad's.
+
+  compile_s: where this N was timed already, jit's cache makes this compile
+  free, so the first compile's time is passed in.
+  """
   compiled, seconds, _ = compile_step(synth, params, info, n)
   m = compiled.memory_analysis()
   row = {
     "n": n,
     "compile_s": seconds if compile_s is None else compile_s,
     "per_sample_bytes": n * num_params * 4,
-    "train_2n_temp_bytes": train_temp_bytes(apply_fn, params, info, 2 * n),
+    "train_2n_temp_bytes": train_temp_bytes(apply_fn, params, info, 2 * n)
+    if yardstick
+    else None,
   }
   if m is None:  # Some backends do not report it.
     return {**row, "temp_bytes": None, "argument_bytes": None}
