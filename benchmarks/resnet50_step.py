@@ -21,15 +21,16 @@ It reports:
   with the compilation apart;
 * ``memory``: for each --mem_n, XLA's ``memory_analysis()`` of the compiled
   step (compilation only, nothing runs): temporary buffers (activations and
-  intermediates) and arguments (params, state), next to N x P x 4 bytes,
-  what a method built on per-sample gradients would need for G alone, and
-  the temporaries of a training step's gradient (mean cross-entropy w.r.t.
-  params) on the same 2N images the synthesis step evaluates (clean and
-  augmented): the activations of a plain backward pass, the yardstick. The
-  synthesis temporaries grow with N x activations, not with N x P.
+  intermediates) and arguments (params, synthesis state), next to
+  N x P x 4 bytes, what a method built on per-sample gradients would need
+  for G alone, and the temporaries of a training step's gradient (mean
+  cross-entropy w.r.t. params) on the same 2N images the synthesis step
+  evaluates (clean and augmented): the activations of a plain backward
+  pass, the yardstick. The synthesis temporaries grow with N x
+  activations, not with N x P.
 
   python benchmarks/resnet50_step.py                    # the README numbers
-  python benchmarks/resnet50_step.py --quick            # 64x64, ~3 minutes
+  python benchmarks/resnet50_step.py --quick            # 64x64, ~4 minutes
   python benchmarks/resnet50_step.py --mem_n --n 4      # timing only
   python benchmarks/resnet50_step.py --n --mem_n 2 4 8  # memory only
 """
