@@ -21,6 +21,13 @@ call (compilation reported apart), on all local devices:
   (augmentation on, the paper's eta 5).
 * ``retrain``: models x steps per second of `retrain.retrain` (K models,
   vmap, split over the devices).
+* ``resnet50``: the synthesis step of ResNet-50 (torchvision layout,
+  random weights, BatchNorm in inference mode) at 224x224, N = 4 and 16,
+  with the ImageNet recipe of `benchmarks/resnet50_step.py`: seconds per
+  step and XLA's compiled memory (temporaries, arguments) against the
+  N x P x 4 bytes of per-sample gradients. Skipped by --quick: its compile
+  alone takes about a minute on a 2-core CPU (resnet50_step.py --quick is
+  its CPU smoke run).
 """
 
 import argparse
@@ -32,6 +39,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# The ResNet-50 recipe and measurements live in the script next to this
+# one (run as a script, its folder is on sys.path), so both report the
+# same step.
+import resnet50_step
 
 from dsv_jax import augment, kkt, models, retrain, select, synthesize
 
@@ -188,6 +200,29 @@ def bench_retrain(args):
   }
 
 
+def bench_resnet50(args):
+  r50 = resnet50_step.parse_args(["--size", "224", "--steps", "5"])
+  synth, apply_fn, params, info, num_params = resnet50_step.build(r50)
+  out = {"size": r50.size, "num_params": num_params}
+  for n in (4, 16):
+    step = resnet50_step.time_step(synth, params, info, n, r50.steps)
+    # The training-gradient yardstick is left to resnet50_step.py: two more
+    # compiles of ResNet-50 here would cost more than the step itself.
+    mem = resnet50_step.step_memory(
+      synth, apply_fn, params, info, n, num_params, step["compile_s"], False
+    )
+    out[f"n{n}"] = {
+      "s_per_step": step["s_per_step"],
+      "candidate_steps_per_s": step["candidate_steps_per_s"],
+      "compile_s": step["compile_s"],
+      "temp_bytes": mem["temp_bytes"],
+      "argument_bytes": mem["argument_bytes"],
+      "per_sample_bytes": mem["per_sample_bytes"],
+      "finite": step["finite"],
+    }
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="CPU smoke run.")
@@ -227,6 +262,11 @@ def main():
   ):
     result[key] = fn(args)
     print(f"{key}: {result[key]}", flush=True)
+  if quick:
+    result["resnet50"] = {"skipped": "--quick"}
+  else:
+    result["resnet50"] = bench_resnet50(args)
+  print(f"resnet50: {result['resnet50']}", flush=True)
   result["total_s"] = time.perf_counter() - t_start
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
