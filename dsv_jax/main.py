@@ -50,7 +50,8 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config",
   None,
   "A packaged config by name (digits[:tiny], fashion_mnist, mnist, cifar10, "
-  "cifar100) or a config file, e.g. configs/digits.py[:arg].",
+  "cifar100, imagenet[:lowres|:tiny]) or a config file, e.g. "
+  "configs/digits.py[:arg].",
   lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output/resume directory.")

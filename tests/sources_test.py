@@ -128,8 +128,9 @@ def test_edit_without_data_or_dsvs_says_what_to_run(tmp_path):
     registry.run(c, str(tmp_path / "wd"), "edit")
 
 
-def test_factory_with_data_runs_select(tmp_path):
-  """With its data here, selection explains the factory's classifier."""
+def test_factory_with_data_runs_select_and_retrain(tmp_path):
+  """With its data here, selection explains the factory's classifier and
+  retraining measures its DSVs."""
   c = digits.get_config("tiny")
   c.model.source = "byo_classifier:digits_classifier"
   workdir = str(tmp_path / "wd")
@@ -138,3 +139,7 @@ def test_factory_with_data_runs_select(tmp_path):
   sel, _ = artifacts.load_dsv(os.path.join(workdir, "select"))
   assert len(sel.images) == 10 * c.select.num_per_class
   assert np.all(sel.lambdas >= 0)
+  # Retraining trains fresh models of config.model on its DSVs.
+  registry.run(c, workdir, "synthesize")
+  rows = registry.run(c, workdir, "retrain")["retrain"]
+  assert "skipped" not in rows and 0 <= rows["dsv_mean"] <= 1

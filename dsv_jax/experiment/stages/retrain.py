@@ -62,9 +62,21 @@ def validate_retrain_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def model_fn_of(clf: common.Classifier) -> retrain.ModelFn:
-  """``seed -> FunctionalModel``: fresh models of `clf`'s architecture."""
-  name, kwargs = clf.meta["model"]["name"], clf.meta["model"]["kwargs"]
+def model_fn_of(
+  clf: common.Classifier, config: ml_collections.ConfigDict | None = None
+) -> retrain.ModelFn:
+  """``seed -> FunctionalModel``: fresh models of `clf`'s architecture, or
+  of `config.model` for a classifier from a factory (`model.source`),
+  whose architecture dsv_jax does not know."""
+  if "model" in clf.meta:
+    name, kwargs = clf.meta["model"]["name"], clf.meta["model"]["kwargs"]
+  elif config is not None:
+    name, kwargs = config.model.name, common.model_kwargs(config)
+  else:
+    raise ValueError(
+      f"The classifier from {clf.meta.get('source')!r} records no "
+      "architecture to retrain; pass the config naming one (model.name)."
+    )
 
   def model_fn(seed: int) -> models.FunctionalModel:
     return models.functional(common.build_model(name, kwargs, clf.info, seed))
@@ -144,7 +156,7 @@ def retrain_sets(
   """
   r = config.retrain
   split = ds.split(r.eval_split)
-  model_fn = model_fn_of(clf)
+  model_fn = model_fn_of(clf, config)
   rows = {}
   for name, (images, targets) in sets.items():
     per_model = np.ndim(images) == 5
