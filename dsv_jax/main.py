@@ -22,6 +22,19 @@ most of its compilation.
 Expected errors (a config value, missing data, a busy or damaged workdir)
 print one line and exit with status 2; `--verbosity=1` shows the
 traceback.
+
+Multi-process runs (JAX's multi-controller runtime; every process runs the
+same command over one global mesh of all processes' devices):
+  --jax_distributed       connect the processes first; without the three
+                          flags below JAX fills them in where it detects
+                          its environment (Cloud TPU pod slice, SLURM).
+  --coordinator_address   host:port of process 0's coordinator.
+  --num_processes, --process_id
+  --distributed_timeout   seconds before a coordinator that cannot be
+                          reached, or a peer that stopped, fails the run
+                          (one line, status 2) instead of hanging.
+Only process 0 writes records and outputs; every process takes part in
+the Orbax checkpoints.
 """
 
 import os
@@ -31,6 +44,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dsv_jax import distributed
 from dsv_jax.experiment import registry
 from dsv_jax.experiment import workdir as wd
 
@@ -60,6 +74,28 @@ _STAGE = flags.DEFINE_enum(
   [*registry.STAGES, "all"],
   "Stage to run; default: config.stage.",
 )
+_JAX_DISTRIBUTED = flags.DEFINE_bool(
+  "jax_distributed",
+  False,
+  "Connect several processes with jax.distributed.initialize before the "
+  "run (auto-detected on TPU pod slices and SLURM when the three flags "
+  "below are not given).",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0 (--jax_distributed)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Number of processes (--jax_distributed)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "This process's index (--jax_distributed)."
+)
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+  "distributed_timeout",
+  distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
+  "Seconds after which an unreachable coordinator or a silent peer fails "
+  "the run (--jax_distributed).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -83,14 +119,20 @@ def _use_compilation_cache() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _JAX_DISTRIBUTED.value:
+    # Before anything touches a device: the backend must see every process.
+    timeout = _DISTRIBUTED_TIMEOUT.value
+    distributed.initialize(
+      _COORDINATOR.value,
+      _NUM_PROCESSES.value,
+      _PROCESS_ID.value,
+      auto_detect=True,
+      initialization_timeout=timeout,
+      heartbeat_timeout=timeout,
+    )
   _use_compilation_cache()
-  logging.info(
-    "JAX %s, process %d/%d, devices: %s",
-    jax.__version__,
-    jax.process_index(),
-    jax.process_count(),
-    jax.devices(),
-  )
+  distributed.log_topology()
+  logging.info("Devices: %s", jax.devices())
   results = registry.run(_CONFIG.value, _WORKDIR.value, _STAGE.value)
   for stage, res in results.items():
     summary = ", ".join(
@@ -157,8 +199,39 @@ def run_main():
   except _EXPECTED as e:
     if _verbose(argv):
       raise
-    sys.stderr.write(f"dsv: error: {_one_line(e)}\n")
-    sys.exit(2)
+    _fail(_one_line(e))
+  except jax.errors.JaxRuntimeError as e:
+    # A coordinator that cannot be reached or a peer that died surfaces as
+    # a runtime error of the next collective (or of the connection).
+    if not _is_multiprocess(argv) or _verbose(argv):
+      raise
+    _fail(
+      f"distributed run failed on process {_process_index()} (a peer "
+      f"process stopped or the coordinator is unreachable): "
+      f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+    )
+
+
+def _is_multiprocess(argv: list[str]) -> bool:
+  return any(a in ("--jax_distributed", "--jax_distributed=true") for a in argv)
+
+
+def _process_index() -> str:
+  try:
+    return str(jax.process_index())
+  except Exception:  # noqa: BLE001 -- the runtime itself may be gone.
+    return "?"
+
+
+def _fail(message: str) -> None:
+  sys.stderr.write(f"dsv: error: {message}\n")
+  sys.stderr.flush()
+  if distributed.is_initialized():
+    # Exiting normally would run JAX's shutdown barrier, which waits for the
+    # peers (up to its shutdown timeout) when one of them is gone.
+    sys.stdout.flush()
+    os._exit(2)
+  sys.exit(2)
 
 
 if __name__ == "__main__":

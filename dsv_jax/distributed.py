@@ -1,0 +1,145 @@
+"""Several processes, one run: JAX's multi-controller runtime.
+
+Every process runs the same program over a global mesh of all processes'
+devices (`jax.devices()`); `initialize` connects them before anything
+touches a device. Orbax coordinates its own saves and restores (every
+process takes part); everything else a stage writes (records, jsonl,
+npz, PNGs) is written by process 0 alone (`is_primary`, `primary_only`),
+and `barrier` keeps the others from reading it before it exists.
+
+With a single process (no `initialize`) every helper is a no-op, so the
+single-machine code paths are unchanged.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax
+from absl import logging
+
+# A process that stops heartbeating for this long is declared dead and
+# the others fail instead of waiting forever (JAX's default is 100 s).
+DEFAULT_HEARTBEAT_TIMEOUT_S = 60
+# How long a process keeps trying to reach the coordinator at start-up
+# (JAX's default is 300 s).
+DEFAULT_INITIALIZATION_TIMEOUT_S = 120
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  auto_detect: bool = False,
+  initialization_timeout: int = DEFAULT_INITIALIZATION_TIMEOUT_S,
+  heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT_S,
+  shutdown_timeout: int = 30,
+) -> None:
+  """Connects this process to the others (`jax.distributed.initialize`).
+
+  Call before anything touches a device. With `coordinator_address`,
+  `num_processes` and `process_id` all given, those are used; with
+  `auto_detect` and any of them missing, JAX fills them in where it
+  detects its environment (a Cloud TPU pod slice, SLURM, Open MPI), as a
+  bare `jax.distributed.initialize()` does there.
+
+  On CPU the cross-process collectives need an implementation: gloo (the
+  one bundled with jaxlib) is selected unless one was chosen already.
+
+  Raises:
+    ValueError: arguments missing without `auto_detect`, or JAX detected
+      no cluster to fill them in.
+  """
+  given = (coordinator_address, num_processes, process_id)
+  if None in given and not auto_detect:
+    raise ValueError(
+      "--jax_distributed needs --coordinator_address, --num_processes and "
+      "--process_id, or --jax_distributed_auto_detect on a TPU pod slice or "
+      f"under SLURM (got {coordinator_address!r}, {num_processes!r}, "
+      f"{process_id!r})."
+    )
+  if jax.config.jax_cpu_collectives_implementation is None:
+    # Without one, a computation over several processes' CPU devices fails
+    # (jaxlib 0.10 defaults to gloo; older ones had none). Harmless on
+    # accelerators: their collectives do not use it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+    initialization_timeout=initialization_timeout,
+    heartbeat_timeout_seconds=heartbeat_timeout,
+    shutdown_timeout_seconds=shutdown_timeout,
+  )
+
+
+def is_initialized() -> bool:
+  """Whether `initialize` connected this process (JAX's own record)."""
+  return jax.distributed.is_initialized()
+
+
+def is_distributed() -> bool:
+  """Whether more than one process takes part in the run."""
+  return jax.process_count() > 1
+
+
+def is_primary() -> bool:
+  """Whether this is process 0, the one that writes plain files."""
+  return jax.process_index() == 0
+
+
+def primary_only(fn: F) -> F:
+  """`fn` runs on process 0 only; elsewhere the call returns None.
+
+  For writes of plain files (records, jsonl, npz, PNGs): one copy each,
+  never N processes racing on the same path. Never for Orbax saves, in
+  which every process must take part.
+  """
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    if is_primary():
+      return fn(*args, **kwargs)
+    return None
+
+  return wrapper  # type: ignore[return-value]
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `barrier(name)` (no-op alone).
+
+  After process 0 writes a file the others read (a stage record, the
+  metrics a stage plots), so none reads it before it exists.
+  """
+  if is_distributed():
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def describe() -> str:
+  """One line: process index/count and local/global device counts."""
+  return (
+    f"process {jax.process_index()}/{jax.process_count()}, "
+    f"{jax.local_device_count()} local / {jax.device_count()} global "
+    f"{jax.default_backend()} device(s)"
+  )
+
+
+def log_topology() -> None:
+  logging.info("JAX %s: %s.", jax.__version__, describe())
+
+
+__all__ = [
+  "barrier",
+  "describe",
+  "initialize",
+  "is_distributed",
+  "is_initialized",
+  "is_primary",
+  "log_topology",
+  "primary_only",
+]
