@@ -11,7 +11,12 @@ With a single process (no `initialize`) every helper is a no-op, so the
 single-machine code paths are unchanged.
 """
 
+import atexit
 import functools
+import os
+import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -71,9 +76,89 @@ def initialize(
     num_processes=num_processes,
     process_id=process_id,
     initialization_timeout=initialization_timeout,
-    heartbeat_timeout_seconds=heartbeat_timeout,
+    # The runtime's own detection aborts the process (a C++ fatal error
+    # and a core dump); the watchdog below, at half the time, ends it
+    # first with one line and status 2.
+    heartbeat_timeout_seconds=2 * heartbeat_timeout,
     shutdown_timeout_seconds=shutdown_timeout,
   )
+  if jax.process_count() > 1:
+    _start_watchdog(heartbeat_timeout)
+
+
+# Status of a run that a dead peer or coordinator ends.
+PEER_FAILURE_EXIT_STATUS = 2
+_ALIVE_KEY = "dsv_jax/alive/{}"
+
+
+def fail_now(message: str) -> None:
+  """Prints `dsv: error: message` and ends the process with status 2.
+
+  `os._exit`, not `sys.exit`: a normal exit runs JAX's shutdown barrier,
+  which waits (up to its timeout) for peers that may be gone, and a
+  runtime thread cannot raise into the main thread anyway.
+  """
+  sys.stderr.write(f"dsv: error: {message}\n")
+  sys.stderr.flush()
+  sys.stdout.flush()
+  os._exit(PEER_FAILURE_EXIT_STATUS)
+
+
+def _start_watchdog(timeout: float, interval: float = 1.0) -> None:
+  """Ends this process when a peer or the coordinator stops answering.
+
+  A daemon thread bumps this process's counter in the coordinator's
+  key-value store every `interval` seconds and reads the others'. A peer
+  whose counter has not moved for `timeout` seconds (killed, hung, its
+  host gone), or a coordinator that no longer answers, ends the run here
+  with one line (`fail_now`) instead of a hang in the next collective.
+  """
+  # JAX keeps its client private; the public API has no key-value access.
+  from jax._src import distributed as jax_distributed
+
+  client = jax_distributed.global_state.client
+  me, count = jax.process_index(), jax.process_count()
+  stop = threading.Event()
+  # Stopped before JAX's own exit handler shuts the client down
+  # (handlers run last registered first).
+  atexit.register(stop.set)
+
+  def watch():
+    seen = {p: (None, time.monotonic()) for p in range(count) if p != me}
+    beat = 0
+    while not stop.wait(interval):
+      beat += 1
+      try:
+        client.key_value_set(
+          _ALIVE_KEY.format(me), str(beat), allow_overwrite=True
+        )
+        now = time.monotonic()
+        for p, (last, since) in seen.items():
+          try:
+            value = client.key_value_try_get(_ALIVE_KEY.format(p))
+          except jax.errors.JaxRuntimeError:  # No beat from it yet.
+            value = None
+          if value != last:
+            seen[p] = (value, now)
+          elif now - since > timeout and not stop.is_set():
+            fail_now(
+              f"distributed run failed on process {me}: process {p} has "
+              f"not responded for {timeout:.0f} s (it stopped or hangs)."
+            )
+      except Exception as e:  # noqa: BLE001 -- the coordinator is gone.
+        if stop.is_set():
+          return
+        fail_now(
+          f"distributed run failed on process {me}: the coordinator "
+          f"(process 0) does not answer ({_first_line(e)})."
+        )
+
+  threading.Thread(target=watch, name="dsv_jax-watchdog", daemon=True).start()
+
+
+def _first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0] if lines else type(e).__name__
 
 
 def is_initialized() -> bool:
@@ -134,8 +219,10 @@ def log_topology() -> None:
 
 
 __all__ = [
+  "PEER_FAILURE_EXIT_STATUS",
   "barrier",
   "describe",
+  "fail_now",
   "initialize",
   "is_distributed",
   "is_initialized",

@@ -38,6 +38,8 @@ the Orbax checkpoints.
 """
 
 import os
+import signal
+import subprocess
 import sys
 
 import jax
@@ -188,11 +190,56 @@ def _define_jax_flags() -> None:
     jax.config.config_with_absl()
 
 
+# Set in the child that `_supervise` starts.
+_SUPERVISED = "DSV_JAX_SUPERVISED"
+
+
+def _die_with_parent() -> None:
+  # Linux: the child gets SIGKILL when its supervisor dies (killed), so a
+  # killed process of a distributed run never leaves its worker behind.
+  try:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+
+
+def _supervise(argv: list[str]) -> int:
+  """Runs this command in a child process and reports how it ended.
+
+  When a peer of a distributed run dies, the CPU collectives (gloo) and
+  the runtime's own failure detection abort the surviving processes from
+  a C++ thread (SIGABRT): no Python handler runs. The supervisor turns
+  such an end into one line and status 2; the child's own report stays
+  above it on stderr.
+  """
+  cmd = [sys.executable, "-m", "dsv_jax.main", *argv[1:]]
+  child = subprocess.Popen(
+    cmd, env={**os.environ, _SUPERVISED: "1"}, preexec_fn=_die_with_parent
+  )
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda s, _: child.send_signal(s))
+  rc = child.wait()
+  if rc in (0, 1, 2):  # Done, a Python error (traceback shown), or ours.
+    return rc
+  how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}"
+  sys.stderr.write(
+    f"dsv: error: this process of the distributed run ended abnormally "
+    f"({how}): a peer process stopped or the coordinator went away, so "
+    "its collectives failed. Rerun the same command on every process to "
+    "resume.\n"
+  )
+  return 2
+
+
 def run_main():
   """Entry point of the `dsv` console script."""
+  argv = resolve_config_arg(sys.argv)
+  if _is_multiprocess(argv) and not os.environ.get(_SUPERVISED):
+    sys.exit(_supervise(sys.argv))
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(registry.LibraryChatterFilter())
-  argv = resolve_config_arg(sys.argv)
   _define_jax_flags()
   try:
     app.run(main, argv=argv)
@@ -213,7 +260,10 @@ def run_main():
 
 
 def _is_multiprocess(argv: list[str]) -> bool:
-  return any(a in ("--jax_distributed", "--jax_distributed=true") for a in argv)
+  return any(
+    a in ("--jax_distributed", "--jax_distributed=true", "--jax_distributed=1")
+    for a in argv
+  )
 
 
 def _process_index() -> str:
@@ -224,13 +274,9 @@ def _process_index() -> str:
 
 
 def _fail(message: str) -> None:
-  sys.stderr.write(f"dsv: error: {message}\n")
-  sys.stderr.flush()
   if distributed.is_initialized():
-    # Exiting normally would run JAX's shutdown barrier, which waits for the
-    # peers (up to its shutdown timeout) when one of them is gone.
-    sys.stdout.flush()
-    os._exit(2)
+    distributed.fail_now(message)  # Without JAX's shutdown barrier.
+  sys.stderr.write(f"dsv: error: {message}\n")
   sys.exit(2)
 
 
