@@ -14,6 +14,7 @@ single-machine code paths are unchanged.
 import atexit
 import functools
 import os
+import socket
 import sys
 import threading
 import time
@@ -71,6 +72,8 @@ def initialize(
     # (jaxlib 0.10 defaults to gloo; older ones had none). Harmless on
     # accelerators: their collectives do not use it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator_address and process_id:  # Process 0 starts the service.
+    _wait_for_coordinator(coordinator_address, initialization_timeout)
   jax.distributed.initialize(
     coordinator_address=coordinator_address,
     num_processes=num_processes,
@@ -84,6 +87,32 @@ def initialize(
   )
   if jax.process_count() > 1:
     _start_watchdog(heartbeat_timeout)
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+  """Returns once `address` accepts connections; raises after `timeout`.
+
+  The runtime's client aborts the process (a C++ fatal error) when it
+  cannot connect in time; this check fails first, with one line.
+
+  Raises:
+    ConnectionError: nothing listens at `address` within `timeout` s.
+  """
+  host, _, port = address.rpartition(":")
+  host = host.strip("[]")
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=2):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise ConnectionError(
+          f"Cannot reach the coordinator at {address} within {timeout:.0f} s "
+          f"({e.strerror or e}): start process 0 there, or check "
+          "--coordinator_address."
+        ) from e
+      time.sleep(0.5)
 
 
 # Status of a run that a dead peer or coordinator ends.

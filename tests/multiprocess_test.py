@@ -222,3 +222,30 @@ def test_killed_process_fails_the_other_fast(tmp_path, victim):
   last = [ln for ln in out.splitlines() if ln.startswith("dsv: error:")]
   assert last, out[-3000:]
   assert "distributed run" in last[-1], last[-1]
+
+
+def test_an_unreachable_coordinator_fails_in_one_line(tmp_path):
+  port = _free_port()  # Nothing listens there.
+  res = subprocess.run(
+    _cmd(
+      tmp_path / "wd",
+      "train",
+      "--jax_distributed",
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      "--process_id=1",
+      "--distributed_timeout=3",
+    ),
+    cwd=REPO,
+    env=_env(2, str(tmp_path / "cache")),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert res.returncode == 2, res.stderr[-3000:]
+  assert (
+    res.stderr.strip()
+    .splitlines()[-1]
+    .startswith("dsv: error: Cannot reach the coordinator at 127.0.0.1:")
+  ), res.stderr[-3000:]
+  assert not (tmp_path / "wd").exists()  # Nothing written.
