@@ -181,47 +181,67 @@ def test_each_output_written_once(runs):
     assert (multi / path).is_dir(), path
 
 
+def _reader(proc):
+  """Collects `proc`'s output lines in a list, from a thread."""
+  lines = []
+  threading.Thread(
+    target=lambda: lines.extend(proc.stdout), daemon=True
+  ).start()
+  return lines
+
+
+def _wait_for(text, lines, proc, timeout=180):
+  deadline = time.monotonic() + timeout
+  while not any(text in ln for ln in lines):
+    assert proc.poll() is None, "".join(lines)[-3000:]
+    assert time.monotonic() < deadline, "".join(lines)[-3000:]
+    time.sleep(0.2)
+
+
 @pytest.mark.parametrize("victim", [1, 0], ids=["peer", "coordinator"])
 def test_killed_process_fails_the_other_fast(tmp_path, victim):
-  """Killing one process ends the other within the timeout, status 2."""
+  """Killing one process ends the other within the timeout, status 2; a
+  rerun resumes from the checkpoints."""
   timeout_s = 10
+  workdir, cache = tmp_path / "wd", str(tmp_path / "cache")
+  # Still training when killed; checkpoints every 3 steps (tiny config).
+  steps = "--config.train.steps=100000"
   procs = _launch(
-    tmp_path / "wd",
-    "train",
-    str(tmp_path / "cache"),
-    "--config.train.steps=100000",  # Still training when killed.
-    processes=2,
-    devices=2,
-    timeout_s=timeout_s,
+    workdir, "train", cache, steps, processes=2, devices=2, timeout_s=timeout_s
   )
-  victim, survivor = procs[victim], procs[1 - victim]
-  lines = []
-  reader = threading.Thread(
-    target=lambda: lines.extend(survivor.stdout), daemon=True
-  )
-  reader.start()
-  deadline = time.monotonic() + 180
-  while not any("Stage train: starting" in ln for ln in lines):
-    assert survivor.poll() is None, "".join(lines)[-3000:]
-    assert time.monotonic() < deadline, "".join(lines)[-3000:]
-    time.sleep(0.5)
-  time.sleep(3)
-  victim.send_signal(signal.SIGKILL)
-  victim.wait()
+  killed, survivor = procs[victim], procs[1 - victim]
+  lines = _reader(survivor)
+  _reader(killed)  # Never a full pipe.
+  _wait_for("train step 20/", lines, survivor)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
   t0 = time.monotonic()
   try:
     survivor.wait(timeout=3 * timeout_s + 30)
   except subprocess.TimeoutExpired:
     survivor.kill()
     pytest.fail("the surviving process hangs after its peer was killed")
-  reader.join(timeout=10)
   waited = time.monotonic() - t0
+  time.sleep(0.5)  # The reader's last lines.
   out = "".join(lines)
   assert survivor.returncode == 2, out[-3000:]
   assert waited < 3 * timeout_s + 30
   last = [ln for ln in out.splitlines() if ln.startswith("dsv: error:")]
   assert last, out[-3000:]
   assert "distributed run" in last[-1], last[-1]
+  if victim != 1:
+    return
+  # The same command again resumes (then is stopped: 100000 steps).
+  procs = _launch(
+    workdir, "train", cache, steps, processes=2, devices=2, timeout_s=timeout_s
+  )
+  outs = [_reader(p) for p in procs]
+  try:
+    _wait_for("Resumed training from step", outs[0], procs[0])
+  finally:
+    for p in procs:
+      p.send_signal(signal.SIGKILL)
+      p.wait()
 
 
 def test_an_unreachable_coordinator_fails_in_one_line(tmp_path):
