@@ -218,11 +218,22 @@ def _supervise(argv: list[str]) -> int:
   child = subprocess.Popen(
     cmd, env={**os.environ, _SUPERVISED: "1"}, preexec_fn=_die_with_parent
   )
-  for sig in (signal.SIGINT, signal.SIGTERM):
-    signal.signal(sig, lambda s, _: child.send_signal(s))
+  received = []
+
+  def forward(sig, _):
+    received.append(sig)
+    child.send_signal(sig)
+
+  # Ctrl-C reaches the child directly (same process group); a SIGTERM
+  # (scancel, kill) sent to this process alone is passed on.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, forward)
   rc = child.wait()
   if rc in (0, 1, 2):  # Done, a Python error (traceback shown), or ours.
     return rc
+  if rc < 0 and (received or -rc == signal.SIGINT):
+    sys.stderr.write(f"dsv: stopped by {signal.Signals(-rc).name}\n")
+    return 128 - rc
   how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}"
   sys.stderr.write(
     f"dsv: error: this process of the distributed run ended abnormally "
