@@ -62,14 +62,14 @@ def initialize(
   given = (coordinator_address, num_processes, process_id)
   if None in given and not auto_detect:
     raise ValueError(
-      "--jax_distributed needs --coordinator_address, --num_processes and "
-      "--process_id, or --jax_distributed_auto_detect on a TPU pod slice or "
-      f"under SLURM (got {coordinator_address!r}, {num_processes!r}, "
-      f"{process_id!r})."
+      "distributed.initialize needs coordinator_address, num_processes and "
+      "process_id, or auto_detect=True where JAX detects the cluster (TPU "
+      f"pod slice, SLURM); got {coordinator_address!r}, {num_processes!r}, "
+      f"{process_id!r}."
     )
-  if jax.config.jax_cpu_collectives_implementation is None:
+  if jax.config.jax_cpu_collectives_implementation in (None, "none"):
     # Without one, a computation over several processes' CPU devices fails
-    # (jaxlib 0.10 defaults to gloo; older ones had none). Harmless on
+    # (jax 0.10 defaults to gloo; older versions had none). Harmless on
     # accelerators: their collectives do not use it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if coordinator_address and process_id:  # Process 0 starts the service.
@@ -196,13 +196,17 @@ def is_initialized() -> bool:
 
 
 def is_distributed() -> bool:
-  """Whether more than one process takes part in the run."""
-  return jax.process_count() > 1
+  """Whether more than one process takes part in the run.
+
+  False without `initialize`, without touching a device (the helpers
+  below may run before anything else initialises JAX's backends).
+  """
+  return is_initialized() and jax.process_count() > 1
 
 
 def is_primary() -> bool:
   """Whether this is process 0, the one that writes plain files."""
-  return jax.process_index() == 0
+  return not is_initialized() or jax.process_index() == 0
 
 
 def primary_only(fn: F) -> F:
