@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dsv_jax import checks
+from dsv_jax import checks, distributed
 
 SCHEMA_VERSION = 1
 SOURCES = ("noise", "real", "other", "user", "train")
@@ -128,26 +128,31 @@ def save_dsv(
     **(extra or {}),
   }
   meta_json = json.dumps(meta, sort_keys=True)
+  # Several processes: the plain files are written once, by process 0;
+  # every process takes part in the Orbax save.
+  primary = distributed.is_primary()
   tmp = os.path.join(directory, NPZ + ".tmp.npz")
-  np.savez(
-    tmp,
-    **dsv._asdict(),
-    schema_version=np.int32(SCHEMA_VERSION),
-    dataset=np.array(meta["dataset"]),
-    mean=np.asarray(meta["mean"], np.float32),
-    std=np.asarray(meta["std"], np.float32),
-    config_hash=np.array(meta["config_hash"]),
-    meta_json=np.array(meta_json),
-  )
-  os.replace(tmp, os.path.join(directory, NPZ))  # Never half written.
+  if primary:
+    np.savez(
+      tmp,
+      **dsv._asdict(),
+      schema_version=np.int32(SCHEMA_VERSION),
+      dataset=np.array(meta["dataset"]),
+      mean=np.asarray(meta["mean"], np.float32),
+      std=np.asarray(meta["std"], np.float32),
+      config_hash=np.array(meta["config_hash"]),
+      meta_json=np.array(meta_json),
+    )
+    os.replace(tmp, os.path.join(directory, NPZ))  # Never half written.
   arrays = dsv._asdict()
   arrays["source"] = np.array(
     [SOURCES.index(s) for s in dsv.source], np.int32
   ).reshape(dsv.source.shape)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, ORBAX), {"arrays": arrays}, force=True)
-  with open(os.path.join(directory, "dsv_meta.json"), "w") as f:
-    f.write(meta_json)
+  if primary:
+    with open(os.path.join(directory, "dsv_meta.json"), "w") as f:
+      f.write(meta_json)
   return meta
 
 

@@ -18,6 +18,7 @@ import warnings
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -27,6 +28,27 @@ from dsv_jax.types import PyTree
 
 def _abs(path: str | os.PathLike) -> str:
   return os.path.abspath(os.fspath(path))
+
+
+def _orbax_tree(tree: PyTree) -> PyTree:
+  """`tree` as Orbax can save or restore it from every process.
+
+  With several processes, an array on one process's own devices (e.g. a
+  solver's host-side vectors put on device 0) makes Orbax raise "Cannot
+  serialize host local jax.Array": such leaves go as numpy (every process
+  holds the same values; Orbax writes them once). Global arrays, sharded
+  over all processes' devices, stay: each process writes its own shards.
+  Alone, the tree is left as it is.
+  """
+  if jax.process_count() == 1:
+    return tree
+
+  def one(leaf):
+    if isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
+      return np.asarray(leaf)
+    return leaf
+
+  return jax.tree.map(one, tree)
 
 
 class RunCheckpointer:
@@ -66,7 +88,8 @@ class RunCheckpointer:
     saved = self._manager.save(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+        state=ocp.args.StandardSave(_orbax_tree(state)),
+        meta=ocp.args.JsonSave(meta),
       ),
     )
     # CheckpointManager.save returns False instead of raising when it skips.
@@ -154,7 +177,8 @@ class RunCheckpointer:
     restored = self._manager.restore(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        state=ocp.args.StandardRestore(_orbax_tree(target)),
+        meta=ocp.args.JsonRestore(),
       ),
     )
     return restored.state, restored.meta
@@ -261,9 +285,10 @@ def save_classifier(
   path = _abs(path)
   os.makedirs(path, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, _ARRAYS), arrays, force=True)
-  with open(os.path.join(path, _META), "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
+    ckptr.save(os.path.join(path, _ARRAYS), _orbax_tree(arrays), force=True)
+  if jax.process_index() == 0:  # One copy, not one per process.
+    with open(os.path.join(path, _META), "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
 
 
 def load_classifier_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -297,7 +322,7 @@ def load_classifier_arrays(path: str | os.PathLike, target: PyTree) -> PyTree:
   `target` (e.g. a checkpoint of another architecture or width).
   """
   path = _abs(path)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _orbax_tree(target))
   with ocp.StandardCheckpointer() as ckptr:
     try:
       return ckptr.restore(os.path.join(path, _ARRAYS), abstract)

@@ -22,15 +22,31 @@ most of its compilation.
 Expected errors (a config value, missing data, a busy or damaged workdir)
 print one line and exit with status 2; `--verbosity=1` shows the
 traceback.
+
+Multi-process runs (JAX's multi-controller runtime; every process runs the
+same command over one global mesh of all processes' devices):
+  --jax_distributed       connect the processes first; without the three
+                          flags below JAX fills them in where it detects
+                          its environment (Cloud TPU pod slice, SLURM).
+  --coordinator_address   host:port of process 0's coordinator.
+  --num_processes, --process_id
+  --distributed_timeout   seconds before a coordinator that cannot be
+                          reached, or a peer that stopped, fails the run
+                          (one line, status 2) instead of hanging.
+Only process 0 writes records and outputs; every process takes part in
+the Orbax checkpoints.
 """
 
 import os
+import signal
+import subprocess
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dsv_jax import distributed
 from dsv_jax.experiment import registry
 from dsv_jax.experiment import workdir as wd
 
@@ -61,6 +77,28 @@ _STAGE = flags.DEFINE_enum(
   [*registry.STAGES, "all"],
   "Stage to run; default: config.stage.",
 )
+_JAX_DISTRIBUTED = flags.DEFINE_bool(
+  "jax_distributed",
+  False,
+  "Connect several processes with jax.distributed.initialize before the "
+  "run (auto-detected on TPU pod slices and SLURM when the three flags "
+  "below are not given).",
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0 (--jax_distributed)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Number of processes (--jax_distributed)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "This process's index (--jax_distributed)."
+)
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+  "distributed_timeout",
+  distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
+  "Seconds after which an unreachable coordinator or a silent peer fails "
+  "the run (--jax_distributed).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -84,14 +122,20 @@ def _use_compilation_cache() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _JAX_DISTRIBUTED.value:
+    # Before anything touches a device: the backend must see every process.
+    timeout = _DISTRIBUTED_TIMEOUT.value
+    distributed.initialize(
+      _COORDINATOR.value,
+      _NUM_PROCESSES.value,
+      _PROCESS_ID.value,
+      auto_detect=True,
+      initialization_timeout=timeout,
+      heartbeat_timeout=timeout,
+    )
   _use_compilation_cache()
-  logging.info(
-    "JAX %s, process %d/%d, devices: %s",
-    jax.__version__,
-    jax.process_index(),
-    jax.process_count(),
-    jax.devices(),
-  )
+  distributed.log_topology()
+  logging.info("Devices: %s", jax.devices())
   results = registry.run(_CONFIG.value, _WORKDIR.value, _STAGE.value)
   for stage, res in results.items():
     summary = ", ".join(
@@ -147,19 +191,105 @@ def _define_jax_flags() -> None:
     jax.config.config_with_absl()
 
 
+# Set in the child that `_supervise` starts.
+_SUPERVISED = "DSV_JAX_SUPERVISED"
+
+
+def _die_with_parent() -> None:
+  # Linux: the child gets SIGKILL when its supervisor dies (killed), so a
+  # killed process of a distributed run never leaves its worker behind.
+  try:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+
+
+def _supervise(argv: list[str]) -> int:
+  """Runs this command in a child process and reports how it ended.
+
+  When a peer of a distributed run dies, the CPU collectives (gloo) and
+  the runtime's own failure detection abort the surviving processes from
+  a C++ thread (SIGABRT): no Python handler runs. The supervisor turns
+  such an end into one line and status 2; the child's own report stays
+  above it on stderr.
+  """
+  cmd = [sys.executable, "-m", "dsv_jax.main", *argv[1:]]
+  child = subprocess.Popen(
+    cmd, env={**os.environ, _SUPERVISED: "1"}, preexec_fn=_die_with_parent
+  )
+  received = []
+
+  def forward(sig, _):
+    received.append(sig)
+    child.send_signal(sig)
+
+  # Ctrl-C reaches the child directly (same process group); a SIGTERM
+  # (scancel, kill) sent to this process alone is passed on.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, forward)
+  rc = child.wait()
+  if rc in (0, 1, 2):  # Done, a Python error (traceback shown), or ours.
+    return rc
+  if rc < 0 and (received or -rc == signal.SIGINT):
+    sys.stderr.write(f"dsv: stopped by {signal.Signals(-rc).name}\n")
+    return 128 - rc
+  how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}"
+  sys.stderr.write(
+    f"dsv: error: this process of the distributed run ended abnormally "
+    f"({how}): a peer process stopped or the coordinator went away, so "
+    "its collectives failed. Rerun the same command on every process to "
+    "resume.\n"
+  )
+  return 2
+
+
 def run_main():
   """Entry point of the `dsv` console script."""
+  argv = resolve_config_arg(sys.argv)
+  if _is_multiprocess(argv) and not os.environ.get(_SUPERVISED):
+    sys.exit(_supervise(sys.argv))
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(registry.LibraryChatterFilter())
-  argv = resolve_config_arg(sys.argv)
   _define_jax_flags()
   try:
     app.run(main, argv=argv)
   except _EXPECTED as e:
     if _verbose(argv):
       raise
-    sys.stderr.write(f"dsv: error: {_one_line(e)}\n")
-    sys.exit(2)
+    _fail(_one_line(e))
+  except jax.errors.JaxRuntimeError as e:
+    # A coordinator that cannot be reached or a peer that died surfaces as
+    # a runtime error of the next collective (or of the connection).
+    if not _is_multiprocess(argv) or _verbose(argv):
+      raise
+    _fail(
+      f"distributed run failed on process {_process_index()} (a peer "
+      f"process stopped or the coordinator is unreachable): "
+      f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+    )
+
+
+def _is_multiprocess(argv: list[str]) -> bool:
+  return any(
+    a in ("--jax_distributed", "--jax_distributed=true", "--jax_distributed=1")
+    for a in argv
+  )
+
+
+def _process_index() -> str:
+  try:
+    return str(jax.process_index())
+  except Exception:  # noqa: BLE001 -- the runtime itself may be gone.
+    return "?"
+
+
+def _fail(message: str) -> None:
+  if distributed.is_initialized():
+    distributed.fail_now(message)  # Without JAX's shutdown barrier.
+  sys.stderr.write(f"dsv: error: {message}\n")
+  sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dsv_jax.types import PyTree
@@ -112,12 +113,59 @@ def shard_batch(tree: PyTree, mesh: Mesh) -> PyTree:
         f"devices of the '{DATA_AXIS}' axis; pad it with "
         "parallel.pad_to_multiple (and mask the padding) first."
       )
-  return jax.device_put(tree, batch_sharding(mesh))
+  return put(tree, batch_sharding(mesh))
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
   """Puts a full copy of every leaf on every device of ``mesh`` (``P()``)."""
-  return jax.device_put(tree, replicated_sharding(mesh))
+  return put(tree, replicated_sharding(mesh))
+
+
+def put(tree: PyTree, sharding) -> PyTree:
+  """`jax.device_put(tree, sharding)` that also works across processes.
+
+  With one process it is `jax.device_put`. With several, a leaf that is
+  already a global array is resharded; any other leaf (numpy, or an array
+  on this process's devices) must hold the same values on every process:
+  each process builds its own shards of the global array from it
+  (`jax.make_array_from_callback`), with no cross-process equality check
+  (`jax.device_put` would run one, a collective per leaf).
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def one(leaf, s):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      return jax.device_put(leaf, s)
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, s, lambda i: host[i])
+
+  if isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree.map(lambda leaf: one(leaf, sharding), tree)
+  return jax.tree.map(one, tree, sharding)
+
+
+def to_host(tree: PyTree) -> PyTree:
+  """Every leaf as a numpy array holding the whole (global) value.
+
+  `np.asarray` of an array sharded over several processes' devices fails
+  (no process holds all of it): such leaves are gathered
+  (`multihost_utils.process_allgather`), a collective every process must
+  call. Other leaves are converted in place.
+  """
+
+  def one(leaf):
+    if (
+      isinstance(leaf, jax.Array)
+      and not leaf.is_fully_addressable
+      and not leaf.is_fully_replicated
+    ):
+      from jax.experimental import multihost_utils
+
+      return multihost_utils.process_allgather(leaf, tiled=True)
+    return np.asarray(leaf)
+
+  return jax.tree.map(one, tree)
 
 
 def pad_to_multiple(tree: PyTree, multiple: int) -> tuple[PyTree, jax.Array]:
@@ -181,7 +229,9 @@ __all__ = [
   "make_mesh",
   "num_shards",
   "pad_to_multiple",
+  "put",
   "replicate",
   "replicated_sharding",
   "shard_batch",
+  "to_host",
 ]

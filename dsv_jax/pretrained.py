@@ -121,7 +121,14 @@ def _convert_into(path: str, name: str, weights: str, fn: StateDictFn) -> None:
   tmp = f"{path}.tmp{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   checkpoints.save_classifier(tmp, arrays, meta)
-  os.replace(tmp, path)
+  try:
+    os.replace(tmp, path)
+  except OSError:
+    # Another process sharing the cache (several hosts on one file system)
+    # finished first: its copy is the same conversion.
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+      raise
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ensure_cached(
@@ -140,6 +147,15 @@ def ensure_cached(
     )
   path = cache_path(name, weights, cache_dir)
   if not os.path.isfile(os.path.join(path, "meta.json")):
+    if jax.process_count() > 1:
+      # Orbax saves collectively, and hosts of a pod slice have disks of
+      # their own: converting inside a multi-process run would leave the
+      # cache on one host only.
+      raise FileNotFoundError(
+        f"No converted {name} {weights} in {path}: in a multi-process run "
+        "it must be cached on every host first; run `python -m "
+        "dsv_jax.pretrained` there (one process)."
+      )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _convert_into(path, name, weights, state_dict_fn or torchvision_state_dict)
   return path
@@ -189,6 +205,23 @@ def torchvision_classifier(
   return Pretrained(apply_fn, arrays["params"], info, path)
 
 
+def main(argv: list[str] | None = None) -> None:
+  """`python -m dsv_jax.pretrained [--name resnet50] [--weights W]
+  [--cache_dir DIR]`: download and convert once, print the cache path."""
+  import argparse
+
+  p = argparse.ArgumentParser(prog="python -m dsv_jax.pretrained")
+  p.add_argument(
+    "--name", default="resnet50", choices=sorted(TORCHVISION_MODELS)
+  )
+  p.add_argument("--weights", default=DEFAULT_WEIGHTS)
+  p.add_argument("--cache_dir", default=None)
+  args = p.parse_args(argv)
+  print(
+    ensure_cached(args.name, weights=args.weights, cache_dir=args.cache_dir)
+  )
+
+
 __all__ = [
   "DEFAULT_CACHE_DIR",
   "DEFAULT_WEIGHTS",
@@ -199,3 +232,7 @@ __all__ = [
   "torchvision_classifier",
   "torchvision_state_dict",
 ]
+
+
+if __name__ == "__main__":
+  main()

@@ -202,3 +202,26 @@ def test_imagenet_tiny_end_to_end_offline(
     ed["target"], [imagenet.class_index("head cabbage")]
   )
   assert out["interpolate"]["start"] == "dsv"
+
+
+def test_command_line_caches_once(
+  torch_required, net, tmp_path, monkeypatch, capsys
+):
+  del torch_required
+  monkeypatch.setattr(
+    pretrained, "torchvision_state_dict", lambda n, w: net.state_dict()
+  )
+  pretrained.main(["--cache_dir", str(tmp_path)])
+  path = capsys.readouterr().out.strip()
+  assert path == pretrained.cache_path(
+    "resnet50", "IMAGENET1K_V1", str(tmp_path)
+  )
+  assert os.path.isfile(os.path.join(path, "meta.json"))
+
+
+def test_multiprocess_run_needs_the_cache_first(tmp_path, monkeypatch):
+  import jax
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(FileNotFoundError, match="python -m dsv_jax.pretrained"):
+    pretrained.ensure_cached(cache_dir=str(tmp_path))

@@ -97,7 +97,7 @@ def run_synthesis_loop(
     init_key,
     mesh,
   )
-  state = jax.device_put(state, state_sh)
+  state = parallel.put(state, state_sh)
   tp = parallel.shard_batch(tp, mesh)
   params = parallel.replicate(params, mesh)
   resumed = 0
@@ -105,7 +105,7 @@ def run_synthesis_loop(
     restored = checkpointer.restore(state)
     if restored is not None:
       resumed, state, _ = restored
-      state = jax.device_put(state, state_sh)
+      state = parallel.put(state, state_sh)
       logging.info("Resumed %s from step %d of %d.", name, resumed, steps)
   step_key = jax.random.fold_in(key, 1)
   step_fn = jax.jit(

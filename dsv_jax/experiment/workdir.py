@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 
 import dsv_jax
-from dsv_jax import checkpoints
+from dsv_jax import checkpoints, distributed
 
 # Keys that change only progress output and checkpoint frequency, never a
 # result: left out of the hashes, so changing them neither redoes a finished
@@ -83,6 +83,7 @@ def stage_record(workdir: str, stage: str) -> dict[str, Any] | None:
   return checkpoints.read_json(path, f"record of stage {stage!r}")
 
 
+@distributed.primary_only  # One copy, whatever the number of processes.
 def write_json(path: str, obj: Any, **kw: Any) -> None:
   """Writes `obj` as JSON atomically (a reader never sees half a file)."""
   tmp = f"{path}.tmp{os.getpid()}"
@@ -92,10 +93,20 @@ def write_json(path: str, obj: Any, **kw: Any) -> None:
 
 
 def mark_done(workdir: str, stage: str, digest: str, results: dict) -> None:
-  """Records `stage` as finished under `digest` with its `results`."""
-  os.makedirs(os.path.join(workdir, "stages"), exist_ok=True)
-  record = {"config_hash": digest, "finished": time.time(), "results": results}
-  write_json(record_path(workdir, stage), record, indent=2, sort_keys=True)
+  """Records `stage` as finished under `digest` with its `results`.
+
+  Process 0 writes the record; every process returns only once it exists
+  (a later stage of the same run reads it).
+  """
+  if distributed.is_primary():
+    os.makedirs(os.path.join(workdir, "stages"), exist_ok=True)
+    record = {
+      "config_hash": digest,
+      "finished": time.time(),
+      "results": results,
+    }
+    write_json(record_path(workdir, stage), record, indent=2, sort_keys=True)
+  distributed.barrier(f"dsv_jax: stage {stage} recorded")
 
 
 def relevant_sections(
@@ -208,8 +219,11 @@ def check_resumable(ckptr: Any, ckpt_dir: str, digest: str, what: str) -> None:
 
 
 def clear_checkpoints(workdir: str, names: Sequence[str]) -> None:
-  for name in names:
-    shutil.rmtree(os.path.join(workdir, "ckpt", name), ignore_errors=True)
+  if distributed.is_primary():
+    for name in names:
+      shutil.rmtree(os.path.join(workdir, "ckpt", name), ignore_errors=True)
+  # No process may open a checkpoint that is being deleted.
+  distributed.barrier("dsv_jax: checkpoints cleared")
 
 
 def _json_safe(value: Any) -> Any:
@@ -233,8 +247,11 @@ def jsonl_writer(path: str, *, keep_through_step: int) -> Callable:
   step) are dropped at once, and the first row written drops the old rows
   from its own step on: a fallback past a damaged checkpoint resumes
   before `keep_through_step`, and only the resumed run knows from where.
-  Non-finite values are written as null.
+  Non-finite values are written as null. With several processes only
+  process 0 writes; the others get a writer that does nothing.
   """
+  if not distributed.is_primary():
+    return lambda row: None
   rows = []
   if os.path.exists(path):
     with open(path) as f:
@@ -277,9 +294,23 @@ def lock(workdir: str) -> Iterator[None]:
   over; one from another host is never guessed about: the message says to
   remove it if that run is gone.
 
+  In a multi-process run, process 0 holds the lock for all of them (the
+  others are its peers, not competitors); the others start once it has.
+
   Raises:
     WorkdirLocked: another process holds the workdir.
   """
+  if not distributed.is_primary():
+    distributed.barrier("dsv_jax: workdir locked")
+    yield
+    return
+  with _lock(workdir):
+    distributed.barrier("dsv_jax: workdir locked")
+    yield
+
+
+@contextlib.contextmanager
+def _lock(workdir: str) -> Iterator[None]:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, ".lock")
   host = socket.gethostname()

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dsv_jax import checkpoints, parallel, select, synthesize, viz
+from dsv_jax import checkpoints, distributed, parallel, select, synthesize, viz
 from dsv_jax.experiment import common, sources
 from dsv_jax.experiment import workdir as wd
 
@@ -280,7 +280,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     uniform_all,
   )
   order, class_start, rank = _ranking(scores, labels, c)
-  np.savez(
+  distributed.primary_only(np.savez)(
     os.path.join(out_dir, "lambdas.npz"),
     lambdas=lambdas,
     scores=scores,
@@ -310,7 +310,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "iterations": fit.iterations,
     },
   )
-  viz.class_grid(
+  distributed.primary_only(viz.class_grid)(
     os.path.join(out_dir, "grid.png"),
     x[top],
     labels[top],

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dsv_jax import checkpoints, parallel, synthesize, viz
+from dsv_jax import checkpoints, distributed, parallel, synthesize, viz
 from dsv_jax.experiment import common, synthesis_loop
 from dsv_jax.experiment import workdir as wd
 
@@ -72,7 +72,7 @@ def _lowres_phase(config, workdir, digest, clf, key, x0, targets, mesh):
       log_every=sy.log_every,
       name="synthesize (low resolution)",
     )
-  x = synthesis_loop.resize(state.x[:n], info.image_shape)
+  x = synthesis_loop.resize(parallel.to_host(state.x)[:n], info.image_shape)
   return np.asarray(x, np.float32)
 
 
@@ -137,9 +137,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       on_metrics=on_metrics,
     )
   wall = time.perf_counter() - t0
-  x = np.asarray(state.x)[:n]
-  active = np.asarray(state.active)[:n]
-  lambdas = np.asarray(synth.lambdas_fn(state))[:n]
+  # Candidates are sharded over every process's devices: gathered whole.
+  x = parallel.to_host(state.x)[:n]
+  active = parallel.to_host(state.active)[:n]
+  lambdas = parallel.to_host(synth.lambdas_fn(state))[:n]
   labels = np.asarray(synthesize.target_labels(targets))
   desc = common.save_described_dsv(
     out_dir,
@@ -153,7 +154,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_hash=digest,
     extra={"seed": config.seed, "init": sy.init, "steps": sy.steps},
   )
-  viz.class_grid(
+  distributed.primary_only(viz.class_grid)(
     os.path.join(out_dir, "grid.png"),
     x,
     labels,
@@ -167,9 +168,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "; red: disqualified)"
     ),
   )
+  distributed.barrier("dsv_jax: synthesis metrics written")  # By process 0.
   with open(os.path.join(out_dir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
-  viz.plot_curves(
+  distributed.primary_only(viz.plot_curves)(
     os.path.join(out_dir, "curves.png"),
     rows,
     keys=[

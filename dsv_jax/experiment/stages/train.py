@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dsv_jax import checkpoints, models, select, train
+from dsv_jax import checkpoints, distributed, models, parallel, select, train
 from dsv_jax.experiment import common, sources
 from dsv_jax.experiment import workdir as wd
 
@@ -36,15 +36,22 @@ def stage_hash(config: ml_collections.ConfigDict, workdir: str) -> str:
 def _save_classifier_atomically(workdir: str, arrays, meta) -> None:
   # Written beside and swapped in, so a crash mid-write never leaves a
   # classifier/ whose arrays and meta.json disagree.
+  # With several processes, all of them write the Orbax arrays; process 0
+  # alone moves folders, between barriers.
   final = os.path.join(workdir, "classifier")
   tmp, old = final + ".tmp", final + ".old"
-  for path in (tmp, old):
-    shutil.rmtree(path, ignore_errors=True)
+  if distributed.is_primary():
+    for path in (tmp, old):
+      shutil.rmtree(path, ignore_errors=True)
+  distributed.barrier("dsv_jax: classifier tmp cleared")
   checkpoints.save_classifier(tmp, arrays, meta)
-  if os.path.isdir(final):
-    os.replace(final, old)
-  os.replace(tmp, final)
-  shutil.rmtree(old, ignore_errors=True)
+  distributed.barrier("dsv_jax: classifier saved")
+  if distributed.is_primary():
+    if os.path.isdir(final):
+      os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+  distributed.barrier("dsv_jax: classifier in place")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -110,6 +117,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       ckpt_meta={"config_hash": digest},
       on_metrics=on_metrics,
     )
+  if distributed.is_distributed():
+    # The state is replicated over every process's devices; the finishing
+    # phase and the evaluations run the same host-driven programs on each
+    # process, on its own devices, so they take it as numpy.
+    state = parallel.to_host(state)
   finish = _finish(config, workdir, digest, fm, state, ds)
   state = state._replace(params=finish.pop("params"))
   train_time = time.perf_counter() - t0

@@ -1,0 +1,271 @@
+"""Multi-process runs: 2 processes x 2 CPU devices against 1 process x 4.
+
+Every process is a real `python -m dsv_jax.main --jax_distributed` on
+localhost (JAX's multi-controller runtime, gloo collectives), so these
+tests take minutes on 2 cores: marked `multiprocess`, run by `.ci/run` as
+their own step (`pytest -m multiprocess`).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("train", "select", "synthesize")
+# Orbax's own files: laid out per process (one OCDBT database each), so
+# they are compared by content, not by name.
+_ORBAX_DIRS = ("ckpt", "arrays", "dsv_orbax")
+
+pytestmark = pytest.mark.multiprocess
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int, cache: str) -> dict:
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "PYTHONPATH": os.pathsep.join(
+      [REPO, *filter(None, [os.environ.get("PYTHONPATH")])]
+    ),
+    "JAX_COMPILATION_CACHE_DIR": cache,
+  }
+  return env
+
+
+def _cmd(workdir, stage, *extra):
+  return [
+    sys.executable,
+    "-m",
+    "dsv_jax.main",
+    "--config=digits:tiny",
+    f"--workdir={workdir}",
+    f"--stage={stage}",
+    *extra,
+  ]
+
+
+def _launch(
+  workdir, stage, cache, *overrides, processes, devices, timeout_s=20
+):
+  """Starts one command per process; returns the Popen objects."""
+  port = _free_port()
+  procs = []
+  for i in range(processes):
+    extra = overrides
+    if processes > 1:
+      extra += (
+        "--jax_distributed",
+        f"--coordinator_address=127.0.0.1:{port}",
+        f"--num_processes={processes}",
+        f"--process_id={i}",
+        f"--distributed_timeout={timeout_s}",
+      )
+    procs.append(
+      subprocess.Popen(
+        _cmd(workdir, stage, *extra),
+        cwd=REPO,
+        env=_env(devices, cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+      )
+    )
+  return procs
+
+
+def _finish(procs, what, timeout=240):
+  outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outs, strict=True)):
+    assert p.returncode == 0, f"{what}, process {i}:\n{out[-3000:]}"
+  return outs
+
+
+def _pipeline(workdir, cache, processes, devices):
+  for stage in STAGES:
+    procs = _launch(workdir, stage, cache, processes=processes, devices=devices)
+    _finish(procs, f"{stage} on {processes} x {devices}")
+
+
+def _plain_files(root):
+  out = []
+  for dirpath, dirs, names in os.walk(root):
+    dirs[:] = [d for d in dirs if d not in _ORBAX_DIRS]
+    out += [os.path.relpath(os.path.join(dirpath, n), root) for n in names]
+  return sorted(out)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The three stages on 1 x 4 and on 2 x 2 (both at once: 3 processes)."""
+  root = tmp_path_factory.mktemp("multiprocess")
+  cache = str(root / "xla_cache")
+  single, multi = root / "single", root / "multi"
+  errors = []
+
+  def run(*args):
+    try:
+      _pipeline(*args)
+    except BaseException as e:  # noqa: BLE001 -- reported below.
+      errors.append(e)
+
+  threads = [
+    threading.Thread(target=run, args=(single, cache, 1, 4)),
+    threading.Thread(target=run, args=(multi, cache, 2, 2)),
+  ]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  if errors:
+    raise errors[0]
+  return single, multi
+
+
+def _npz(path):
+  with np.load(path, allow_pickle=False) as z:
+    return {k: z[k] for k in z.files}
+
+
+def test_two_processes_match_one(runs):
+  single, multi = runs
+  a = _npz(single / "select" / "lambdas.npz")
+  b = _npz(multi / "select" / "lambdas.npz")
+  np.testing.assert_allclose(b["lambdas"], a["lambdas"], rtol=1e-4, atol=1e-7)
+  np.testing.assert_array_equal(b["labels"], a["labels"])
+  for stage in ("select", "synthesize"):
+    da, db = _npz(single / stage / "dsv.npz"), _npz(multi / stage / "dsv.npz")
+    np.testing.assert_allclose(db["images"], da["images"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+      db["lambdas"], da["lambdas"], rtol=1e-4, atol=1e-6
+    )
+  # The classifiers (and their Orbax arrays, written by both processes).
+  from dsv_jax.experiment import common
+
+  ca, cb = (
+    common.load_classifier(str(single)),
+    common.load_classifier(str(multi)),
+  )
+  import jax
+
+  for x, y in zip(
+    jax.tree.leaves(ca.params), jax.tree.leaves(cb.params), strict=True
+  ):
+    np.testing.assert_allclose(
+      np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_each_output_written_once(runs):
+  single, multi = runs
+  files = _plain_files(multi)
+  # The same files as a single process writes: no per-process copies, no
+  # leftover temporaries, and no lock left behind.
+  assert files == _plain_files(single)
+  assert not [f for f in files if ".tmp" in f or f.endswith(".lock")], files
+  for stage in STAGES:
+    assert f"stages/{stage}.json" in files
+  for path in ("classifier/arrays", "select/dsv_orbax", "ckpt/select"):
+    assert (multi / path).is_dir(), path
+
+
+def _reader(proc):
+  """Collects `proc`'s output lines in a list, from a thread."""
+  lines = []
+  threading.Thread(
+    target=lambda: lines.extend(proc.stdout), daemon=True
+  ).start()
+  return lines
+
+
+def _wait_for(text, lines, proc, timeout=180):
+  deadline = time.monotonic() + timeout
+  while not any(text in ln for ln in lines):
+    assert proc.poll() is None, "".join(lines)[-3000:]
+    assert time.monotonic() < deadline, "".join(lines)[-3000:]
+    time.sleep(0.2)
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["peer", "coordinator"])
+def test_killed_process_fails_the_other_fast(tmp_path, victim):
+  """Killing one process ends the other within the timeout, status 2; a
+  rerun resumes from the checkpoints."""
+  timeout_s = 10
+  workdir, cache = tmp_path / "wd", str(tmp_path / "cache")
+  # Still training when killed; checkpoints every 3 steps (tiny config).
+  steps = "--config.train.steps=100000"
+  procs = _launch(
+    workdir, "train", cache, steps, processes=2, devices=2, timeout_s=timeout_s
+  )
+  killed, survivor = procs[victim], procs[1 - victim]
+  lines = _reader(survivor)
+  _reader(killed)  # Never a full pipe.
+  _wait_for("train step 20/", lines, survivor)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  t0 = time.monotonic()
+  try:
+    survivor.wait(timeout=3 * timeout_s + 30)
+  except subprocess.TimeoutExpired:
+    survivor.kill()
+    pytest.fail("the surviving process hangs after its peer was killed")
+  waited = time.monotonic() - t0
+  time.sleep(0.5)  # The reader's last lines.
+  out = "".join(lines)
+  assert survivor.returncode == 2, out[-3000:]
+  assert waited < 3 * timeout_s + 30
+  last = [ln for ln in out.splitlines() if ln.startswith("dsv: error:")]
+  assert last, out[-3000:]
+  assert "distributed run" in last[-1], last[-1]
+  if victim != 1:
+    return
+  # The same command again resumes (then is stopped: 100000 steps).
+  procs = _launch(
+    workdir, "train", cache, steps, processes=2, devices=2, timeout_s=timeout_s
+  )
+  outs = [_reader(p) for p in procs]
+  try:
+    _wait_for("Resumed training from step", outs[0], procs[0])
+  finally:
+    for p in procs:
+      p.send_signal(signal.SIGKILL)
+      p.wait()
+
+
+def test_an_unreachable_coordinator_fails_in_one_line(tmp_path):
+  port = _free_port()  # Nothing listens there.
+  res = subprocess.run(
+    _cmd(
+      tmp_path / "wd",
+      "train",
+      "--jax_distributed",
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      "--process_id=1",
+      "--distributed_timeout=3",
+    ),
+    cwd=REPO,
+    env=_env(2, str(tmp_path / "cache")),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert res.returncode == 2, res.stderr[-3000:]
+  assert (
+    res.stderr.strip()
+    .splitlines()[-1]
+    .startswith("dsv: error: Cannot reach the coordinator at 127.0.0.1:")
+  ), res.stderr[-3000:]
+  assert not (tmp_path / "wd").exists()  # Nothing written.
