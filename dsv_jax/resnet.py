@@ -15,6 +15,8 @@ statistics are model state, not `nnx.Param`, so they are not part of theta
 and the stationarity condition never differentiates them.
 """
 
+from typing import NamedTuple
+
 import jax
 from flax import nnx
 
@@ -26,6 +28,30 @@ EXPANSION = 4
 # Flax momentum 0.9).
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
+
+
+class Block(NamedTuple):
+  """One bottleneck of the plan: where it sits and what it maps."""
+
+  stage: int  # 0..3: attribute `layer{stage + 1}`.
+  index: int  # Position in its stage.
+  cin: int
+  width: int
+  stride: int
+  downsample: bool  # A projection shortcut (stride or width changes).
+
+
+def blocks() -> list[Block]:
+  """ResNet-50's bottlenecks in order: the one plan the model and the
+  torchvision converter (`torch_convert`) both follow."""
+  out, cin = [], 64
+  for i, (num, width) in enumerate(zip(STAGES, WIDTHS, strict=True)):
+    for b in range(num):
+      stride = 2 if (i > 0 and b == 0) else 1
+      cout = width * EXPANSION
+      out.append(Block(i, b, cin, width, stride, stride != 1 or cin != cout))
+      cin = cout
+  return out
 
 
 def _bn(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
@@ -50,7 +76,8 @@ def _conv(cin, cout, size, stride, rngs) -> nnx.Conv:
 class Bottleneck(nnx.Module):
   """1x1 -> 3x3 (strided) -> 1x1 convolutions with a residual connection."""
 
-  def __init__(self, cin: int, width: int, stride: int, *, rngs: nnx.Rngs):
+  def __init__(self, block: Block, *, rngs: nnx.Rngs):
+    cin, width, stride = block.cin, block.width, block.stride
     cout = width * EXPANSION
     self.conv1 = _conv(cin, width, 1, 1, rngs)
     self.bn1 = _bn(width, rngs)
@@ -58,7 +85,7 @@ class Bottleneck(nnx.Module):
     self.bn2 = _bn(width, rngs)
     self.conv3 = _conv(width, cout, 1, 1, rngs)
     self.bn3 = _bn(cout, rngs)
-    if stride != 1 or cin != cout:
+    if block.downsample:
       self.downsample_conv = _conv(cin, cout, 1, stride, rngs)
       self.downsample_bn = _bn(cout, rngs)
     else:
@@ -94,15 +121,11 @@ class ResNet50(nnx.Module):
       rngs=rngs,
     )
     self.bn1 = _bn(64, rngs)
-    cin = 64
-    for i, (blocks, width) in enumerate(zip(STAGES, WIDTHS, strict=True)):
-      layer = []
-      for b in range(blocks):
-        stride = 2 if (i > 0 and b == 0) else 1
-        layer.append(Bottleneck(cin, width, stride, rngs=rngs))
-        cin = width * EXPANSION
+    plan = blocks()
+    for i in range(len(STAGES)):
+      layer = [Bottleneck(b, rngs=rngs) for b in plan if b.stage == i]
       setattr(self, f"layer{i + 1}", nnx.List(layer))
-    self.fc = nnx.Linear(cin, num_classes, rngs=rngs)
+    self.fc = nnx.Linear(WIDTHS[-1] * EXPANSION, num_classes, rngs=rngs)
 
   def features(self, x: jax.Array) -> jax.Array:
     """Penultimate features ``[B, 2048]``: globally pooled, the head's input."""
@@ -117,4 +140,4 @@ class ResNet50(nnx.Module):
     return self.fc(self.features(x))
 
 
-__all__ = ["Bottleneck", "ResNet50"]
+__all__ = ["Block", "Bottleneck", "ResNet50", "blocks"]

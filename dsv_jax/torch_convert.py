@@ -26,20 +26,15 @@ def _np(value: Any) -> np.ndarray:
 def _names() -> list[tuple[str, tuple[Any, ...], str]]:
   """(torch prefix, our path, kind) of every layer of ResNet-50."""
   out = [("conv1", ("conv1",), "conv"), ("bn1", ("bn1",), "bn")]
-  cin = 64
-  for i, (blocks, width) in enumerate(
-    zip(resnet.STAGES, resnet.WIDTHS, strict=True)
-  ):
-    for b in range(blocks):
-      pre, path = f"layer{i + 1}.{b}", (f"layer{i + 1}", b)
-      for j in (1, 2, 3):
-        out.append((f"{pre}.conv{j}", (*path, f"conv{j}"), "conv"))
-        out.append((f"{pre}.bn{j}", (*path, f"bn{j}"), "bn"))
-      stride = 2 if (i > 0 and b == 0) else 1
-      if stride != 1 or cin != width * resnet.EXPANSION:
-        out.append((f"{pre}.downsample.0", (*path, "downsample_conv"), "conv"))
-        out.append((f"{pre}.downsample.1", (*path, "downsample_bn"), "bn"))
-      cin = width * resnet.EXPANSION
+  for block in resnet.blocks():
+    layer = f"layer{block.stage + 1}"
+    pre, path = f"{layer}.{block.index}", (layer, block.index)
+    for j in (1, 2, 3):
+      out.append((f"{pre}.conv{j}", (*path, f"conv{j}"), "conv"))
+      out.append((f"{pre}.bn{j}", (*path, f"bn{j}"), "bn"))
+    if block.downsample:
+      out.append((f"{pre}.downsample.0", (*path, "downsample_conv"), "conv"))
+      out.append((f"{pre}.downsample.1", (*path, "downsample_bn"), "bn"))
   out.append(("fc", ("fc",), "linear"))
   return out
 
