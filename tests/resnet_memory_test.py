@@ -47,6 +47,9 @@ def _temp_bytes(grad_fn, fm, n):
   return analysis.temp_size_in_bytes
 
 
+# A minute of ResNet-50 compilation on 2 cores: with the slow tests
+# (`.ci/run`), keeping the default suite under its 10 minutes.
+@pytest.mark.slow
 def test_stationarity_vjp_memory_grows_with_activations_not_params():
   fm = _resnet50()
   # Not models.num_params: jnp.size of a ShapeDtypeStruct is deprecated.
