@@ -26,8 +26,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from dsv_jax import checks, distributed
+from dsv_jax import checkpoints, checks, distributed
 
 SCHEMA_VERSION = 1
 SOURCES = ("noise", "real", "other", "user", "train")
@@ -116,8 +117,8 @@ def save_dsv(
   Returns:
     The metadata dict written.
   """
-  directory = os.path.abspath(os.fspath(directory))
-  os.makedirs(directory, exist_ok=True)
+  directory = checkpoints.abspath(directory)
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
   dsv = _canonical(dsv)
   meta = {
     "schema_version": SCHEMA_VERSION,
@@ -133,17 +134,19 @@ def save_dsv(
   primary = distributed.is_primary()
   tmp = os.path.join(directory, NPZ + ".tmp.npz")
   if primary:
-    np.savez(
-      tmp,
-      **dsv._asdict(),
-      schema_version=np.int32(SCHEMA_VERSION),
-      dataset=np.array(meta["dataset"]),
-      mean=np.asarray(meta["mean"], np.float32),
-      std=np.asarray(meta["std"], np.float32),
-      config_hash=np.array(meta["config_hash"]),
-      meta_json=np.array(meta_json),
-    )
-    os.replace(tmp, os.path.join(directory, NPZ))  # Never half written.
+    with epath.Path(tmp).open("wb") as f:
+      np.savez(
+        f,
+        **dsv._asdict(),
+        schema_version=np.int32(SCHEMA_VERSION),
+        dataset=np.array(meta["dataset"]),
+        mean=np.asarray(meta["mean"], np.float32),
+        std=np.asarray(meta["std"], np.float32),
+        config_hash=np.array(meta["config_hash"]),
+        meta_json=np.array(meta_json),
+      )
+    # Never half written (on gs:// the rename is a copy of a whole object).
+    epath.Path(tmp).replace(os.path.join(directory, NPZ))
   arrays = dsv._asdict()
   arrays["source"] = np.array(
     [SOURCES.index(s) for s in dsv.source], np.int32
@@ -151,8 +154,7 @@ def save_dsv(
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, ORBAX), {"arrays": arrays}, force=True)
   if primary:
-    with open(os.path.join(directory, "dsv_meta.json"), "w") as f:
-      f.write(meta_json)
+    epath.Path(directory, "dsv_meta.json").write_text(meta_json)
   return meta
 
 
@@ -172,16 +174,19 @@ def load_dsv(
     FileNotFoundError: nothing there.
     ValueError: a schema version this code does not know.
   """
-  path = os.path.abspath(os.fspath(path))
+  path = checkpoints.abspath(path)
   directory = os.path.dirname(path) if path.endswith(".npz") else path
   npz_path = os.path.join(directory, NPZ)
-  if not os.path.exists(npz_path):
+  if not epath.Path(npz_path).exists():
     raise FileNotFoundError(
       f"No DSV set at {directory} (missing {NPZ}); run the synthesize or "
       "select stage first."
     )
   try:
-    with np.load(npz_path, allow_pickle=False) as z:
+    with (
+      epath.Path(npz_path).open("rb") as f,
+      np.load(f, allow_pickle=False) as z,
+    ):
       meta = json.loads(str(z["meta_json"]))
       fields = {k: z[k] for k in DSVSet._fields}
   except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:

@@ -21,13 +21,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from dsv_jax import checks
 from dsv_jax.types import PyTree
 
 
-def _abs(path: str | os.PathLike) -> str:
-  return os.path.abspath(os.fspath(path))
+def abspath(path: str | os.PathLike) -> str:
+  """A local `path` made absolute; a URI (``gs://...``) left as it is
+  (`os.path.abspath` would make it ``<cwd>/gs:/...``)."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(path)
 
 
 def _orbax_tree(tree: PyTree) -> PyTree:
@@ -60,7 +64,7 @@ class RunCheckpointer:
   """
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
-    self.directory = _abs(directory)
+    self.directory = abspath(directory)
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
@@ -282,20 +286,20 @@ def save_classifier(
   Overwrites an existing classifier at `path`, so a re-run stage replaces
   its output instead of failing.
   """
-  path = _abs(path)
-  os.makedirs(path, exist_ok=True)
+  path = abspath(path)
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(path, _ARRAYS), _orbax_tree(arrays), force=True)
   if jax.process_index() == 0:  # One copy, not one per process.
-    with open(os.path.join(path, _META), "w") as f:
+    with epath.Path(path, _META).open("w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
 
 
 def load_classifier_meta(path: str | os.PathLike) -> dict[str, Any]:
   """Reads the JSON record of a classifier saved by `save_classifier`."""
-  path = _abs(path)
+  path = abspath(path)
   meta_path = os.path.join(path, _META)
-  if not os.path.exists(meta_path):
+  if not epath.Path(meta_path).exists():
     raise FileNotFoundError(
       f"No classifier checkpoint at {path} (missing {_META}). Run the "
       "`train` stage for this workdir first, or point to a directory "
@@ -307,7 +311,7 @@ def load_classifier_meta(path: str | os.PathLike) -> dict[str, Any]:
 def read_json(path: str, what: str) -> Any:
   """`json.load` of `path`; a damaged file raises a ValueError naming it."""
   try:
-    with open(path) as f:
+    with epath.Path(path).open() as f:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise ValueError(
@@ -321,7 +325,7 @@ def load_classifier_arrays(path: str | os.PathLike, target: PyTree) -> PyTree:
   Raises a ValueError naming the mismatch when the stored arrays do not fit
   `target` (e.g. a checkpoint of another architecture or width).
   """
-  path = _abs(path)
+  path = abspath(path)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _orbax_tree(target))
   with ocp.StandardCheckpointer() as ckptr:
     try:
@@ -337,6 +341,7 @@ __all__ = [
   "RunCheckpointer",
   "load_classifier_arrays",
   "load_classifier_meta",
+  "abspath",
   "read_json",
   "save_classifier",
 ]

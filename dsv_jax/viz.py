@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -106,7 +107,7 @@ def class_grid(
         ax.axis("off")
   top = _add_title(fig, title)
   fig.tight_layout(pad=0.2, rect=(0, 0, 1, top))
-  fig.savefig(path, dpi=100)
+  save_png(fig, path)
 
 
 def strip(
@@ -129,7 +130,7 @@ def strip(
   # The panels' own titles need room under the figure's.
   top = _add_title(fig, title, extra_in=0.15 if titles is not None else 0.0)
   fig.tight_layout(pad=0.2, rect=(0, 0, 1, top))
-  fig.savefig(path, dpi=100)
+  save_png(fig, path)
 
 
 def plot_curves(
@@ -177,7 +178,13 @@ def plot_curves(
     axes[j // cols, j % cols].axis("off")
   top = _add_title(fig, title)
   fig.tight_layout(rect=(0, 0, 1, top))
-  fig.savefig(path, dpi=100)
+  save_png(fig, path)
 
 
-__all__ = ["class_grid", "plot_curves", "strip"]
+def save_png(fig: Figure, path: str | os.PathLike) -> None:
+  """Writes `fig` as a PNG at `path`, local or remote (gs://: epath)."""
+  with epath.Path(path).open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
+
+
+__all__ = ["class_grid", "plot_curves", "save_png", "strip"]

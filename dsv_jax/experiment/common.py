@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
 from dsv_jax import (
   artifacts,
@@ -370,7 +371,7 @@ def start_images(config, workdir, labels, key):
   if ds is not None:
     return (*synthesize.real_init(key, ds.train, labels), "real")
   path = os.path.join(workdir, "synthesize")
-  if not os.path.exists(os.path.join(path, artifacts.NPZ)):
+  if not epath.Path(path, artifacts.NPZ).exists():
     raise FileNotFoundError(
       f"No {config.data.name} images here to start from, and no DSVs in "
       f"{path}: run --stage=synthesize first (it needs no data)."

@@ -17,8 +17,9 @@ from types import MappingProxyType, ModuleType
 
 import ml_collections
 from absl import logging
+from etils import epath
 
-from dsv_jax import distributed
+from dsv_jax import checkpoints, distributed
 from dsv_jax.experiment import common
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.experiment.stages import (
@@ -53,7 +54,7 @@ _check_order()
 
 def stage_hash(config: ml_collections.ConfigDict, workdir: str, stage: str):
   """The hash `stage` records in `workdir` under `config`."""
-  return STAGE_MODULES[stage].stage_hash(config, os.path.abspath(workdir))
+  return STAGE_MODULES[stage].stage_hash(config, checkpoints.abspath(workdir))
 
 
 def _is_current(module: ModuleType, record: dict, config, digest: str) -> bool:
@@ -122,8 +123,8 @@ def run(
   if stage is not None and stage not in (*STAGES, "all"):
     raise ValueError(f"Unknown stage {stage!r}; expected one of {STAGES}.")
   stage = stage or config.stage
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  workdir = checkpoints.abspath(workdir)
+  if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
     raise NotADirectoryError(f"--workdir {workdir} is a file, not a folder.")
   todo = STAGES if stage == "all" else (stage,)
   unsupported = [s for s in todo if s not in MULTIPROCESS_STAGES]

@@ -16,6 +16,10 @@ another hash is refused (`check_resumable`), never silently continued.
 
 One process at a time owns a workdir (`lock`): a second run fails at once,
 naming the holder.
+
+A workdir may be a local path or a URI such as ``gs://bucket/run``: files
+go through `etils.epath`, and paths are joined as strings (`os.path.join`
+keeps a URI intact; `os.path.abspath` would not, see `checkpoints.abspath`).
 """
 
 import contextlib
@@ -24,7 +28,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,6 +35,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 import dsv_jax
 from dsv_jax import checkpoints, distributed
@@ -78,7 +82,7 @@ def record_path(workdir: str, stage: str) -> str:
 def stage_record(workdir: str, stage: str) -> dict[str, Any] | None:
   """The completion record of `stage` in `workdir`, or None if unfinished."""
   path = record_path(workdir, stage)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return None
   return checkpoints.read_json(path, f"record of stage {stage!r}")
 
@@ -86,10 +90,12 @@ def stage_record(workdir: str, stage: str) -> dict[str, Any] | None:
 @distributed.primary_only  # One copy, whatever the number of processes.
 def write_json(path: str, obj: Any, **kw: Any) -> None:
   """Writes `obj` as JSON atomically (a reader never sees half a file)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
+  tmp = epath.Path(f"{path}.tmp{os.getpid()}")
+  with tmp.open("w") as f:
     json.dump(obj, f, **kw)
-  os.replace(tmp, path)
+  # On an object store (gs://) a rename is a copy and a delete; an object
+  # appears whole when written, so a reader still never sees half a file.
+  tmp.replace(path)
 
 
 def mark_done(workdir: str, stage: str, digest: str, results: dict) -> None:
@@ -99,7 +105,7 @@ def mark_done(workdir: str, stage: str, digest: str, results: dict) -> None:
   (a later stage of the same run reads it).
   """
   if distributed.is_primary():
-    os.makedirs(os.path.join(workdir, "stages"), exist_ok=True)
+    epath.Path(workdir, "stages").mkdir(parents=True, exist_ok=True)
     record = {
       "config_hash": digest,
       "finished": time.time(),
@@ -160,9 +166,9 @@ def record_digest(workdir: str, stage: str) -> str | None:
 
 def classifier_dir(path: str) -> str:
   """A workdir's `classifier/`, or `path` itself if it is one."""
-  path = os.path.abspath(path)
+  path = checkpoints.abspath(path)
   inner = os.path.join(path, "classifier")
-  return inner if os.path.isdir(inner) else path
+  return inner if epath.Path(inner).is_dir() else path
 
 
 # (directory, files' sizes and mtimes) -> digest: a report hashes the same
@@ -173,25 +179,34 @@ _CONTENT_DIGESTS: dict[tuple, str] = {}
 def classifier_digest(path: str) -> str | None:
   """A digest of every file of the classifier at `path` (None: none there)."""
   root = classifier_dir(path)
-  if not os.path.isfile(os.path.join(root, "meta.json")):
+  if not epath.Path(root, "meta.json").is_file():
     return None
   files = []
-  for dirpath, _, names in os.walk(root):
+  for dirpath, _, names in epath.Path(root).walk():
     for name in names:
-      full = os.path.join(dirpath, name)
-      st = os.stat(full)
-      files.append((os.path.relpath(full, root), st.st_size, st.st_mtime_ns))
+      full = dirpath / name
+      files.append((os.fspath(full.relative_to(root)), *_size_and_mtime(full)))
   files.sort()
   key = (root, tuple(files))
   if key not in _CONTENT_DIGESTS:
     h = hashlib.sha256()
     for rel, _, _ in files:
       h.update(rel.encode())
-      with open(os.path.join(root, rel), "rb") as f:
+      with epath.Path(root, rel).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
           h.update(chunk)
     _CONTENT_DIGESTS[key] = h.hexdigest()[:16]
   return _CONTENT_DIGESTS[key]
+
+
+def _size_and_mtime(path: epath.Path) -> tuple[int, int]:
+  # A remote store's stat (epath) has whole seconds: a same-size rewrite
+  # within a second keeps the cached digest there, not on a local disk.
+  if _is_remote(path):
+    st = path.stat()
+    return st.length, st.mtime
+  st = os.stat(path)
+  return st.st_size, st.st_mtime_ns
 
 
 def array_digest(*arrays: Any, extra: Any = None) -> str:
@@ -221,9 +236,16 @@ def check_resumable(ckptr: Any, ckpt_dir: str, digest: str, what: str) -> None:
 def clear_checkpoints(workdir: str, names: Sequence[str]) -> None:
   if distributed.is_primary():
     for name in names:
-      shutil.rmtree(os.path.join(workdir, "ckpt", name), ignore_errors=True)
+      epath.Path(workdir, "ckpt", name).rmtree(missing_ok=True)
   # No process may open a checkpoint that is being deleted.
   distributed.barrier("dsv_jax: checkpoints cleared")
+
+
+@distributed.primary_only  # One copy, whatever the number of processes.
+def savez(path: str, **arrays: Any) -> None:
+  """`np.savez` into `path`, local or remote (an open file: epath)."""
+  with epath.Path(path).open("wb") as f:
+    np.savez(f, **arrays)
 
 
 def _json_safe(value: Any) -> Any:
@@ -235,7 +257,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def _write_rows(path: str, rows: list[dict]) -> None:
-  with open(path, "w") as f:
+  with epath.Path(path).open("w") as f:
     f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
 
 
@@ -248,27 +270,38 @@ def jsonl_writer(path: str, *, keep_through_step: int) -> Callable:
   from its own step on: a fallback past a damaged checkpoint resumes
   before `keep_through_step`, and only the resumed run knows from where.
   Non-finite values are written as null. With several processes only
-  process 0 writes; the others get a writer that does nothing.
+  process 0 writes; the others get a writer that does nothing. An object
+  store (gs://) cannot append: there every row rewrites the whole file.
   """
   if not distributed.is_primary():
     return lambda row: None
   rows = []
-  if os.path.exists(path):
-    with open(path) as f:
+  if epath.Path(path).exists():
+    with epath.Path(path).open() as f:
       rows = [r for r in map(json.loads, f) if r["step"] <= keep_through_step]
   _write_rows(path, rows)
   first = True
+  remote = _is_remote(path)
 
   def write(row: dict) -> None:
-    nonlocal first
+    nonlocal first, rows
     row = {k: _json_safe(v) for k, v in row.items()}
     if first:
-      _write_rows(path, [r for r in rows if r["step"] < row["step"]])
+      rows = [r for r in rows if r["step"] < row["step"]]
+      _write_rows(path, rows)
       first = False
+    if remote:
+      rows.append(row)
+      _write_rows(path, rows)
+      return
     with open(path, "a") as f:
       f.write(json.dumps(row, allow_nan=False) + "\n")
 
   return write
+
+
+def _is_remote(path: str) -> bool:
+  return "://" in os.fspath(path)
 
 
 class WorkdirLocked(RuntimeError):
@@ -292,7 +325,10 @@ def lock(workdir: str) -> Iterator[None]:
   A second process fails at once with the holder's pid, host and start
   time. A lock left by a dead process of this host (a killed run) is taken
   over; one from another host is never guessed about: the message says to
-  remove it if that run is gone.
+  remove it if that run is gone. On a remote workdir (gs://) the lock file
+  holds the same record, but creating it is not atomic (two runs starting
+  at the same moment can both take it), and a stale lock is only detected
+  when the rerun is on the host that left it.
 
   In a multi-process run, process 0 holds the lock for all of them (the
   others are its peers, not competitors); the others start once it has.
@@ -311,7 +347,7 @@ def lock(workdir: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _lock(workdir: str) -> Iterator[None]:
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   path = os.path.join(workdir, ".lock")
   host = socket.gethostname()
   me = {
@@ -323,29 +359,40 @@ def _lock(workdir: str) -> Iterator[None]:
   }
   while True:
     try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      out = _create_exclusive(path)
     except FileExistsError:
       try:
-        with open(path) as f:
+        with epath.Path(path).open() as f:
           holder = json.load(f)
       except (OSError, ValueError):
         holder = {}
       if holder.get("host") == host and not _alive(int(holder.get("pid", 0))):
-        os.remove(path)  # Left by a killed run of this machine.
+        # Left by a killed run of this machine.
+        epath.Path(path).unlink(missing_ok=True)
         continue
       raise WorkdirLocked(
         f"{workdir} is in use by pid {holder.get('pid')} on "
         f"{holder.get('host')} since {holder.get('started')} UTC; wait for "
         f"it, use another --workdir, or delete {path} if that run is gone."
       ) from None
-    with os.fdopen(fd, "w") as f:
-      json.dump(me, f)
+    with out:
+      json.dump(me, out)
     break
   try:
     yield
   finally:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(path)
+    epath.Path(path).unlink(missing_ok=True)
+
+
+def _create_exclusive(path: str) -> Any:
+  """`path` opened for writing if it did not exist; else FileExistsError."""
+  if not _is_remote(path):
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    return os.fdopen(fd, "w")
+  # An object store has no exclusive create: check, then write.
+  if epath.Path(path).exists():
+    raise FileExistsError(path)
+  return epath.Path(path).open("w")
 
 
 __all__ = [
@@ -365,6 +412,7 @@ __all__ = [
   "record_digest",
   "record_path",
   "relevant_sections",
+  "savez",
   "stage_record",
   "write_json",
 ]

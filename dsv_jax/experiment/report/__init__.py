@@ -26,8 +26,9 @@ from typing import Any
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
-from dsv_jax import data
+from dsv_jax import checkpoints, data
 from dsv_jax.experiment import common, sources
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.experiment.report.cache import RetrainRows
@@ -104,7 +105,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Writes `workdir/report/report.md` with every section and its figures."""
   common.validate_config(config)
   validate_report_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = checkpoints.abspath(workdir)
   digest = stage_hash(config, workdir)
   if sources.is_external(config):
     return common.skipped(
@@ -126,7 +127,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   clf = common.load_classifier(workdir)
   ds = common.load_data(config)
   out_dir = os.path.join(workdir, "report")
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   rows = RetrainRows(config, workdir, clf, ds)
   sections, results = [], {}
   for name, fn in (
@@ -167,7 +168,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "the test split.\n\n"
     + health_lines(train_res, wd.stage_record(workdir, "select"))
   )
-  with open(os.path.join(out_dir, "report.md"), "w") as f:
+  with epath.Path(out_dir, "report.md").open("w") as f:
     f.write(header + "\n".join(sections))
   results["report_time_s"] = time.perf_counter() - t0
   results["meta"] = {
@@ -179,7 +180,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "seed": config.seed,
   }
   results = json.loads(json.dumps(results, default=float))
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
+  with epath.Path(out_dir, "results.json").open("w") as f:
     json.dump(results, f, indent=1)
   summary = _summary(results, os.path.join(out_dir, "report.md"))
   wd.mark_done(workdir, "report", digest, summary)

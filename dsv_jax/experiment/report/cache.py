@@ -8,13 +8,13 @@ resumed when interrupted (`run_stage_once`). Retraining rows are cached by
 
 import json
 import os
-import shutil
 from types import ModuleType
 from typing import Any
 
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from dsv_jax import artifacts, checkpoints, data, judges
 from dsv_jax.experiment import common
@@ -42,13 +42,13 @@ def sub_config(
 
 def discard_stale_checkpoints(ckpt_dir: str, digest: str) -> None:
   """Removes `ckpt_dir` if its latest checkpoint is of another config."""
-  if not os.path.isdir(ckpt_dir):
+  if not epath.Path(ckpt_dir).is_dir():
     return
   with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
     meta = ckptr.read_meta()
   if meta is not None and meta.get("config_hash") != digest:
     logging.info("Report: discarding %s (another config).", ckpt_dir)
-    shutil.rmtree(ckpt_dir)
+    epath.Path(ckpt_dir).rmtree()
 
 
 def run_stage_once(
@@ -68,9 +68,9 @@ def run_stage_once(
   for name in stage.CKPT_DIRS:
     ckpt_dir = os.path.join(sub_workdir, "ckpt", name)
     if record is not None:
-      shutil.rmtree(ckpt_dir, ignore_errors=True)
+      epath.Path(ckpt_dir).rmtree(missing_ok=True)
     discard_stale_checkpoints(ckpt_dir, digest)
-  os.makedirs(sub_workdir, exist_ok=True)
+  epath.Path(sub_workdir).mkdir(parents=True, exist_ok=True)
   logging.info("Report: running %s in %s.", stage.NAME, sub_workdir)
   return stage.run(config, sub_workdir)
 
@@ -131,20 +131,20 @@ def baseline_run(
   out_dir = os.path.join(workdir, "report", "runs", name)
   digest = kkt_baseline.stage_hash(sub)
   marker = os.path.join(out_dir, "done.json")
-  if os.path.exists(marker):
-    with open(marker) as f:
+  if epath.Path(marker).exists():
+    with epath.Path(marker).open() as f:
       if json.load(f).get("config_hash") == digest:
         return artifacts.load_dsv(out_dir)[0]
     # Finished with other settings: redo from scratch, not from its
     # checkpoints (which a resumed run would rightly refuse).
-    shutil.rmtree(os.path.join(out_dir, "ckpt"), ignore_errors=True)
-    os.remove(marker)
+    epath.Path(out_dir, "ckpt").rmtree(missing_ok=True)
+    epath.Path(marker).unlink()
   discard_stale_checkpoints(os.path.join(out_dir, "ckpt", "baseline"), digest)
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   # The sub-run folder is its workdir (checkpoints); synth.classifier
   # points at the main workdir's classifier.
   results = kkt_baseline.run_baseline(sub, out_dir, out_dir)
-  with open(marker, "w") as f:
+  with epath.Path(marker).open("w") as f:
     json.dump({"config_hash": digest, "results": results}, f, default=float)
   return artifacts.load_dsv(out_dir)[0]
 
@@ -186,8 +186,8 @@ class RetrainRows:
     self.config, self.clf, self.ds = config, clf, ds
     self.path = os.path.join(workdir, "report", "retrain_rows.json")
     self.cache = {}
-    if os.path.exists(self.path):
-      with open(self.path) as f:
+    if epath.Path(self.path).exists():
+      with epath.Path(self.path).open() as f:
         self.cache = json.load(f)
     self._reuse_retrain_stage(workdir)
 
@@ -197,10 +197,10 @@ class RetrainRows:
     if (
       record is None
       or record["config_hash"] != retrain_stage.stage_hash(self.config, workdir)
-      or not os.path.exists(path)
+      or not epath.Path(path).exists()
     ):
       return
-    with open(path) as f:
+    with epath.Path(path).open() as f:
       for name, row in json.load(f)["rows"].items():
         if "key" in row:
           self.cache.setdefault(row["key"], {**row, "name": name})
@@ -220,9 +220,9 @@ class RetrainRows:
     row["name"] = name
     self.cache[key] = row
     tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
+    with epath.Path(tmp).open("w") as f:
       json.dump(self.cache, f, indent=1)
-    os.replace(tmp, self.path)
+    epath.Path(tmp).replace(self.path)
     return row
 
   def classical_agreement(self, images: np.ndarray, labels: np.ndarray):

@@ -44,7 +44,7 @@ def run_baseline(
     residual, timing and steps.
   """
   common.validate_config(config)
-  workdir, out_dir = os.path.abspath(workdir), os.path.abspath(out_dir)
+  workdir, out_dir = checkpoints.abspath(workdir), checkpoints.abspath(out_dir)
   bl = config.baseline
   for key in ("steps", "log_every"):
     if bl[key] < 1:

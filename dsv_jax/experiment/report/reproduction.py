@@ -25,6 +25,8 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
+from etils import epath
+
 ALPHA = 0.05
 BEGIN, END = "<!-- reproduction:begin -->", "<!-- reproduction:end -->"
 
@@ -263,11 +265,11 @@ def _verdict(v: bool | str | None) -> str:
 def load_run(workdir: str) -> tuple[str, dict]:
   """(dataset name, results) of a workdir's finished report."""
   path = os.path.join(workdir, "report", "results.json")
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(
       f"No report results at {path}; run --stage=report (or all) first."
     )
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     results = json.load(f)
   name = results.get("meta", {}).get("dataset") or os.path.basename(
     os.path.normpath(workdir)

@@ -8,7 +8,6 @@ returns its markdown and numbers. Importable from a notebook.
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,9 +15,10 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from matplotlib.figure import Figure
 
-from dsv_jax import artifacts, coreset, data, models, select, synthesize
+from dsv_jax import artifacts, coreset, data, models, select, synthesize, viz
 from dsv_jax.experiment import common
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.experiment.report import reproduction
@@ -206,9 +206,9 @@ def load_selection(workdir: str) -> dict[str, Any]:
     decreasing score.
   """
   path = os.path.join(workdir, "select", "lambdas.npz")
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"No selection at {path}; run --stage=select.")
-  with np.load(path) as z:
+  with epath.Path(path).open("rb") as f, np.load(f) as z:
     out = {k: z[k] for k in ("lambdas", "scores", "labels", "rankable")}
     order, start = z["order"], z["class_start"]
   out["ranking"] = [
@@ -233,8 +233,8 @@ def el2n_run(config, workdir, clf, ds) -> np.ndarray:
       "el2n": [rc.el2n_models, rc.el2n_steps],
     },
   )
-  if os.path.exists(path):
-    with np.load(path) as z:
+  if epath.Path(path).exists():
+    with epath.Path(path).open("rb") as f, np.load(f) as z:
       if str(z["digest"]) == digest:
         return z["scores"]
   logging.info(
@@ -255,8 +255,8 @@ def el2n_run(config, workdir, clf, ds) -> np.ndarray:
     max_shift=t.max_shift,
     seed=config.seed + 2,
   )
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  np.savez(path, scores=scores, digest=digest)
+  epath.Path(os.path.dirname(path)).mkdir(parents=True, exist_ok=True)
+  wd.savez(path, scores=scores, digest=digest)
   return scores
 
 
@@ -380,8 +380,8 @@ def entropy_protocol_run(config, workdir, clf, ds) -> dict[str, np.ndarray]:
     sub_config(config, workdir, **{"synth.init": "real"}), workdir
   )
   digest = wd.array_digest(extra=[digest, per_class])
-  if os.path.exists(path):
-    with np.load(path) as z:
+  if epath.Path(path).exists():
+    with epath.Path(path).open("rb") as f, np.load(f) as z:
       if str(z["digest"]) == digest:
         return {k: z[k] for k in ("steps", "entropy", "lambdas", "labels")}
   labels = synthesize.class_targets(per_class, c)
@@ -408,8 +408,8 @@ def entropy_protocol_run(config, workdir, clf, ds) -> dict[str, np.ndarray]:
     "lambdas": np.asarray(synth.lambdas_fn(state)),
     "labels": labels,
   }
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  np.savez(path, digest=digest, **out)
+  epath.Path(os.path.dirname(path)).mkdir(parents=True, exist_ok=True)
+  wd.savez(path, digest=digest, **out)
   return out
 
 
@@ -424,7 +424,7 @@ def boundary_section(
   for init in ("real", zero):
     # Finished sub-runs of the few-shot section: read back, not re-run.
     _, _, run_dir = shot_run(config, workdir, init, k)
-    with open(os.path.join(run_dir, "synthesize", "metrics.jsonl")) as f:
+    with epath.Path(run_dir, "synthesize", "metrics.jsonl").open() as f:
       curves[f"{init} init, k={k}"] = [json.loads(line) for line in f]
   proto = entropy_protocol_run(config, workdir, clf, ds)
   order = np.argsort(-proto["lambdas"], kind="stable")
@@ -453,7 +453,7 @@ def boundary_section(
   ax.set_title("the paper's protocol: grouped by final lambda", fontsize=8)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "entropy_curve.png"), dpi=100)
+  viz.save_png(fig, os.path.join(out_dir, "entropy_curve.png"))
 
   dsv, _ = artifacts.load_dsv(os.path.join(workdir, "synthesize"))
   sel, _ = artifacts.load_dsv(os.path.join(workdir, "select"))
@@ -550,7 +550,7 @@ def lambda_accuracy_section(
   ax.set_ylabel("test accuracy of the class")
   ax.set_title(f"Pearson r = {r:.3f}", fontsize=9)
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "lambda_vs_accuracy.png"), dpi=100)
+  viz.save_png(fig, os.path.join(out_dir, "lambda_vs_accuracy.png"))
   lines = ["| class | sum lambda | test accuracy % |", "|---|---|---|"]
   for k in range(c):
     lines.append(
@@ -732,7 +732,7 @@ def ablation_section(config, workdir, clf, rows: RetrainRows, out_dir: str):
   for name, d in (("full", full_dir), ("primal_only", primal_dir)):
     src = os.path.join(d, "synthesize", "grid.png")
     dst = os.path.join(out_dir, f"ablation_{name}.png")
-    shutil.copyfile(src, dst)
+    epath.Path(src).copy(dst, overwrite=True)
   md = (
     "## 6. Loss ablation: primal-only vs full DeepKKT\n\n"
     f"{k} candidates per class from {zero} init. Agreement: fraction of "
@@ -771,11 +771,11 @@ def strips_section(workdir: str, out_dir: str) -> tuple[str, dict]:
   for stage, title in (("edit", "Editing"), ("interpolate", "Interpolation")):
     src = os.path.join(workdir, stage, "strip.png")
     record = wd.stage_record(workdir, stage)
-    if not os.path.exists(src) or record is None:
+    if not epath.Path(src).exists() or record is None:
       parts.append(f"{title}: the `{stage}` stage has not run.\n")
       continue
     dst = os.path.join(out_dir, f"{stage}_strip.png")
-    shutil.copyfile(src, dst)
+    epath.Path(src).copy(dst, overwrite=True)
     res[stage] = record["results"]
     summary = ", ".join(
       f"{k}={_short(v)}" for k, v in record["results"].items()

@@ -12,8 +12,9 @@ import os
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
-from dsv_jax import models, synthesize, viz
+from dsv_jax import checkpoints, models, synthesize, viz
 from dsv_jax.experiment import common, synthesis_loop
 from dsv_jax.experiment import workdir as wd
 
@@ -57,7 +58,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   common.validate_config(config)
   config = common.synthesis_recipe(config, "real")
-  workdir = os.path.abspath(workdir)
+  workdir = checkpoints.abspath(workdir)
   digest = stage_hash(config, workdir)
   clf = common.classifier_for(config, workdir)
   info, ed = clf.info, config.edit
@@ -88,7 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pred_before = models.predict(clf.apply_fn, clf.params, images).argmax(-1)
   pred_after = models.predict(clf.apply_fn, clf.params, edited).argmax(-1)
   out_dir = os.path.join(workdir, "edit")
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   both = np.stack([images, edited], 1).reshape(-1, *images.shape[1:])
   names = info.class_names
   titles = []
@@ -105,7 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       " (source-model predictions)"
     ),
   )
-  np.savez(
+  wd.savez(
     os.path.join(out_dir, "edit.npz"),
     original=images,
     edited=edited,

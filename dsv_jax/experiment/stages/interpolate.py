@@ -11,8 +11,9 @@ import os
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
-from dsv_jax import models, synthesize, viz
+from dsv_jax import checkpoints, models, synthesize, viz
 from dsv_jax.experiment import common, synthesis_loop
 from dsv_jax.experiment import workdir as wd
 
@@ -43,7 +44,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   common.validate_config(config)
   config = common.synthesis_recipe(config, "real")
-  workdir = os.path.abspath(workdir)
+  workdir = checkpoints.abspath(workdir)
   digest = stage_hash(config, workdir)
   clf = common.classifier_for(config, workdir)
   info, it = clf.info, config.interpolate
@@ -87,7 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     jax.nn.softmax(models.predict(clf.apply_fn, clf.params, x), -1)
   )
   out_dir = os.path.join(workdir, "interpolate")
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   viz.strip(
     os.path.join(out_dir, "strip.png"),
     x,
@@ -101,7 +102,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"{info.class_names[it.class_b]}"
     ),
   )
-  np.savez(
+  wd.savez(
     os.path.join(out_dir, "interpolate.npz"),
     images=x,
     deltas=deltas,

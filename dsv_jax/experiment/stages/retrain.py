@@ -22,8 +22,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
-from dsv_jax import artifacts, data, models, retrain, synthesize
+from dsv_jax import artifacts, checkpoints, data, models, retrain, synthesize
 from dsv_jax.experiment import common, sources
 from dsv_jax.experiment import workdir as wd
 
@@ -232,7 +233,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   common.validate_config(config)
   validate_retrain_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = checkpoints.abspath(workdir)
   digest = stage_hash(config, workdir)
   r = config.retrain
   ds = common.try_load_data(config)
@@ -245,7 +246,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sets, sources = {}, {}
   for i, (name, sub) in enumerate(SET_DIRS):
     path = os.path.join(workdir, sub)
-    if name != "dsv" and not os.path.exists(os.path.join(path, artifacts.NPZ)):
+    if name != "dsv" and not epath.Path(path, artifacts.NPZ).exists():
       continue
     dsv, _ = artifacts.load_dsv(path)
     images, targets = set_rows(dsv, soft=r.soft_targets)
@@ -278,8 +279,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "rows": rows,
   }
   out_dir = os.path.join(workdir, "retrain")
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  with epath.Path(out_dir, "results.json").open("w") as f:
     json.dump(results, f, indent=2, sort_keys=True)
   summary = {"eval_split": r.eval_split, "steps": r.steps}
   for name, row in rows.items():

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from dsv_jax import checkpoints, distributed, parallel, select, synthesize, viz
 from dsv_jax.experiment import common, sources
@@ -157,7 +158,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.validate_config(config)
   validate_select_config(config)
   s = config.select
-  workdir = os.path.abspath(workdir)
+  workdir = checkpoints.abspath(workdir)
   digest = stage_hash(config, workdir)
   ds = common.try_load_data(config)
   if ds is None:
@@ -177,7 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   mesh = parallel.make_mesh(s.num_devices or None)
   out_dir = os.path.join(workdir, "select")
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   ckpt_dir = os.path.join(workdir, "ckpt", "select")
   with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
     wd.check_resumable(ckptr, ckpt_dir, digest, "selection")
@@ -280,7 +281,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     uniform_all,
   )
   order, class_start, rank = _ranking(scores, labels, c)
-  distributed.primary_only(np.savez)(
+  wd.savez(
     os.path.join(out_dir, "lambdas.npz"),
     lambdas=lambdas,
     scores=scores,

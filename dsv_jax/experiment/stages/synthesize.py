@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from dsv_jax import checkpoints, distributed, parallel, synthesize, viz
 from dsv_jax.experiment import common, synthesis_loop
@@ -89,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   common.validate_config(config)
   config = common.synthesis_recipe(config)
-  workdir = os.path.abspath(workdir)
+  workdir = checkpoints.abspath(workdir)
   digest = stage_hash(config, workdir)
   clf = common.classifier_for(config, workdir)
   info, sy = clf.info, config.synth
@@ -102,7 +103,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if sy.lowres_size:
     x0 = _lowres_phase(config, workdir, digest, clf, key, x0, targets, mesh)
   out_dir = os.path.join(workdir, "synthesize")
-  os.makedirs(out_dir, exist_ok=True)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   ckpt_dir = os.path.join(workdir, "ckpt", "synthesize")
   with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
     wd.check_resumable(ckptr, ckpt_dir, digest, "synthesis")
@@ -169,7 +170,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ),
   )
   distributed.barrier("dsv_jax: synthesis metrics written")  # By process 0.
-  with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+  with epath.Path(out_dir, "metrics.jsonl").open() as f:
     rows = [json.loads(line) for line in f]
   distributed.primary_only(viz.plot_curves)(
     os.path.join(out_dir, "curves.png"),

@@ -8,7 +8,6 @@ classifier from elsewhere (`model.source`, `sources`) it only records that.
 """
 
 import os
-import shutil
 import time
 from typing import Any
 
@@ -16,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from dsv_jax import checkpoints, distributed, models, parallel, select, train
 from dsv_jax.experiment import common, sources
@@ -37,20 +37,21 @@ def _save_classifier_atomically(workdir: str, arrays, meta) -> None:
   # Written beside and swapped in, so a crash mid-write never leaves a
   # classifier/ whose arrays and meta.json disagree.
   # With several processes, all of them write the Orbax arrays; process 0
-  # alone moves folders, between barriers.
+  # alone moves folders, between barriers. On an object store (gs://) a
+  # rename is a copy and a delete, so there the swap is not atomic.
   final = os.path.join(workdir, "classifier")
   tmp, old = final + ".tmp", final + ".old"
   if distributed.is_primary():
     for path in (tmp, old):
-      shutil.rmtree(path, ignore_errors=True)
+      epath.Path(path).rmtree(missing_ok=True)
   distributed.barrier("dsv_jax: classifier tmp cleared")
   checkpoints.save_classifier(tmp, arrays, meta)
   distributed.barrier("dsv_jax: classifier saved")
   if distributed.is_primary():
-    if os.path.isdir(final):
-      os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    if epath.Path(final).is_dir():
+      epath.Path(final).replace(old)
+    epath.Path(tmp).replace(final)
+    epath.Path(old).rmtree(missing_ok=True)
   distributed.barrier("dsv_jax: classifier in place")
 
 
@@ -61,7 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     A dict with validation and test accuracy/loss, wall time and steps.
   """
   common.validate_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = checkpoints.abspath(workdir)
   digest = stage_hash(config, workdir)
   if sources.is_external(config):
     # Nothing to train: later stages take the classifier from the source.
