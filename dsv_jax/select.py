@@ -11,9 +11,12 @@ one weighted backward pass (``G @ lambda``, the product of
 `kkt.per_sample_grad_dots`), both streamed over the data in chunks by a
 host-side loop over jitted per-chunk functions (on XLA:CPU a convolution
 inside ``lax.scan`` runs 7-15x slower, see benchmarks/README.md) and sharded
-``P("data")`` over a device mesh with the parameters replicated; the
-``G @ lambda`` sum over chunks is accumulated as a replicated pytree.
-Memory is O(P + chunk activations) for any N. Both products go through the
+``P("data")`` over a device mesh with the parameters replicated; each
+device sums ``G @ lambda`` over its rows of every chunk, and the partial
+sums are all-reduced once per product (P floats). With several processes
+each holds only its own rows (`process_rows`) and their per-sample
+vectors: an iteration communicates that all-reduce and a few scalars,
+never an N-vector. Memory is O(P + chunk activations) for any N. Both products go through the
 logits with ``softmax - onehot`` formed without cancellation (see
 `_make_operator`): confident samples have ``1 - p_y`` far below float32's
 resolution of 1.
@@ -120,7 +123,9 @@ class SolverState(NamedTuple):
   Attributes:
     step: iterations done (int32 scalar).
     contributions: current iterate ``mu_k = lambda_k * ||p - y||`` (the
-      solver's variable, see `fit_lambdas`), ``float32[N]``.
+      solver's variable, see `fit_lambdas`), ``float32[N]`` (in the state
+      `fit_lambdas` passes its callback with several processes: this
+      process's `process_rows` only, see `gather_state`).
     contributions_prev: previous iterate ``mu_{k-1}``.
     g: ``G @ lambda_k``, a pytree like params.
     g_prev: ``G @ lambda_{k-1}``.
@@ -481,14 +486,15 @@ def _make_operator(
 
   # shard_map: each device adds its own rows' gradient to its partial sum,
   # no collective per chunk.
-  add_grad = jax.jit(
-    jax.shard_map(
+  @jax.jit
+  def add_grad(acc, p, xc, tc, lc):
+    return jax.shard_map(
       add_local,
       mesh=mesh,
       in_specs=(data, PartitionSpec(), data, data, data),
       out_specs=data,
-    )
-  )
+    )(acc, p, xc, tc, lc)
+
   dots = jax.jit(dots_of, out_shardings=batch)
   residual_norms = jax.jit(norms_of, out_shardings=(batch, batch))
   num_chunks = len(layout.index)
@@ -589,14 +595,14 @@ def _device_operator(
     acc = jax.lax.scan(body, acc, (xs, ts, lam))[0]
     return jax.tree.map(lambda a: a[None], acc)
 
-  matvec_all = jax.jit(
-    jax.shard_map(
+  @jax.jit
+  def matvec_all(p, xs, ts, lam):
+    return jax.shard_map(
       local_sum,
       mesh=mesh,
       in_specs=(PartitionSpec(), spec, spec, spec),
       out_specs=PartitionSpec(parallel.DATA_AXIS),
-    )
-  )
+    )(p, xs, ts, lam)
 
   @jax.jit
   def rmatvec_all(p, xs, ts, u):
