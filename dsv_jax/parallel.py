@@ -23,6 +23,7 @@ Typical use::
   params = parallel.replicate(params, mesh)
 """
 
+import re
 from collections.abc import Sequence
 
 import jax
@@ -168,6 +169,84 @@ def to_host(tree: PyTree) -> PyTree:
   return jax.tree.map(one, tree)
 
 
+def from_device_pieces(
+  shape: tuple[int, ...],
+  sharding: NamedSharding,
+  pieces: Sequence[np.ndarray],
+  devices: Sequence[jax.Device],
+) -> jax.Array:
+  """A global array from this process's shards alone, no communication.
+
+  ``pieces[i]`` is the shard of ``devices[i]`` (one of this process's
+  devices in ``sharding``); every process passes its own, so none holds
+  (or reads) the others' rows.
+  """
+  arrays = [jax.device_put(p, d) for p, d in zip(pieces, devices, strict=True)]
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def local_pieces(array: jax.Array, devices: Sequence[jax.Device]) -> list:
+  """The shards of ``array`` on ``devices`` (this process's), as numpy."""
+  by_device = {s.device: s.data for s in array.addressable_shards}
+  return [np.asarray(by_device[d]) for d in devices]
+
+
+def process_sum(*values) -> tuple:
+  """Each value summed over the processes (float64); as given with one.
+
+  One small gather of ``len(values)`` scalars per process: the way to
+  reduce per-process partial sums (dot products, counts) on the host.
+  """
+  return _process_reduce(values, np.sum)
+
+
+def process_max(*values) -> tuple:
+  """Each value's maximum over the processes; as given with one."""
+  return _process_reduce(values, np.max)
+
+
+def _process_reduce(values: tuple, op) -> tuple:
+  if jax.process_count() == 1:
+    return values
+  from jax.experimental import multihost_utils
+
+  # As the bits of float64: a jax array of float64 is float32 without x64.
+  bits = np.asarray(values, np.float64).view(np.int32)
+  every = np.asarray(multihost_utils.process_allgather(bits))
+  return tuple(op(every.view(np.float64), 0).tolist())
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes each kind of collective of a compiled program moves per device.
+
+  From ``jax.jit(f).lower(...).compile().as_text()``: the result shapes of
+  every all-reduce, all-gather, reduce-scatter, all-to-all and
+  collective-permute (their ``-start`` forms included), summed per kind.
+  """
+  out = {}
+  pattern = re.compile(
+    r"=\s*(\(.*?\)|\S+)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|"
+    r"collective-permute)(?:-start)?\("
+  )
+  for line in hlo_text.splitlines():
+    m = pattern.search(line)
+    if m:
+      out[m.group(2)] = out.get(m.group(2), 0) + _shape_bytes(m.group(1))
+  return out
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2}
+_DTYPE_BYTES |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def _shape_bytes(shapes: str) -> int:
+  total = 0
+  for dtype, dims in re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", shapes):
+    size = int(np.prod([int(d) for d in dims.split(",") if d]))
+    total += size * _DTYPE_BYTES.get(dtype, 4)
+  return total
+
+
 def pad_to_multiple(tree: PyTree, multiple: int) -> tuple[PyTree, jax.Array]:
   """Pads the leading axis of every leaf to a multiple of ``multiple``.
 
@@ -226,9 +305,14 @@ __all__ = [
   "DATA_AXIS",
   "balanced_chunk",
   "batch_sharding",
+  "collective_bytes",
+  "from_device_pieces",
+  "local_pieces",
   "make_mesh",
   "num_shards",
   "pad_to_multiple",
+  "process_max",
+  "process_sum",
   "put",
   "replicate",
   "replicated_sharding",

@@ -11,9 +11,12 @@ one weighted backward pass (``G @ lambda``, the product of
 `kkt.per_sample_grad_dots`), both streamed over the data in chunks by a
 host-side loop over jitted per-chunk functions (on XLA:CPU a convolution
 inside ``lax.scan`` runs 7-15x slower, see benchmarks/README.md) and sharded
-``P("data")`` over a device mesh with the parameters replicated; the
-``G @ lambda`` sum over chunks is accumulated as a replicated pytree.
-Memory is O(P + chunk activations) for any N. Both products go through the
+``P("data")`` over a device mesh with the parameters replicated; each
+device sums ``G @ lambda`` over its rows of every chunk, and the partial
+sums are all-reduced once per product (P floats). With several processes
+each holds only its own rows (`process_rows`) and their per-sample
+vectors: an iteration communicates that all-reduce and a few scalars,
+never an N-vector. Memory is O(P + chunk activations) for any N. Both products go through the
 logits with ``softmax - onehot`` formed without cancellation (see
 `_make_operator`): confident samples have ``1 - p_y`` far below float32's
 resolution of 1.
@@ -120,7 +123,9 @@ class SolverState(NamedTuple):
   Attributes:
     step: iterations done (int32 scalar).
     contributions: current iterate ``mu_k = lambda_k * ||p - y||`` (the
-      solver's variable, see `fit_lambdas`), ``float32[N]``.
+      solver's variable, see `fit_lambdas`), ``float32[N]`` (in the state
+      `fit_lambdas` passes its callback with several processes: this
+      process's `process_rows` only, see `gather_state`).
     contributions_prev: previous iterate ``mu_{k-1}``.
     g: ``G @ lambda_k``, a pytree like params.
     g_prev: ``G @ lambda_{k-1}``.
@@ -232,16 +237,123 @@ class FitInfo(NamedTuple):
 
 
 class _Operator(NamedTuple):
-  """Chunked products with G over fixed data (see `_make_operator`)."""
+  """Chunked products with G over fixed data (see `_make_operator`).
 
-  matvec: Callable[[np.ndarray], Params]  # lambda [N] -> G lambda
-  rmatvec: Callable[[Params], np.ndarray]  # u -> G^T u [N]
-  # (||p_i - y_i||, classified as its target) [N] each.
+  Per-sample vectors are this process's rows only (`process_rows`; all
+  of them with one process): nothing N-sized crosses processes.
+  """
+
+  matvec: Callable[[np.ndarray], Params]  # lambda [rows] -> G lambda
+  rmatvec: Callable[[Params], np.ndarray]  # u -> G^T u [rows]
+  # (||p_i - y_i||, classified as its target) [rows] each.
   weights: Callable[[], tuple[np.ndarray, np.ndarray]]
+  # {program name: (compiled HLO text, calls per product)} of the programs
+  # one matvec and one rmatvec run (for communication counts).
+  programs: Callable[[], dict[str, tuple[str, int]]]
 
 
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
+
+
+class _Layout(NamedTuple):
+  """Which rows of the set a process holds, and where they go.
+
+  The set is cut into chunks of ``chunk`` consecutive rows, each split
+  over the ``data`` devices (``shard`` rows each; the last chunk padded):
+  a process holds the rows of its devices, chunk by chunk -- a split that
+  depends on the device count, never on the process count.
+  """
+
+  chunk: int
+  shard: int
+  devices: tuple[jax.Device, ...]  # the process's devices, in mesh order
+  rows: np.ndarray  # int [M]: global index of each local row
+  # int [num_chunks, len(devices), shard]: the local row each device's
+  # slot takes (padding: the last real local row before it).
+  index: np.ndarray
+  real: np.ndarray  # bool, like index: the slot holds a real row
+
+
+def _layout(n: int, chunk_size: int, mesh: Mesh, process: int) -> _Layout:
+  shards = parallel.num_shards(mesh)
+  chunk = _round_up(parallel.balanced_chunk(n, chunk_size), shards)
+  shard = chunk // shards
+  devices = list(mesh.devices.reshape(-1))
+  mine = [i for i, d in enumerate(devices) if d.process_index == process]
+  starts = np.arange(-(-n // chunk))[:, None] * chunk
+  grid = (starts + np.array(mine)[None] * shard)[..., None] + np.arange(shard)
+  real = grid < n
+  rows = grid[real]
+  if not rows.size:
+    raise ValueError(
+      f"x has {n} samples: too few for {shards} devices, process {process} "
+      "gets none."
+    )
+  local = np.cumsum(real.reshape(len(grid), -1).sum(1)) - 1
+  index = np.broadcast_to(local[:, None, None], grid.shape).copy()
+  index[real] = np.arange(rows.size)
+  return _Layout(
+    chunk,
+    shard,
+    tuple(devices[i] for i in mine),
+    rows,
+    np.maximum(index, 0),
+    real,
+  )
+
+
+def process_rows(n: int, *, chunk_size: int, mesh: Mesh) -> np.ndarray:
+  """Indices of the samples this process holds in `fit_lambdas`.
+
+  The rows its devices take in every chunk of ``chunk_size`` (as rounded
+  by `fit_lambdas`), in the order the solver keeps them: pass
+  ``x[rows]``, ``targets[rows]`` and ``num_samples=n`` to `fit_lambdas`
+  to stream only them. Depends on the devices of ``mesh``, not on the
+  number of processes; with one process, ``arange(n)``.
+  """
+  return _layout(n, chunk_size, mesh, jax.process_index()).rows
+
+
+def gather_rows(
+  local: np.ndarray, n: int, *, chunk_size: int, mesh: Mesh
+) -> np.ndarray:
+  """The ``[n, ...]`` vector of every process's `process_rows` values.
+
+  A collective (every process calls it); with one process ``local``.
+  """
+  local = np.asarray(local)
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+
+  layouts = [
+    _layout(n, chunk_size, mesh, p) for p in range(jax.process_count())
+  ]
+  size = max(len(lay.rows) for lay in layouts)
+  padded = np.zeros((size, *local.shape[1:]), local.dtype)
+  padded[: len(local)] = local
+  every = np.asarray(multihost_utils.process_allgather(padded))
+  out = np.zeros((n, *local.shape[1:]), local.dtype)
+  for lay, values in zip(layouts, every, strict=True):
+    out[lay.rows] = values[: len(lay.rows)]
+  return out
+
+
+def gather_state(
+  state: "SolverState", n: int, *, chunk_size: int, mesh: Mesh
+) -> "SolverState":
+  """The state with every sample's values (e.g. to checkpoint), from the
+  per-process state `fit_lambdas` passes its callback. A collective."""
+  if jax.process_count() == 1:
+    return state
+  kw = dict(chunk_size=chunk_size, mesh=mesh)
+  return state._replace(
+    contributions=gather_rows(np.asarray(state.contributions), n, **kw),
+    contributions_prev=gather_rows(
+      np.asarray(state.contributions_prev), n, **kw
+    ),
+  )
 
 
 Strategy = Literal["auto", "host", "device"]
@@ -262,24 +374,28 @@ def _make_operator(
   x: np.ndarray,
   targets: np.ndarray,
   *,
-  chunk_size: int,
+  layout: _Layout,
   mesh: Mesh,
   strategy: str,
 ) -> _Operator:
   """Products with G, chunk by chunk, each chunk split over ``mesh``.
 
+  ``x`` and ``targets`` are the rows of ``layout`` (this process's).
   ``strategy="host"`` streams each chunk from host memory on every pass
   (one jitted program per chunk): the whole set is never on the device,
   and on XLA:CPU a Python loop over chunks measured 7-15x faster than a
   `lax.scan`. ``"device"`` uploads the set once, split over the devices,
   and runs every pass as one program over its chunks (`lax.map` /
   `lax.scan`), so an accelerator never waits on the host between chunks.
+
+  ``G lambda`` is summed per device over the chunks and all-reduced once
+  per product (P floats, whatever N); ``G^T u`` and the weights stay on
+  the devices that computed them, read back by their own process.
   """
-  n = x.shape[0]
-  shards = parallel.num_shards(mesh)
-  chunk = _round_up(parallel.balanced_chunk(n, chunk_size), shards)
+  chunk, shard, devices = layout.chunk, layout.shard, layout.devices
   rep = parallel.replicated_sharding(mesh)
   batch = parallel.batch_sharding(mesh)
+  data = PartitionSpec(parallel.DATA_AXIS)
 
   # G lambda = J^T [lambda_i r_i] (one backward pass of the logits) and
   # G^T u = [<r_i, J_i u>] (one jvp), with r_i = softmax(z_i) - y_i, the
@@ -288,6 +404,12 @@ def _make_operator(
   # without cancellation: the cross-entropy VJP computes
   # lambda_i p_iy - lambda_i, which loses everything once p_iy rounds to 1
   # in float32, exactly for the confident samples whose lambda is huge.
+  def varying(p):
+    # Inside shard_map: the gradient with respect to a replicated (invariant)
+    # input would be psummed over the devices; a varying copy keeps it
+    # this device's partial sum.
+    return jax.lax.pcast(p, parallel.DATA_AXIS, to="varying")
+
   def grad_of(p, xc, tc, lc):
     logits, vjp = jax.vjp(lambda q: apply_fn(q, xc), p)
     r = jax.lax.stop_gradient(prob_residual(logits, tc))
@@ -304,96 +426,183 @@ def _make_operator(
     return jnp.sqrt(jnp.sum(r * r, -1)), jnp.argmax(logits, -1) == labels
 
   params = parallel.put(params, rep)
+  shards = parallel.num_shards(mesh)
+  # Per-device partial sums of G lambda, [shards, *leaf], split over data.
+  zeros = jax.jit(
+    lambda p: jax.tree.map(lambda a: jnp.zeros((shards, *a.shape), a.dtype), p),
+    out_shardings=batch,
+  )
+  # The one all-reduce of a product: P floats.
+  total = jax.jit(
+    lambda acc: jax.tree.map(lambda a: jnp.sum(a, 0), acc), out_shardings=rep
+  )
+
+  def locals_of(values, slots):
+    # [devices, ...] pieces of ``values`` (local rows) for index ``slots``.
+    return [values[slots[k]] for k in range(len(devices))]
+
+  def lambda_pieces(lambdas, slots, real):
+    # Padded slots carry lambda 0: they add nothing to G lambda.
+    lam = np.where(real, np.asarray(lambdas, np.float32)[slots], 0)
+    return [lam[k].astype(np.float32) for k in range(len(devices))]
+
   if strategy == "device":
     return _device_operator(
-      grad_of, dots_of, norms_of, params, x, targets, chunk, mesh
+      grad_of,
+      varying,
+      dots_of,
+      norms_of,
+      params,
+      x,
+      targets,
+      layout,
+      mesh,
+      zeros,
+      total,
+      locals_of,
+      lambda_pieces,
     )
 
-  def chunk_data(start):
-    # The last chunk is padded by repeating its last row (the model never
+  def chunk_data(c):
+    # The last chunk is padded by repeating a real row (the model never
     # sees an arbitrary input); padded rows get lambda 0 and are dropped.
-    stop = min(start + chunk, n)
-    xc, tc = x[start:stop], targets[start:stop]
-    pad = chunk - (stop - start)
-    if pad:
-      xc = np.concatenate([xc, np.repeat(xc[-1:], pad, 0)])
-      tc = np.concatenate([tc, np.repeat(tc[-1:], pad, 0)])
-    return parallel.shard_batch((xc, tc), mesh), stop - start
+    slots = layout.index[c].reshape(len(devices), shard)
+    xc = parallel.from_device_pieces(
+      (chunk, *x.shape[1:]), batch, locals_of(x, slots), devices
+    )
+    tc = parallel.from_device_pieces(
+      (chunk, *targets.shape[1:]), batch, locals_of(targets, slots), devices
+    )
+    return xc, tc
 
+  def local_rows(out, c):
+    # This process's real rows of a [chunk] output split over data.
+    pieces = np.stack(parallel.local_pieces(out, devices))
+    return pieces[layout.real[c]]
+
+  def add_local(acc, p, xc, tc, lc):
+    g = grad_of(varying(p), xc, tc, lc)
+    return jax.tree.map(lambda a, b: a + b[None], acc, g)
+
+  # shard_map: each device adds its own rows' gradient to its partial sum,
+  # no collective per chunk.
   @jax.jit
   def add_grad(acc, p, xc, tc, lc):
-    return jax.tree.map(jnp.add, acc, grad_of(p, xc, tc, lc))
+    return jax.shard_map(
+      add_local,
+      mesh=mesh,
+      in_specs=(data, PartitionSpec(), data, data, data),
+      out_specs=data,
+    )(acc, p, xc, tc, lc)
 
   dots = jax.jit(dots_of, out_shardings=batch)
   residual_norms = jax.jit(norms_of, out_shardings=(batch, batch))
-  starts = range(0, n, chunk)
+  num_chunks = len(layout.index)
 
   def matvec(lambdas):
-    acc = jax.device_put(jax.tree.map(jnp.zeros_like, params), rep)
-    for start in starts:
-      (xc, tc), m = chunk_data(start)
-      lc = np.zeros(chunk, np.float32)
-      lc[:m] = lambdas[start : start + m]
-      acc = add_grad(acc, params, xc, tc, parallel.put(lc, batch))
+    acc = zeros(params)
+    for c in range(num_chunks):
+      xc, tc = chunk_data(c)
+      slots = layout.index[c]
+      lc = parallel.from_device_pieces(
+        (chunk,), batch, lambda_pieces(lambdas, slots, layout.real[c]), devices
+      )
+      acc = add_grad(acc, params, xc, tc, lc)
       # Without this, asynchronous dispatch lets the host loop run ahead
       # and copy every chunk to the device before the first is consumed:
       # one more copy of the whole data set at peak (measured +170 MiB at
       # N = 60k on Fashion-MNIST).
       jax.block_until_ready(acc)
-    return acc
+    return total(acc)
 
   def rmatvec(u):
     u = parallel.put(u, rep)
     out = []
-    for start in starts:
-      (xc, tc), m = chunk_data(start)
-      # Sharded over every process's devices: `to_host` gathers it.
-      out.append(parallel.to_host(dots(params, xc, tc, u))[:m])
+    for c in range(num_chunks):
+      xc, tc = chunk_data(c)
+      out.append(local_rows(dots(params, xc, tc, u), c))
     return np.concatenate(out)
 
   def weights():
     norms, correct = [], []
-    for start in starts:
-      (xc, tc), m = chunk_data(start)
-      w, ok = parallel.to_host(residual_norms(params, xc, tc))
-      norms.append(w[:m])
-      correct.append(ok[:m])
+    for c in range(num_chunks):
+      w, ok = residual_norms(params, *chunk_data(c))
+      norms.append(local_rows(w, c))
+      correct.append(local_rows(ok, c))
     return np.concatenate(norms), np.concatenate(correct)
 
-  return _Operator(matvec, rmatvec, weights)
+  def programs():
+    xc, tc = chunk_data(0)
+    lc = jax.ShapeDtypeStruct((chunk,), jnp.float32, sharding=batch)
+    acc = zeros(params)
+    return {
+      "zeros": (zeros.lower(params).compile().as_text(), 1),
+      "add_grad": (
+        add_grad.lower(acc, params, xc, tc, lc).compile().as_text(),
+        num_chunks,
+      ),
+      "total": (total.lower(acc).compile().as_text(), 1),
+      "dots": (
+        dots.lower(params, xc, tc, params).compile().as_text(),
+        num_chunks,
+      ),
+    }
+
+  return _Operator(matvec, rmatvec, weights, programs)
 
 
 def _device_operator(
-  grad_of, dots_of, norms_of, params, x, targets, chunk, mesh
+  grad_of,
+  varying,
+  dots_of,
+  norms_of,
+  params,
+  x,
+  targets,
+  layout,
+  mesh,
+  zeros,
+  total,
+  locals_of,
+  lambda_pieces,
 ) -> _Operator:
   """`_make_operator`'s ``"device"`` strategy: the set lives on device as
-  ``[num_chunks, chunk, ...]``, the chunk axis split over ``data``."""
-  n = x.shape[0]
-  pad = _round_up(n, chunk) - n
-  # Padding repeats the last row (as the host strategy): lambda 0 there.
-  xp = np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
-  tp = (
-    np.concatenate([targets, np.repeat(targets[-1:], pad, 0)])
-    if pad
-    else targets
+  ``[num_chunks, chunk, ...]``, the chunk axis split over ``data`` (each
+  process uploads its own rows)."""
+  chunk, devices = layout.chunk, layout.devices
+  num_chunks = len(layout.index)
+  spec = PartitionSpec(None, parallel.DATA_AXIS)
+  split = NamedSharding(mesh, spec)
+  # [devices, num_chunks, shard]: each device's slots over the chunks.
+  slots = layout.index.transpose(1, 0, 2)
+  real = layout.real.transpose(1, 0, 2)
+  xs = parallel.from_device_pieces(
+    (num_chunks, chunk, *x.shape[1:]), split, locals_of(x, slots), devices
   )
-  split = NamedSharding(mesh, PartitionSpec(None, parallel.DATA_AXIS))
-  xs, ts = parallel.put(
-    (
-      xp.reshape(-1, chunk, *x.shape[1:]),
-      tp.reshape(-1, chunk, *targets.shape[1:]),
-    ),
+  ts = parallel.from_device_pieces(
+    (num_chunks, chunk, *targets.shape[1:]),
     split,
+    locals_of(targets, slots),
+    devices,
   )
-  num_chunks = xs.shape[0]
 
-  @jax.jit
-  def matvec_all(p, xs, ts, lam):
+  def local_sum(p, xs, ts, lam):
     def body(acc, args):
       return jax.tree.map(jnp.add, acc, grad_of(p, *args)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, p)
-    return jax.lax.scan(body, zeros, (xs, ts, lam))[0]
+    p = varying(p)
+    acc = jax.tree.map(jnp.zeros_like, p)
+    acc = jax.lax.scan(body, acc, (xs, ts, lam))[0]
+    return jax.tree.map(lambda a: a[None], acc)
+
+  @jax.jit
+  def matvec_all(p, xs, ts, lam):
+    return jax.shard_map(
+      local_sum,
+      mesh=mesh,
+      in_specs=(PartitionSpec(), spec, spec, spec),
+      out_specs=PartitionSpec(parallel.DATA_AXIS),
+    )(p, xs, ts, lam)
 
   @jax.jit
   def rmatvec_all(p, xs, ts, u):
@@ -403,21 +612,43 @@ def _device_operator(
   def weights_all(p, xs, ts):
     return jax.lax.map(lambda args: norms_of(p, *args), (xs, ts))
 
+  def local_rows(out):
+    # [devices, num_chunks, shard] -> real rows, chunk by chunk (the local
+    # order of `_Layout.rows`).
+    pieces = np.stack(parallel.local_pieces(out, devices)).transpose(1, 0, 2)
+    return pieces[layout.real]
+
+  def lam_of(lambdas):
+    return parallel.from_device_pieces(
+      (num_chunks, chunk), split, lambda_pieces(lambdas, slots, real), devices
+    )
+
   def matvec(lambdas):
-    lam = np.zeros(num_chunks * chunk, np.float32)
-    lam[:n] = lambdas
-    lam = parallel.put(lam.reshape(num_chunks, chunk), split)
-    return matvec_all(params, xs, ts, lam)
+    return total(matvec_all(params, xs, ts, lam_of(lambdas)))
 
   def rmatvec(u):
-    out = parallel.to_host(rmatvec_all(params, xs, ts, u))
-    return out.reshape(-1)[:n]
+    return local_rows(rmatvec_all(params, xs, ts, u))
 
   def weights():
-    w, ok = parallel.to_host(weights_all(params, xs, ts))
-    return w.reshape(-1)[:n], ok.reshape(-1)[:n]
+    w, ok = weights_all(params, xs, ts)
+    return local_rows(w), local_rows(ok)
 
-  return _Operator(matvec, rmatvec, weights)
+  def programs():
+    lam = jax.ShapeDtypeStruct((num_chunks, chunk), jnp.float32, sharding=split)
+    acc = zeros(params)
+    return {
+      "matvec_all": (
+        matvec_all.lower(params, xs, ts, lam).compile().as_text(),
+        1,
+      ),
+      "total": (total.lower(acc).compile().as_text(), 1),
+      "rmatvec_all": (
+        rmatvec_all.lower(params, xs, ts, params).compile().as_text(),
+        1,
+      ),
+    }
+
+  return _Operator(matvec, rmatvec, weights, programs)
 
 
 # ----------------------------------------------------------------------------
@@ -717,6 +948,45 @@ def _check_args(
     raise ValueError(f"l1_smoothing must be > 0, got {l1_smoothing}.")
 
 
+def _local_problem(
+  apply_fn, params, x, targets, wrt, num_samples, chunk_size, mesh
+):
+  """``(x, targets)`` of this process's rows (validated), N, their
+  `_Layout` and the `Represented` parameters (see `fit_lambdas`)."""
+  x = checks.host_float32_images(x)
+  targets = np.asarray(targets)
+  given = num_samples is not None
+  n = num_samples if given else (x.shape[0] if x.ndim else 0)
+  if n < 1 or not len(x):
+    raise ValueError("x holds no samples.")
+  layout = _layout(n, chunk_size, mesh, jax.process_index())
+  if given and len(x) != len(layout.rows):
+    raise ValueError(
+      f"x holds {len(x)} samples, but this process has {len(layout.rows)} "
+      f"rows of num_samples = {n} (select.process_rows)."
+    )
+  checks.check_kkt_inputs(
+    apply_fn, params, jnp.asarray(x[:1]), jnp.asarray(targets[:1])
+  )
+  checks.check_targets_shape(jnp.asarray(targets), len(x))
+  num_classes = jax.eval_shape(apply_fn, params, x[:1]).shape[-1]
+  checks.check_target_values(jnp.asarray(targets), num_classes)
+  _check_finite("x", x)
+  _check_finite("params", params)
+  if targets.ndim == 2:
+    targets = targets.astype(np.float32)
+  several = jax.process_count() > 1
+  if given and several and isinstance(wrt, str) and wrt == "auto":
+    raise ValueError(
+      "wrt='auto' probes the whole set, but each process holds its own rows "
+      "(num_samples): pass the mask of select.represented_leaves."
+    )
+  represented = resolve_wrt(wrt, apply_fn, params, x, targets)
+  if several and not given:
+    x, targets = x[layout.rows], targets[layout.rows]
+  return x, targets, n, layout, represented
+
+
 # ----------------------------------------------------------------------------
 # The solver.
 
@@ -740,6 +1010,7 @@ def fit_lambdas(
   state: SolverState | None = None,
   callback: Callable[[SolverState, dict[str, float]], None] | None = None,
   strategy: Strategy = "auto",
+  num_samples: int | None = None,
 ) -> tuple[np.ndarray, FitInfo]:
   """Fits ``lambda >= 0`` with ``theta* ~= -sum_i lambda_i grad L_i``.
 
@@ -797,6 +1068,18 @@ def fit_lambdas(
       fastest on CPU), ``"device"`` keeps the set on the devices and runs
       each pass as one program (for GPU/TPU), ``"auto"`` (default) picks
       host on CPU and device elsewhere. Both give the same lambdas.
+    num_samples: None: ``x`` and ``targets`` are the whole set (each
+      process keeps its `process_rows` of them). Else N, and they are this
+      process's rows of it, ``x[process_rows(N, ...)]``: with several
+      processes, each then loads and streams only its own share (``wrt``
+      must then be given as a mask: "auto" would probe each process's own
+      rows).
+
+  Several processes: each keeps its own rows' per-sample vectors; the
+  only traffic per iteration is the all-reduce of ``G lambda`` (P floats)
+  and a few scalars (benchmarks/README.md). The callback's state holds
+  this process's rows (`gather_state` makes the whole one); the returned
+  lambdas, `FitInfo` vectors and state are gathered once, at the end.
 
   Returns:
     ``(lambdas float32[N] >= 0, FitInfo)``.
@@ -807,36 +1090,24 @@ def fit_lambdas(
       (with slackness) no sample with ``<theta*, -g_i> > 0``.
   """
   t_start = time.perf_counter()
-  x = checks.host_float32_images(x)
-  targets = np.asarray(targets)
   _check_args(
     distance, init, slackness, max_iters, tol, chunk_size, l1_smoothing
   )
-  n = x.shape[0] if x.ndim else 0
-  if n == 0:
-    raise ValueError("x holds no samples.")
-  checks.check_kkt_inputs(
-    apply_fn, params, jnp.asarray(x[:1]), jnp.asarray(targets[:1])
-  )
-  checks.check_targets_shape(jnp.asarray(targets), n)
-  num_classes = jax.eval_shape(apply_fn, params, x[:1]).shape[-1]
-  checks.check_target_values(jnp.asarray(targets), num_classes)
-  _check_finite("x", x)
-  _check_finite("params", params)
-  if targets.ndim == 2:
-    targets = targets.astype(np.float32)
   mesh = parallel.make_mesh() if mesh is None else mesh
-  represented = resolve_wrt(wrt, apply_fn, params, x, targets)
+  x, targets, n, layout, represented = _local_problem(
+    apply_fn, params, x, targets, wrt, num_samples, chunk_size, mesh
+  )
   restrict = _masker(represented.mask)
   op = _make_operator(
     apply_fn,
     params,
     x,
     targets,
-    chunk_size=chunk_size,
+    layout=layout,
     mesh=mesh,
     strategy=resolve_strategy(strategy),
   )
+  psum = parallel.process_sum
   params_all = parallel.put(params, parallel.replicated_sharding(mesh))
   # From here on theta* is its represented part: excluded leaves are zero
   # in theta* and in every G lambda the objective sees. The solver state
@@ -897,29 +1168,36 @@ def fit_lambdas(
     # <theta*, -G lambda> grows with the rewarded samples' lambda.
     push = -op.rmatvec(params)
     supporting = live & (push > 0)
-    if not supporting.any():
+    num_supporting, capped, w_sum, push_sum = psum(
+      np.count_nonzero(supporting),
+      np.count_nonzero(live & ~supporting),
+      weights[supporting].sum(),
+      push[supporting].sum(),
+    )
+    if not num_supporting:
       raise ValueError(
         "no sample has <theta*, -grad L_i> > 0: theta* is not in the cone of "
         "the negative per-sample gradients, so the contribution term is "
         "ill-defined; use slackness=0."
       )
-    capped = int(np.count_nonzero(live & ~supporting))
-    w_ref = theta_sq * float(weights[supporting].sum())
-    w_ref /= float(push[supporting].sum())
+    capped = int(capped)
+    w_ref = theta_sq * float(w_sum)
+    w_ref /= float(push_sum)
     lin = np.where(supporting, slackness / w_ref, 0).astype(np.float32)
   else:
-    lin = np.zeros(n, np.float32)
+    lin = np.zeros(len(x), np.float32)
   # The best constant lambda, min_c ||theta* + c G 1||^2 over every sample
   # whose gradient is not zero: the init, and the cap of the samples
   # pushing away -- a soft margin, as a soft-margin SVM's C. At a
   # stationary point of the training objective it is 1 / (N wd), exact.
-  upper = np.full(n, np.inf, np.float32)
+  upper = np.full(len(x), np.inf, np.float32)
   const_mu = g_const = None
   if (state is None and init == "uniform") or capped:
     # lambda = 1 / max_i w_i: with lambda = 1, G 1 of a very confident
     # classifier (every ||p_i - y_i|| ~ 1e-20) would underflow.
     w_live = np.where(live, weights, 0).astype(np.float64)
-    w_live = (w_live / max(w_live.max(), _MIN_WEIGHT)).astype(np.float32)
+    (w_max,) = parallel.process_max(w_live.max())
+    w_live = (w_live / max(w_max, _MIN_WEIGHT)).astype(np.float32)
     g1 = matvec(w_live)
     g1_sq = float(_sq_norm(restrict(g1)))
     c = max(-float(_vdot(params, g1)) / max(g1_sq, 1e-30), 0)
@@ -971,12 +1249,12 @@ def fit_lambdas(
     )
   )
 
-  def objective(g, mu):
-    return float(value_and_dual(g)[0]) - float(lin @ mu)
+  def objective(g, lin_mu):
+    return float(value_and_dual(g)[0]) - float(lin_mu)
 
   if state is None:
     if init == "zero":
-      mu0 = np.zeros(n, np.float32)
+      mu0 = np.zeros(len(x), np.float32)
       g0 = zeros
     else:
       mu0, g0 = const_mu, g_const
@@ -988,7 +1266,7 @@ def fit_lambdas(
     movable = ((mu0 > 0) | (grad0 < 0)) & ((mu0 < upper) | (grad0 > 0))
     direction = np.where(movable, -grad0, 0)
     direction = direction.astype(np.float32)
-    dn = float(direction @ direction)
+    dn = float(*psum(direction @ direction))
     lip = 1.0
     if dn > 0:
       # A step scaled to move G lambda by about ||theta*||: the difference
@@ -996,7 +1274,8 @@ def fit_lambdas(
       gd = matvec(direction)
       s = math.sqrt(theta_sq / max(float(_sq_norm(restrict(gd))), 1e-30))
       _, u1 = value_and_dual(jax.tree.map(lambda a, b: a + s * b, g0, gd))
-      curv = float((rmatvec(u1) - grad0 - lin) @ direction) / (s * dn)
+      (curv,) = psum((rmatvec(u1) - grad0 - lin) @ direction)
+      curv = float(curv) / (s * dn)
       lip = curv if curv > 0 else 1.0
     state = SolverState(
       step=jnp.int32(0),
@@ -1006,7 +1285,7 @@ def fit_lambdas(
       g_prev=g0,
       momentum=jnp.float32(1.0),
       lipschitz=jnp.float32(lip),
-      objective=jnp.float32(objective(g0, mu0)),
+      objective=jnp.float32(objective(g0, *psum(lin @ mu0))),
       max_step=jnp.float32(0.0),
       converged=jnp.asarray(False),
     )
@@ -1016,10 +1295,16 @@ def fit_lambdas(
       f"has {n}: it belongs to another problem."
     )
   else:
-    # A restored state lives on one device; the products are replicated.
+    # A restored state lives on one device; the products are replicated,
+    # and this process keeps its own rows.
     rep = parallel.replicated_sharding(mesh)
     state = state._replace(
-      g=parallel.put(state.g, rep), g_prev=parallel.put(state.g_prev, rep)
+      contributions=jnp.asarray(np.asarray(state.contributions)[layout.rows]),
+      contributions_prev=jnp.asarray(
+        np.asarray(state.contributions_prev)[layout.rows]
+      ),
+      g=parallel.put(state.g, rep),
+      g_prev=parallel.put(state.g_prev, rep),
     )
 
   history = []
@@ -1051,14 +1336,25 @@ def fit_lambdas(
       # on F values fails spuriously once the decrease per step is below
       # float32 round-off of F, and then drives L to infinity.
       curv = float(curvature(g_new, gy, u))
-      if curv <= lip * float(d @ d) * (1 + 1e-4) or not np.any(d):
+      dd, moved = psum(d @ d, np.count_nonzero(d))
+      if curv <= lip * float(dd) * (1 + 1e-4) or not moved:
         break
       lip *= _BACKTRACK
       backtracks += 1
-    f_new = objective(g_new, mu_new)
+    delta = mu_new - mu
+    # Every scalar of the iteration in one reduction over the processes.
+    lin_mu, against, step_sq, contribution, lambda_sum, nonzero = psum(
+      lin @ mu_new,
+      (y - mu_new) @ delta,
+      delta @ delta,
+      mu_new.sum(),
+      (mu_new * inv_w).sum(),
+      np.count_nonzero(mu_new),
+    )
+    f_new = objective(g_new, lin_mu)
     # Gradient-based adaptive restart (O'Donoghue & Candes, 2015): drop the
     # momentum when the step points against the previous direction.
-    restart = float((y - mu_new) @ (mu_new - mu)) > 0
+    restart = float(against) > 0
     state = SolverState(
       step=jnp.int32(step + 1),
       contributions=jnp.asarray(mu_new),
@@ -1074,7 +1370,7 @@ def fit_lambdas(
     residual, dist, residual_all = map(float, diagnostics(g_new))
     # Scale-free stopping rule: this step against the largest one so far
     # (lambda's scale, and so a step's, is arbitrary: 1/(N wd) and more).
-    step_norm = float(np.linalg.norm(mu_new - mu))
+    step_norm = float(np.sqrt(step_sq))
     max_step = max(float(state.max_step), step_norm)
     change = step_norm / max(max_step, 1e-30)
     row = {
@@ -1083,9 +1379,9 @@ def fit_lambdas(
       "residual_all": residual_all,
       "distance": dist,
       "objective": f_new,
-      "contribution": float(mu_new.sum()),
-      "lambda_sum": float((mu_new * inv_w).sum()),
-      "nonzero": int(np.count_nonzero(mu_new)),
+      "contribution": float(contribution),
+      "lambda_sum": float(lambda_sum),
+      "nonzero": int(nonzero),
       "change": change,
       "lipschitz": lip,
       "backtracks": backtracks,
@@ -1101,7 +1397,14 @@ def fit_lambdas(
       callback(state, row)
 
   mu = np.asarray(state.contributions, np.float32)
-  lambdas = (mu * inv_w).astype(np.float32)
+  (contribution,) = psum(mu.sum())
+  # The one O(N) gather of the fit: every sample's results, on every
+  # process.
+  kw = dict(chunk_size=chunk_size, mesh=mesh)
+  lambdas = gather_rows((mu * inv_w).astype(np.float32), n, **kw)
+  weights = gather_rows(weights, n, **kw)
+  rankable = gather_rows(supporting & correct, n, **kw)
+  state = gather_state(state, n, **kw)
   residual, dist, residual_all = map(float, diagnostics(state.g))
   info = FitInfo(
     residual=residual,
@@ -1112,10 +1415,10 @@ def fit_lambdas(
     time_s=time.perf_counter() - t_start,
     converged=converged,
     capped=capped,
-    contribution=float(mu.sum()),
+    contribution=float(contribution),
     weights=weights,
-    scores=scores(lambdas, weights, rankable=supporting & correct),
-    rankable=np.asarray(supporting & correct, bool),
+    scores=scores(lambdas, weights, rankable=rankable),
+    rankable=np.asarray(rankable, bool),
     represented=represented,
     state=state,
     history=history,
@@ -1165,12 +1468,16 @@ def stationarity_residuals(
     )
   checks.check_nonnegative_lambdas(lambdas)
   mesh = parallel.make_mesh() if mesh is None else mesh
+  layout = _layout(len(x), chunk_size, mesh, jax.process_index())
+  if jax.process_count() > 1:  # Each process streams its own rows.
+    x, targets = x[layout.rows], targets[layout.rows]
+    lambdas = lambdas[layout.rows]
   op = _make_operator(
     apply_fn,
     params,
     x,
     targets,
-    chunk_size=chunk_size,
+    layout=layout,
     mesh=mesh,
     strategy=resolve_strategy(strategy),
   )
@@ -1408,9 +1715,12 @@ __all__ = [
   "WRT",
   "Wrt",
   "fit_lambdas",
+  "gather_rows",
+  "gather_state",
   "per_class_sums",
   "precision_recall_at_k",
   "prob_residual",
+  "process_rows",
   "random_per_class",
   "rank_per_class",
   "represented_leaves",

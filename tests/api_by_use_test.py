@@ -35,6 +35,7 @@ from dsv_jax import (
   data,
   kkt,
   models,
+  parallel,
   retrain,
   select,
   synthesize,
@@ -348,6 +349,27 @@ def test_select_as_in_the_readme(model):
   )
   np.testing.assert_array_equal(lambdas, sel.lambdas)
   assert fit.iterations == sel.fit.iterations and np.all(lambdas >= 0)
+  # This process's rows (every row, with one process): given as such, with
+  # N, the same fit; gathering every process's rows is then the identity.
+  n, mesh = len(labels), parallel.make_mesh()
+  rows = _reused(select.process_rows, n, chunk_size=1024, mesh=mesh)
+  np.testing.assert_array_equal(rows, np.arange(n))
+  own, _ = _reused(
+    select.fit_lambdas,
+    apply_fn,
+    params,
+    np.asarray(x)[rows],
+    np.asarray(labels)[rows],
+    num_samples=n,
+    wrt=sel.fit.represented.mask,
+    max_iters=sel.fit.iterations,
+    state=sel.fit.state,
+  )
+  np.testing.assert_array_equal(own, lambdas)
+  gathered = _reused(select.gather_rows, own, n, chunk_size=1024, mesh=mesh)
+  np.testing.assert_array_equal(gathered, own)
+  state = _reused(select.gather_state, fit.state, n, chunk_size=1024, mesh=mesh)
+  assert state is fit.state
 
   rep = _reused(select.represented_leaves, apply_fn, params, x, labels)
   assert jax.tree.structure(rep.mask) == jax.tree.structure(params)

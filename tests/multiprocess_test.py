@@ -6,6 +6,7 @@ tests take minutes on 2 cores: marked `multiprocess`, run by `.ci/run` as
 their own step (`pytest -m multiprocess`).
 """
 
+import json
 import os
 import signal
 import socket
@@ -179,6 +180,26 @@ def test_each_output_written_once(runs):
     assert f"stages/{stage}.json" in files
   for path in ("classifier/arrays", "select/dsv_orbax", "ckpt/select"):
     assert (multi / path).is_dir(), path
+
+
+def test_two_processes_resume_and_extend_a_fit_as_one(runs):
+  """A raised select.max_iters resumes from the last checkpoint (each
+  process takes its rows of the restored state) and checkpoints on the
+  way (the callback gathers every process's rows): the same lambdas as
+  1 x 4 extended likewise."""
+  single, multi = runs
+  cache = str(single.parent / "xla_cache")
+  more = "--config.select.max_iters=9"
+  procs = _launch(single, "select", cache, more, processes=1, devices=4)
+  procs += _launch(multi, "select", cache, more, processes=2, devices=2)
+  _finish(procs, "select extended to 9 iterations")
+  for root in (single, multi):
+    with open(root / "stages" / "select.json") as f:
+      res = json.load(f)["results"]
+    assert res["resumed_from_iteration"] == 6 and res["iterations"] == 9
+  a = _npz(single / "select" / "lambdas.npz")
+  b = _npz(multi / "select" / "lambdas.npz")
+  np.testing.assert_allclose(b["lambdas"], a["lambdas"], rtol=1e-4, atol=1e-7)
 
 
 def _reader(proc):

@@ -220,7 +220,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         on_metrics(row)
       if s.ckpt_every and step % s.ckpt_every == 0:
-        ckptr.save(step, st, meta)
+        # The state holds this process's rows: gathered for the checkpoint
+        # only (every ckpt_every iterations).
+        full = select.gather_state(st, n, chunk_size=s.chunk_size, mesh=mesh)
+        ckptr.save(step, full, meta)
 
     represented = select.resolve_wrt(s.wrt, clf.apply_fn, clf.params, x, labels)
     logging.info(
@@ -230,11 +233,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       list(represented.groups) or "none",
       100 * represented.excluded_share,
     )
+    # Each process streams only its own rows (all of them with one).
+    rows = select.process_rows(n, chunk_size=s.chunk_size, mesh=mesh)
+    several = jax.process_count() > 1
     lambdas, fit = select.fit_lambdas(
       clf.apply_fn,
       clf.params,
-      x,
-      labels,
+      x[rows] if several else x,
+      labels[rows] if several else labels,
+      num_samples=n,
       wrt=represented.mask,
       distance=s.distance,
       slackness=s.slackness,
