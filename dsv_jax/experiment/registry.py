@@ -36,8 +36,15 @@ _MODULES = (train, select, synthesize, edit, interpolate, retrain, report)
 STAGES = tuple(m.NAME for m in _MODULES)
 STAGE_MODULES = MappingProxyType({m.NAME: m for m in _MODULES})
 # The stages that run over several processes (`dsv_jax.distributed`): the
-# others still fetch sharded arrays or write files from every process.
-MULTIPROCESS_STAGES = ("train", "select", "synthesize")
+# report still fetches sharded arrays or writes files from every process.
+MULTIPROCESS_STAGES = (
+  "train",
+  "select",
+  "synthesize",
+  "edit",
+  "interpolate",
+  "retrain",
+)
 
 
 def _check_order() -> None:

@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dsv_jax import models, synthesize, viz
+from dsv_jax import distributed, models, parallel, synthesize, viz
 from dsv_jax.experiment import common, synthesis_loop
 from dsv_jax.experiment import workdir as wd
 
@@ -84,7 +84,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log_every=ed.steps,
     name="edit",
   )
-  edited = np.asarray(state.x)[:n]
+  # Sharded over every process's devices: gathered whole on each.
+  edited = parallel.to_host(state.x)[:n]
   pred_before = models.predict(clf.apply_fn, clf.params, images).argmax(-1)
   pred_after = models.predict(clf.apply_fn, clf.params, edited).argmax(-1)
   out_dir = os.path.join(workdir, "edit")
@@ -94,7 +95,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   titles = []
   for i in range(n):
     titles += [f"{names[pred_before[i]]}", f"->{names[pred_after[i]]}"]
-  viz.strip(
+  distributed.primary_only(viz.strip)(
     os.path.join(out_dir, "strip.png"),
     both,
     info,
@@ -105,7 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       " (source-model predictions)"
     ),
   )
-  np.savez(
+  distributed.primary_only(np.savez)(
     os.path.join(out_dir, "edit.npz"),
     original=images,
     edited=edited,

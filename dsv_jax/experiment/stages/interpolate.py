@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dsv_jax import models, synthesize, viz
+from dsv_jax import distributed, models, parallel, synthesize, viz
 from dsv_jax.experiment import common, synthesis_loop
 from dsv_jax.experiment import workdir as wd
 
@@ -82,13 +82,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log_every=it.steps,
     name="interpolate",
   )
-  x = np.asarray(state.x)[:n]
+  # Sharded over every process's devices: gathered whole on each.
+  x = parallel.to_host(state.x)[:n]
   probs = np.asarray(
     jax.nn.softmax(models.predict(clf.apply_fn, clf.params, x), -1)
   )
   out_dir = os.path.join(workdir, "interpolate")
   os.makedirs(out_dir, exist_ok=True)
-  viz.strip(
+  distributed.primary_only(viz.strip)(
     os.path.join(out_dir, "strip.png"),
     x,
     info,
@@ -101,7 +102,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"{info.class_names[it.class_b]}"
     ),
   )
-  np.savez(
+  distributed.primary_only(np.savez)(
     os.path.join(out_dir, "interpolate.npz"),
     images=x,
     deltas=deltas,
