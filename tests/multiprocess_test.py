@@ -19,7 +19,15 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("train", "select", "synthesize", "edit", "interpolate", "retrain")
+STAGES = (
+  "train",
+  "select",
+  "synthesize",
+  "edit",
+  "interpolate",
+  "retrain",
+  "report",
+)
 # Orbax's own files: laid out per process (one OCDBT database each), so
 # they are compared by content, not by name.
 _ORBAX_DIRS = ("ckpt", "arrays", "dsv_orbax")
@@ -97,7 +105,10 @@ def _finish(procs, what, timeout=240):
 def _pipeline(workdir, cache, processes, devices):
   for stage in STAGES:
     procs = _launch(workdir, stage, cache, processes=processes, devices=devices)
-    _finish(procs, f"{stage} on {processes} x {devices}")
+    # The report (a dozen sub-runs) takes minutes where the others take
+    # seconds: 4 minutes on 2 loaded cores.
+    timeout = 900 if stage == "report" else 240
+    _finish(procs, f"{stage} on {processes} x {devices}", timeout)
 
 
 def _plain_files(root):
@@ -173,6 +184,15 @@ def test_two_processes_match_one(runs):
     np.testing.assert_allclose(
       rb[name]["accuracies"], row["accuracies"], atol=3e-3
     )
+  # The report's headline numbers (retraining accuracies, lambda-accuracy
+  # correlation), all but its wall time.
+  sa, sb = (
+    json.loads((d / "stages" / "report.json").read_text())["results"]
+    for d in (single, multi)
+  )
+  assert sorted(sa) == sorted(sb)
+  for name in sa.keys() - {"report", "report_time_s"}:
+    np.testing.assert_allclose(sb[name], sa[name], atol=3e-3, err_msg=name)
   # The classifiers (and their Orbax arrays, written by both processes).
   from dsv_jax.experiment import common
 

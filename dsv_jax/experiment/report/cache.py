@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from dsv_jax import artifacts, checkpoints, data, judges
+from dsv_jax import artifacts, checkpoints, data, distributed, judges
 from dsv_jax.experiment import common
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.experiment.report import kkt_baseline
@@ -40,6 +40,21 @@ def sub_config(
   return sub
 
 
+def _remove(path: str) -> None:
+  """Removes the folder or file `path` once, from process 0.
+
+  Every process has looked at it before (the first barrier) and sees it
+  gone after (the second), so all of them take the same branches.
+  """
+  distributed.barrier("dsv_jax: report sub-run to remove")
+  if distributed.is_primary():
+    if os.path.isdir(path):
+      shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+      os.remove(path)
+  distributed.barrier("dsv_jax: report sub-run removed")
+
+
 def discard_stale_checkpoints(ckpt_dir: str, digest: str) -> None:
   """Removes `ckpt_dir` if its latest checkpoint is of another config."""
   if not os.path.isdir(ckpt_dir):
@@ -48,7 +63,7 @@ def discard_stale_checkpoints(ckpt_dir: str, digest: str) -> None:
     meta = ckptr.read_meta()
   if meta is not None and meta.get("config_hash") != digest:
     logging.info("Report: discarding %s (another config).", ckpt_dir)
-    shutil.rmtree(ckpt_dir)
+    _remove(ckpt_dir)
 
 
 def run_stage_once(
@@ -68,7 +83,7 @@ def run_stage_once(
   for name in stage.CKPT_DIRS:
     ckpt_dir = os.path.join(sub_workdir, "ckpt", name)
     if record is not None:
-      shutil.rmtree(ckpt_dir, ignore_errors=True)
+      _remove(ckpt_dir)
     discard_stale_checkpoints(ckpt_dir, digest)
   os.makedirs(sub_workdir, exist_ok=True)
   logging.info("Report: running %s in %s.", stage.NAME, sub_workdir)
@@ -137,15 +152,17 @@ def baseline_run(
         return artifacts.load_dsv(out_dir)[0]
     # Finished with other settings: redo from scratch, not from its
     # checkpoints (which a resumed run would rightly refuse).
-    shutil.rmtree(os.path.join(out_dir, "ckpt"), ignore_errors=True)
-    os.remove(marker)
+    _remove(os.path.join(out_dir, "ckpt"))
+    _remove(marker)
   discard_stale_checkpoints(os.path.join(out_dir, "ckpt", "baseline"), digest)
   os.makedirs(out_dir, exist_ok=True)
   # The sub-run folder is its workdir (checkpoints); synth.classifier
   # points at the main workdir's classifier.
   results = kkt_baseline.run_baseline(sub, out_dir, out_dir)
-  with open(marker, "w") as f:
-    json.dump({"config_hash": digest, "results": results}, f, default=float)
+  wd.write_json(  # Process 0 alone; the others wait for it below.
+    marker, {"config_hash": digest, "results": results}, default=float
+  )
+  distributed.barrier("dsv_jax: report baseline marker written")
   return artifacts.load_dsv(out_dir)[0]
 
 
@@ -219,10 +236,8 @@ class RetrainRows:
     )[name]
     row["name"] = name
     self.cache[key] = row
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.cache, f, indent=1)
-    os.replace(tmp, self.path)
+    # Process 0 alone; every process keeps the same cache in memory.
+    wd.write_json(self.path, self.cache, indent=1)
     return row
 
   def classical_agreement(self, images: np.ndarray, labels: np.ndarray):

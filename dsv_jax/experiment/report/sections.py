@@ -18,7 +18,15 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
-from dsv_jax import artifacts, coreset, data, models, select, synthesize
+from dsv_jax import (
+  artifacts,
+  coreset,
+  data,
+  distributed,
+  models,
+  select,
+  synthesize,
+)
 from dsv_jax.experiment import common
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.experiment.report import reproduction
@@ -256,7 +264,7 @@ def el2n_run(config, workdir, clf, ds) -> np.ndarray:
     seed=config.seed + 2,
   )
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  np.savez(path, scores=scores, digest=digest)
+  distributed.primary_only(np.savez)(path, scores=scores, digest=digest)
   return scores
 
 
@@ -409,7 +417,7 @@ def entropy_protocol_run(config, workdir, clf, ds) -> dict[str, np.ndarray]:
     "labels": labels,
   }
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  np.savez(path, digest=digest, **out)
+  distributed.primary_only(np.savez)(path, digest=digest, **out)
   return out
 
 
@@ -453,7 +461,9 @@ def boundary_section(
   ax.set_title("the paper's protocol: grouped by final lambda", fontsize=8)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "entropy_curve.png"), dpi=100)
+  distributed.primary_only(fig.savefig)(
+    os.path.join(out_dir, "entropy_curve.png"), dpi=100
+  )
 
   dsv, _ = artifacts.load_dsv(os.path.join(workdir, "synthesize"))
   sel, _ = artifacts.load_dsv(os.path.join(workdir, "select"))
@@ -550,7 +560,9 @@ def lambda_accuracy_section(
   ax.set_ylabel("test accuracy of the class")
   ax.set_title(f"Pearson r = {r:.3f}", fontsize=9)
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "lambda_vs_accuracy.png"), dpi=100)
+  distributed.primary_only(fig.savefig)(
+    os.path.join(out_dir, "lambda_vs_accuracy.png"), dpi=100
+  )
   lines = ["| class | sum lambda | test accuracy % |", "|---|---|---|"]
   for k in range(c):
     lines.append(
@@ -732,7 +744,7 @@ def ablation_section(config, workdir, clf, rows: RetrainRows, out_dir: str):
   for name, d in (("full", full_dir), ("primal_only", primal_dir)):
     src = os.path.join(d, "synthesize", "grid.png")
     dst = os.path.join(out_dir, f"ablation_{name}.png")
-    shutil.copyfile(src, dst)
+    distributed.primary_only(shutil.copyfile)(src, dst)
   md = (
     "## 6. Loss ablation: primal-only vs full DeepKKT\n\n"
     f"{k} candidates per class from {zero} init. Agreement: fraction of "
@@ -775,7 +787,7 @@ def strips_section(workdir: str, out_dir: str) -> tuple[str, dict]:
       parts.append(f"{title}: the `{stage}` stage has not run.\n")
       continue
     dst = os.path.join(out_dir, f"{stage}_strip.png")
-    shutil.copyfile(src, dst)
+    distributed.primary_only(shutil.copyfile)(src, dst)
     res[stage] = record["results"]
     summary = ", ".join(
       f"{k}={_short(v)}" for k, v in record["results"].items()
