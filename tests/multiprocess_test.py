@@ -180,9 +180,9 @@ def test_two_processes_match_one(runs):
     np.testing.assert_allclose(
       rb[name]["final_loss_mean"], row["final_loss_mean"], rtol=1e-4
     )
-    # One test image of ~360 is 0.003: nothing may flip more than that.
+    # One test image of 539 is 0.0019: no more than one may flip.
     np.testing.assert_allclose(
-      rb[name]["accuracies"], row["accuracies"], atol=3e-3
+      rb[name]["accuracies"], row["accuracies"], atol=2e-3
     )
   # The report's headline numbers (retraining accuracies, lambda-accuracy
   # correlation), all but its wall time.
@@ -192,7 +192,7 @@ def test_two_processes_match_one(runs):
   )
   assert sorted(sa) == sorted(sb)
   for name in sa.keys() - {"report", "report_time_s"}:
-    np.testing.assert_allclose(sb[name], sa[name], atol=3e-3, err_msg=name)
+    np.testing.assert_allclose(sb[name], sa[name], atol=2e-3, err_msg=name)
   # The classifiers (and their Orbax arrays, written by both processes).
   from dsv_jax.experiment import common
 
