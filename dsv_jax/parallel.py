@@ -138,6 +138,10 @@ def put(tree: PyTree, sharding) -> PyTree:
   def one(leaf, s):
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
       return jax.device_put(leaf, s)
+    if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
+      # Typed keys have no numpy form: their raw data goes instead.
+      data = one(jax.random.key_data(leaf), s)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
     host = np.asarray(leaf)
     return jax.make_array_from_callback(host.shape, s, lambda i: host[i])
 

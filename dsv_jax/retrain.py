@@ -42,7 +42,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from dsv_jax import augment, checks, kkt, parallel, train
+from dsv_jax import augment, checks, distributed, kkt, parallel, train
 from dsv_jax.models import FunctionalModel
 from dsv_jax.synthesize import check_images
 from dsv_jax.types import Params, PyTree
@@ -384,7 +384,7 @@ def retrain(
   mesh = parallel.make_mesh() if mesh is None else mesh
   split = vectorize == "vmap" and num_models % parallel.num_shards(mesh) == 0
   # The models are independent: split over devices, no step communicates.
-  params, model_state, opt_state, keys = jax.device_put(
+  params, model_state, opt_state, keys = parallel.put(
     (params, model_state, opt_state, keys),
     parallel.batch_sharding(mesh)
     if split
@@ -416,7 +416,7 @@ def retrain(
     ),
   )
   # Per-model sets go with their models.
-  data_x, targets = jax.device_put(
+  data_x, targets = parallel.put(
     (images, targets),
     parallel.batch_sharding(mesh)
     if split and per_model
@@ -428,7 +428,7 @@ def retrain(
     carry, losses = step(*carry, data_x, targets, keys, t)
     done = t + 1
     if done == steps or (log_every and done % log_every == 0):
-      losses = np.asarray(losses, np.float64)
+      losses = parallel.to_host(losses).astype(np.float64)
       now = time.perf_counter()
       logging.info(
         "retrain step %d/%d (%d models): loss mean %.4g, %.1f steps/s",
@@ -440,6 +440,11 @@ def retrain(
       )
       t_log, s_log = now, done
   params, model_state, _ = carry
+  if distributed.is_distributed():
+    # The models span every process's devices; each process evaluates
+    # them whole on its own devices (the host-driven batches of `evaluate`
+    # are numpy), so it takes them as numpy.
+    params, model_state = parallel.to_host((params, model_state))
   evaluate = _reused(
     ("eval", fm.graph, eval_batch_size),
     lambda: _make_eval(fm, eval_batch_size),

@@ -17,9 +17,9 @@ sums are all-reduced once per product (P floats). With several processes
 each holds only its own rows (`process_rows`) and their per-sample
 vectors: an iteration communicates that all-reduce and a few scalars,
 never an N-vector. Memory is O(P + chunk activations) for any N. Both
-products go through the logits with ``softmax - onehot`` formed without cancellation (see
-`_make_operator`): confident samples have ``1 - p_y`` far below float32's
-resolution of 1.
+products go through the logits with ``softmax - onehot`` formed without
+cancellation (see `_make_operator`): confident samples have ``1 - p_y`` far
+below float32's resolution of 1.
 
 Solver: FISTA (accelerated projected gradient) with backtracking on the
 step size and gradient-based adaptive restart. ``G`` is linear, so ``G y``

@@ -404,6 +404,48 @@ def test_synthesize_sigkill_resume_equals_uninterrupted(
     assert os.path.getsize(killed / "synthesize" / name) > 0
 
 
+class _Stopped(Exception):
+  pass
+
+
+def test_synthesis_checkpointed_on_4_devices_resumes_on_2(
+  tmp_path, tiny_classifier, monkeypatch
+):
+  """`synth.num_devices` sets the mesh: 30 candidates pad to 32 on 4
+  devices, to 30 on 2. A synthesis stopped at its checkpoint on 4 resumes
+  on 2 (the same hash) and ends with an uninterrupted run's DSVs."""
+  from dsv_jax import artifacts
+
+  def config(devices):
+    c = _tiny()
+    c.synth.num_per_class = 3
+    c.synth.num_devices = devices
+    return c
+
+  save = checkpoints.RunCheckpointer.save
+
+  def save_then_stop(self, step, state, meta):
+    save(self, step, state, meta)
+    raise _Stopped
+
+  stopped = _with_classifier(tiny_classifier, tmp_path / "stopped")
+  with monkeypatch.context() as m:
+    m.setattr(checkpoints.RunCheckpointer, "save", save_then_stop)
+    with pytest.raises(_Stopped):
+      registry.run(config(4), str(stopped), "synthesize")
+  out = registry.run(config(2), str(stopped), "synthesize")["synthesize"]
+  assert out["resumed_from_step"] == 3
+  clean = _with_classifier(tiny_classifier, tmp_path / "clean")
+  registry.run(config(4), str(clean), "synthesize")
+  a, _ = artifacts.load_dsv(stopped / "synthesize")
+  b, _ = artifacts.load_dsv(clean / "synthesize")
+  assert a.images.shape[0] == 30
+  for name in ("images", "lambdas", "active"):
+    np.testing.assert_allclose(
+      getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_image_init_stages_run_the_image_recipe(tmp_path, tiny_classifier):
   from dsv_jax import artifacts
 

@@ -19,7 +19,15 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("train", "select", "synthesize")
+STAGES = (
+  "train",
+  "select",
+  "synthesize",
+  "edit",
+  "interpolate",
+  "retrain",
+  "report",
+)
 # Orbax's own files: laid out per process (one OCDBT database each), so
 # they are compared by content, not by name.
 _ORBAX_DIRS = ("ckpt", "arrays", "dsv_orbax")
@@ -97,7 +105,10 @@ def _finish(procs, what, timeout=240):
 def _pipeline(workdir, cache, processes, devices):
   for stage in STAGES:
     procs = _launch(workdir, stage, cache, processes=processes, devices=devices)
-    _finish(procs, f"{stage} on {processes} x {devices}")
+    # The report (a dozen sub-runs) takes minutes where the others take
+    # seconds: 4 minutes on 2 loaded cores.
+    timeout = 900 if stage == "report" else 240
+    _finish(procs, f"{stage} on {processes} x {devices}", timeout)
 
 
 def _plain_files(root):
@@ -110,7 +121,7 @@ def _plain_files(root):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """The three stages on 1 x 4 and on 2 x 2 (both at once: 3 processes)."""
+  """The stages on 1 x 4 and on 2 x 2 (both at once: 3 processes)."""
   root = tmp_path_factory.mktemp("multiprocess")
   cache = str(root / "xla_cache")
   single, multi = root / "single", root / "multi"
@@ -152,6 +163,36 @@ def test_two_processes_match_one(runs):
     np.testing.assert_allclose(
       db["lambdas"], da["lambdas"], rtol=1e-4, atol=1e-6
     )
+  ea, eb = _npz(single / "edit" / "edit.npz"), _npz(multi / "edit" / "edit.npz")
+  np.testing.assert_allclose(eb["edited"], ea["edited"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(eb["prediction"], ea["prediction"])
+  ia = _npz(single / "interpolate" / "interpolate.npz")
+  ib = _npz(multi / "interpolate" / "interpolate.npz")
+  np.testing.assert_allclose(ib["images"], ia["images"], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(ib["probs"], ia["probs"], rtol=1e-4, atol=1e-6)
+  ra, rb = (
+    json.loads((d / "retrain" / "results.json").read_text())["rows"]
+    for d in (single, multi)
+  )
+  rows = ["dsv", "random_dsv", "random_select", "select"]
+  assert sorted(ra) == sorted(rb) == rows
+  for name, row in ra.items():
+    np.testing.assert_allclose(
+      rb[name]["final_loss_mean"], row["final_loss_mean"], rtol=1e-4
+    )
+    # One test image of 539 is 0.0019: no more than one may flip.
+    np.testing.assert_allclose(
+      rb[name]["accuracies"], row["accuracies"], atol=2e-3
+    )
+  # The report's headline numbers (retraining accuracies, lambda-accuracy
+  # correlation), all but its wall time.
+  sa, sb = (
+    json.loads((d / "stages" / "report.json").read_text())["results"]
+    for d in (single, multi)
+  )
+  assert sorted(sa) == sorted(sb)
+  for name in sa.keys() - {"report", "report_time_s"}:
+    np.testing.assert_allclose(sb[name], sa[name], atol=2e-3, err_msg=name)
   # The classifiers (and their Orbax arrays, written by both processes).
   from dsv_jax.experiment import common
 

@@ -327,6 +327,38 @@ def test_resume_state_continues_exactly():
     )
 
 
+@pytest.mark.parametrize("before,after", [(4, 2), (2, 4)])
+def test_checkpoint_resumes_on_another_device_count(tmp_path, before, after):
+  """The solver state holds N lambdas and parameter-shaped products, no
+  padding: checkpointed on one mesh (`select.num_devices`), it resumes on
+  another and ends where an uninterrupted run does."""
+  params, x, labels = _linear_problem(n=30)  # Pads to 32 on 4 devices.
+  kwargs = {"distance": "l1_mean", "chunk_size": 8, "tol": 0.0}
+
+  def fit(devices, iters, state=None):
+    mesh = parallel.make_mesh(devices)
+    return select.fit_lambdas(
+      _linear,
+      params,
+      x,
+      labels,
+      max_iters=iters,
+      mesh=mesh,
+      state=state,
+      **kwargs,
+    )
+
+  full, _ = fit(before, 6)
+  with checkpoints.RunCheckpointer(tmp_path / "ckpt") as ckptr:
+    ckptr.save(3, fit(before, 3)[1].state, {})
+  with checkpoints.RunCheckpointer(tmp_path / "ckpt") as ckptr:
+    step, state, _ = ckptr.restore(select_stage._state_target(params, 30))
+  assert step == 3
+  resumed, info = fit(after, 6, state)
+  assert info.iterations == 6 and len(info.history) == 3
+  np.testing.assert_allclose(resumed, full, rtol=1e-4, atol=1e-7)
+
+
 def test_resume_from_converged_state_does_no_iteration():
   # SolverState.converged: before it existed, a fit resumed from the state
   # of a converged fit (e.g. its checkpoint) iterated on, past the tol it

@@ -555,3 +555,38 @@ def test_config_reaches_the_synthesizer():
   np.testing.assert_array_equal(kw["norm_center"], info.pixel_min)
   np.testing.assert_array_equal(kw["pixel_min"], info.pixel_min)
   np.testing.assert_array_equal(kw["pixel_max"], info.pixel_max)
+
+
+@pytest.mark.parametrize("before,after", [(4, 2), (2, 4)])
+def test_checkpoint_resumes_on_another_device_count(
+  synth, params, tmp_path, before, after
+):
+  """Six candidates pad to 8 on 4 devices, to 6 on 2: a checkpoint holds
+  the real rows only, so it resumes on either mesh (`synth.num_devices`)
+  and ends where an uninterrupted run does."""
+  key = jax.random.key(12)
+
+  def run(devices, steps, ckptr=None):
+    state, n, resumed, _ = synthesis_loop.run_synthesis_loop(
+      synth,
+      params,
+      key,
+      _x0(6),
+      LABELS[:6],
+      steps=steps,
+      mesh=parallel.make_mesh(devices),
+      checkpointer=ckptr,
+      ckpt_every=3,
+      log_every=steps,
+    )
+    rows = (state.x, state.lambda_param, state.active)
+    return [np.asarray(a)[:n] for a in rows], resumed
+
+  full, _ = run(before, 6)
+  with checkpoints.RunCheckpointer(tmp_path / "ckpt") as ckptr:
+    run(before, 3, ckptr)  # Stopped at its checkpoint of step 3.
+  with checkpoints.RunCheckpointer(tmp_path / "ckpt") as ckptr:
+    resumed, resumed_from = run(after, 6, ckptr)
+  assert resumed_from == 3
+  for u, v in zip(resumed, full, strict=True):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from dsv_jax import checkpoints, distributed
+from dsv_jax import checkpoints
 from dsv_jax.experiment import common
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.experiment.stages import (
@@ -36,9 +36,6 @@ from dsv_jax.experiment.stages import (
 _MODULES = (train, select, synthesize, edit, interpolate, retrain, report)
 STAGES = tuple(m.NAME for m in _MODULES)
 STAGE_MODULES = MappingProxyType({m.NAME: m for m in _MODULES})
-# The stages that run over several processes (`dsv_jax.distributed`): the
-# others still fetch sharded arrays or write files from every process.
-MULTIPROCESS_STAGES = ("train", "select", "synthesize")
 
 
 def _check_order() -> None:
@@ -127,13 +124,6 @@ def run(
   if epath.Path(workdir).exists() and not epath.Path(workdir).is_dir():
     raise NotADirectoryError(f"--workdir {workdir} is a file, not a folder.")
   todo = STAGES if stage == "all" else (stage,)
-  unsupported = [s for s in todo if s not in MULTIPROCESS_STAGES]
-  if distributed.is_distributed() and unsupported:
-    raise ValueError(
-      f"Stage(s) {unsupported} do not run over several processes yet (only "
-      f"{list(MULTIPROCESS_STAGES)}): run them with one process, e.g. "
-      "without --jax_distributed, on the same workdir."
-    )
   out = {}
   with wd.lock(workdir), _progress(progress):
     for name in todo:
@@ -158,7 +148,6 @@ def run(
 
 
 __all__ = [
-  "MULTIPROCESS_STAGES",
   "STAGES",
   "STAGE_MODULES",
   "LibraryChatterFilter",

@@ -72,7 +72,8 @@ def run_synthesis_loop(
   """Runs a synthesis sharded over `mesh`, resuming from `checkpointer`.
 
   Candidates are padded to a multiple of the mesh size (padding rows start
-  inactive), sharded ``P("data")`` with the classifier's ``params``
+  inactive; checkpoints leave them out, so a run resumes on a mesh of
+  another size), sharded ``P("data")`` with the classifier's ``params``
   replicated (an argument of the step, not a constant of it), and the step
   is jitted once with donated state.
 
@@ -100,11 +101,25 @@ def run_synthesis_loop(
   state = parallel.put(state, state_sh)
   tp = parallel.shard_batch(tp, mesh)
   params = parallel.replicate(params, mesh)
+  # Checkpoints hold the n real rows of the per-candidate leaves, not the
+  # padding, whose amount follows the mesh: a run saved on one number of
+  # devices resumes on another, its padding rows fresh from `init_fn`.
+  per_row = jax.tree.map(lambda s: s == parallel.batch_sharding(mesh), state_sh)
+
+  def real_rows(st):
+    return jax.tree.map(lambda a, row: a[:n] if row else a, st, per_row)
+
   resumed = 0
   if checkpointer is not None:
-    restored = checkpointer.restore(state)
+    restored = checkpointer.restore(real_rows(state))
     if restored is not None:
-      resumed, state, _ = restored
+      resumed, real, _ = restored
+      state = jax.tree.map(
+        lambda a, fresh, row: jnp.concatenate([a, fresh[n:]]) if row else a,
+        real,
+        state,
+        per_row,
+      )
       state = parallel.put(state, state_sh)
       logging.info("Resumed %s from step %d of %d.", name, resumed, steps)
   step_key = jax.random.fold_in(key, 1)
@@ -147,7 +162,7 @@ def run_synthesis_loop(
     if checkpointer is not None and (
       (ckpt_every and step % ckpt_every == 0) or step == steps
     ):
-      checkpointer.save(step, state, ckpt_meta or {})
+      checkpointer.save(step, real_rows(state), ckpt_meta or {})
   return state, n, resumed, rows
 
 

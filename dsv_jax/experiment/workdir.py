@@ -75,6 +75,13 @@ NEUTRAL_DEFAULTS = {
 }
 
 
+# How many devices a stage shards over: like the device count itself
+# (num_devices 0 = every device), a layout and not a result (a checkpoint
+# resumes on another, `synthesis_loop.run_synthesis_loop`). Hashed as 0,
+# the default, so existing hashes stand and a run resumes on another mesh.
+DEVICE_KEYS = (("synth", "num_devices"), ("select", "num_devices"))
+
+
 def record_path(workdir: str, stage: str) -> str:
   return os.path.join(workdir, "stages", f"{stage}.json")
 
@@ -127,7 +134,7 @@ def relevant_sections(
     v = d.get(k)
     if isinstance(v, dict):
       v = {
-        kk: vv
+        kk: 0 if (k, kk) in DEVICE_KEYS else vv
         for kk, vv in v.items()
         if kk not in PROGRESS_KEYS
         and (k, kk) not in exclude

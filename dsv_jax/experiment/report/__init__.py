@@ -28,7 +28,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from dsv_jax import checkpoints, data
+from dsv_jax import checkpoints, data, distributed
 from dsv_jax.experiment import common, sources
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.experiment.report.cache import RetrainRows
@@ -168,8 +168,9 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "the test split.\n\n"
     + health_lines(train_res, wd.stage_record(workdir, "select"))
   )
-  with epath.Path(out_dir, "report.md").open("w") as f:
-    f.write(header + "\n".join(sections))
+  if distributed.is_primary():  # One copy, whatever the processes.
+    with epath.Path(out_dir, "report.md").open("w") as f:
+      f.write(header + "\n".join(sections))
   results["report_time_s"] = time.perf_counter() - t0
   results["meta"] = {
     "dataset": clf.info.name,
@@ -180,8 +181,7 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "seed": config.seed,
   }
   results = json.loads(json.dumps(results, default=float))
-  with epath.Path(out_dir, "results.json").open("w") as f:
-    json.dump(results, f, indent=1)
+  wd.write_json(os.path.join(out_dir, "results.json"), results, indent=1)
   summary = _summary(results, os.path.join(out_dir, "report.md"))
   wd.mark_done(workdir, "report", digest, summary)
   return summary

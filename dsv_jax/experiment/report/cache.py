@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from dsv_jax import artifacts, checkpoints, data, judges
+from dsv_jax import artifacts, checkpoints, data, distributed, judges
 from dsv_jax.experiment import common
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.experiment.report import kkt_baseline
@@ -40,6 +40,22 @@ def sub_config(
   return sub
 
 
+def _remove(path: str) -> None:
+  """Removes the folder or file `path` once, from process 0.
+
+  Every process has looked at it before (the first barrier) and sees it
+  gone after (the second), so all of them take the same branches.
+  """
+  distributed.barrier("dsv_jax: report sub-run to remove")
+  if distributed.is_primary():
+    target = epath.Path(path)
+    if target.is_dir():
+      target.rmtree(missing_ok=True)
+    elif target.exists():
+      target.unlink()
+  distributed.barrier("dsv_jax: report sub-run removed")
+
+
 def discard_stale_checkpoints(ckpt_dir: str, digest: str) -> None:
   """Removes `ckpt_dir` if its latest checkpoint is of another config."""
   if not epath.Path(ckpt_dir).is_dir():
@@ -48,7 +64,7 @@ def discard_stale_checkpoints(ckpt_dir: str, digest: str) -> None:
     meta = ckptr.read_meta()
   if meta is not None and meta.get("config_hash") != digest:
     logging.info("Report: discarding %s (another config).", ckpt_dir)
-    epath.Path(ckpt_dir).rmtree()
+    _remove(ckpt_dir)
 
 
 def run_stage_once(
@@ -68,7 +84,7 @@ def run_stage_once(
   for name in stage.CKPT_DIRS:
     ckpt_dir = os.path.join(sub_workdir, "ckpt", name)
     if record is not None:
-      epath.Path(ckpt_dir).rmtree(missing_ok=True)
+      _remove(ckpt_dir)
     discard_stale_checkpoints(ckpt_dir, digest)
   epath.Path(sub_workdir).mkdir(parents=True, exist_ok=True)
   logging.info("Report: running %s in %s.", stage.NAME, sub_workdir)
@@ -137,15 +153,17 @@ def baseline_run(
         return artifacts.load_dsv(out_dir)[0]
     # Finished with other settings: redo from scratch, not from its
     # checkpoints (which a resumed run would rightly refuse).
-    epath.Path(out_dir, "ckpt").rmtree(missing_ok=True)
-    epath.Path(marker).unlink()
+    _remove(os.path.join(out_dir, "ckpt"))
+    _remove(marker)
   discard_stale_checkpoints(os.path.join(out_dir, "ckpt", "baseline"), digest)
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   # The sub-run folder is its workdir (checkpoints); synth.classifier
   # points at the main workdir's classifier.
   results = kkt_baseline.run_baseline(sub, out_dir, out_dir)
-  with epath.Path(marker).open("w") as f:
-    json.dump({"config_hash": digest, "results": results}, f, default=float)
+  wd.write_json(  # Process 0 alone; the others wait for it below.
+    marker, {"config_hash": digest, "results": results}, default=float
+  )
+  distributed.barrier("dsv_jax: report baseline marker written")
   return artifacts.load_dsv(out_dir)[0]
 
 
@@ -219,10 +237,8 @@ class RetrainRows:
     )[name]
     row["name"] = name
     self.cache[key] = row
-    tmp = self.path + ".tmp"
-    with epath.Path(tmp).open("w") as f:
-      json.dump(self.cache, f, indent=1)
-    epath.Path(tmp).replace(self.path)
+    # Process 0 alone; every process keeps the same cache in memory.
+    wd.write_json(self.path, self.cache, indent=1)
     return row
 
   def classical_agreement(self, images: np.ndarray, labels: np.ndarray):

@@ -11,7 +11,14 @@ import numpy as np
 import optax
 from absl import logging
 
-from dsv_jax import baseline, checkpoints, parallel, synthesize, viz
+from dsv_jax import (
+  baseline,
+  checkpoints,
+  distributed,
+  parallel,
+  synthesize,
+  viz,
+)
 from dsv_jax.experiment import common, synthesis_loop
 from dsv_jax.experiment import workdir as wd
 
@@ -88,14 +95,15 @@ def run_baseline(
       name="baseline",
     )
   wall = time.perf_counter() - t0
-  x = np.asarray(state.x)[:n]
-  active = np.asarray(state.active)[:n]
+  # Sharded over every process's devices: gathered whole on each.
+  x = parallel.to_host(state.x)[:n]
+  active = parallel.to_host(state.active)[:n]
   desc = common.save_described_dsv(
     out_dir,
     clf,
     images=x,
     targets=labels,
-    lambdas=np.asarray(recon.lambdas_fn(state))[:n],
+    lambdas=parallel.to_host(recon.lambdas_fn(state))[:n],
     active=active,
     source=source,
     source_index=index,
@@ -107,7 +115,7 @@ def run_baseline(
       "method": "haim_buzaglo_margin",
     },
   )
-  viz.class_grid(
+  distributed.primary_only(viz.class_grid)(
     os.path.join(out_dir, "grid.png"),
     x,
     labels,

@@ -18,7 +18,16 @@ from absl import logging
 from etils import epath
 from matplotlib.figure import Figure
 
-from dsv_jax import artifacts, coreset, data, models, select, synthesize, viz
+from dsv_jax import (
+  artifacts,
+  coreset,
+  data,
+  distributed,
+  models,
+  select,
+  synthesize,
+  viz,
+)
 from dsv_jax.experiment import common
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.experiment.report import reproduction
@@ -453,7 +462,9 @@ def boundary_section(
   ax.set_title("the paper's protocol: grouped by final lambda", fontsize=8)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  viz.save_png(fig, os.path.join(out_dir, "entropy_curve.png"))
+  distributed.primary_only(viz.save_png)(
+    fig, os.path.join(out_dir, "entropy_curve.png")
+  )
 
   dsv, _ = artifacts.load_dsv(os.path.join(workdir, "synthesize"))
   sel, _ = artifacts.load_dsv(os.path.join(workdir, "select"))
@@ -550,7 +561,9 @@ def lambda_accuracy_section(
   ax.set_ylabel("test accuracy of the class")
   ax.set_title(f"Pearson r = {r:.3f}", fontsize=9)
   fig.tight_layout()
-  viz.save_png(fig, os.path.join(out_dir, "lambda_vs_accuracy.png"))
+  distributed.primary_only(viz.save_png)(
+    fig, os.path.join(out_dir, "lambda_vs_accuracy.png")
+  )
   lines = ["| class | sum lambda | test accuracy % |", "|---|---|---|"]
   for k in range(c):
     lines.append(
@@ -732,7 +745,8 @@ def ablation_section(config, workdir, clf, rows: RetrainRows, out_dir: str):
   for name, d in (("full", full_dir), ("primal_only", primal_dir)):
     src = os.path.join(d, "synthesize", "grid.png")
     dst = os.path.join(out_dir, f"ablation_{name}.png")
-    epath.Path(src).copy(dst, overwrite=True)
+    if distributed.is_primary():
+      epath.Path(src).copy(dst, overwrite=True)
   md = (
     "## 6. Loss ablation: primal-only vs full DeepKKT\n\n"
     f"{k} candidates per class from {zero} init. Agreement: fraction of "
@@ -775,7 +789,8 @@ def strips_section(workdir: str, out_dir: str) -> tuple[str, dict]:
       parts.append(f"{title}: the `{stage}` stage has not run.\n")
       continue
     dst = os.path.join(out_dir, f"{stage}_strip.png")
-    epath.Path(src).copy(dst, overwrite=True)
+    if distributed.is_primary():
+      epath.Path(src).copy(dst, overwrite=True)
     res[stage] = record["results"]
     summary = ", ".join(
       f"{k}={_short(v)}" for k, v in record["results"].items()

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from dsv_jax import checkpoints, models, synthesize, viz
+from dsv_jax import checkpoints, distributed, models, parallel, synthesize, viz
 from dsv_jax.experiment import common, synthesis_loop
 from dsv_jax.experiment import workdir as wd
 
@@ -85,7 +85,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log_every=ed.steps,
     name="edit",
   )
-  edited = np.asarray(state.x)[:n]
+  # Sharded over every process's devices: gathered whole on each.
+  edited = parallel.to_host(state.x)[:n]
   pred_before = models.predict(clf.apply_fn, clf.params, images).argmax(-1)
   pred_after = models.predict(clf.apply_fn, clf.params, edited).argmax(-1)
   out_dir = os.path.join(workdir, "edit")
@@ -95,7 +96,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   titles = []
   for i in range(n):
     titles += [f"{names[pred_before[i]]}", f"->{names[pred_after[i]]}"]
-  viz.strip(
+  distributed.primary_only(viz.strip)(
     os.path.join(out_dir, "strip.png"),
     both,
     info,

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from dsv_jax import checkpoints, models, synthesize, viz
+from dsv_jax import checkpoints, distributed, models, parallel, synthesize, viz
 from dsv_jax.experiment import common, synthesis_loop
 from dsv_jax.experiment import workdir as wd
 
@@ -83,13 +83,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log_every=it.steps,
     name="interpolate",
   )
-  x = np.asarray(state.x)[:n]
+  # Sharded over every process's devices: gathered whole on each.
+  x = parallel.to_host(state.x)[:n]
   probs = np.asarray(
     jax.nn.softmax(models.predict(clf.apply_fn, clf.params, x), -1)
   )
   out_dir = os.path.join(workdir, "interpolate")
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
-  viz.strip(
+  distributed.primary_only(viz.strip)(
     os.path.join(out_dir, "strip.png"),
     x,
     info,

@@ -14,7 +14,6 @@ report for its own rows). Every row records its `row_key`, so the report
 reuses the rows it would otherwise train again (the DSV and selected sets).
 """
 
-import json
 import os
 from typing import Any
 
@@ -280,8 +279,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   out_dir = os.path.join(workdir, "retrain")
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
-  with epath.Path(out_dir, "results.json").open("w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
+  # Process 0 alone writes it (`write_json`).
+  wd.write_json(
+    os.path.join(out_dir, "results.json"), results, indent=2, sort_keys=True
+  )
   summary = {"eval_split": r.eval_split, "steps": r.steps}
   for name, row in rows.items():
     summary[f"{name}_mean"] = row["mean"]
