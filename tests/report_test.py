@@ -93,6 +93,9 @@ def _assert_matches_reference(wd):
           np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+# Two minutes on 2 cores, a fifth of the default suite: with the slow
+# tests (`.ci/run`).
+@pytest.mark.slow
 def test_all_interrupted_resumes_without_redoing_finished_stages(tmp_path):
   wd = tmp_path / "wd"
   proc = _cli(wd, wait=False)
