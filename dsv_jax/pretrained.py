@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from flax import nnx
 
 from dsv_jax import checkpoints, models, torch_convert
 from dsv_jax.data import DatasetInfo, imagenet
@@ -84,14 +85,17 @@ def torchvision_state_dict(name: str, weights: str) -> Mapping[str, Any]:
     ) from e
 
 
-def _build(info: DatasetInfo, name: str):
-  model = models.build_model(
+def _model(info: DatasetInfo, name: str):
+  return models.build_model(
     name,
     image_shape=info.image_shape,
     num_classes=info.num_classes,
     key=jax.random.key(0),
   )
-  return models.functional(model)
+
+
+def _build(info: DatasetInfo, name: str):
+  return models.functional(_model(info, name))
 
 
 def _convert_into(path: str, name: str, weights: str, fn: StateDictFn) -> None:
@@ -106,8 +110,9 @@ def _convert_into(path: str, name: str, weights: str, fn: StateDictFn) -> None:
       f"torchvision {name} {weights} has {num_classes} classes; ImageNet-1k "
       f"has {info.num_classes}."
     )
-  fm = _build(info, name)
-  # Every array must fit the Flax model before anything is cached.
+  # Every array must fit the Flax model before anything is cached. Shapes
+  # only: initialising 25.6M parameters to discard them costs seconds.
+  fm = models.functional(nnx.eval_shape(lambda: _model(info, name)))
   want = jax.tree.map(np.shape, {"params": fm.params, "model_state": fm.state})
   got = jax.tree.map(np.shape, arrays)
   if want != got:

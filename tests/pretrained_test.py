@@ -104,6 +104,20 @@ def test_failed_conversion_leaves_no_cache(torch_required, net, tmp_path):
   assert os.path.isfile(os.path.join(path, "meta.json"))
 
 
+def test_weights_of_other_sizes_do_not_fit(torch_required, net, tmp_path):
+  del torch_required
+  import torch
+
+  sd = dict(net.state_dict())
+  sd["layer1.0.conv2.weight"] = torch.zeros(64, 64, 5, 5)  # Not 3x3.
+  with pytest.raises(ValueError, match="does not fit the model"):
+    pretrained.ensure_cached(
+      cache_dir=str(tmp_path), state_dict_fn=lambda n, w: sd
+    )
+  path = pretrained.cache_path("resnet50", "IMAGENET1K_V1", str(tmp_path))
+  assert not os.path.exists(path)
+
+
 def test_wrong_number_of_classes(torch_required, tmp_path):
   del torch_required
   import torchvision
