@@ -28,7 +28,9 @@ _HAVE_TORCH = all(
 )
 
 
-@pytest.fixture
+@pytest.fixture(
+  scope="session"
+)  # Module fixtures that build torch models need it.
 def torch_required():
   """Skips a test without torch/torchvision (the [torch] extra), except
   where DSV_REQUIRE_TORCH=1 (`.ci/run` sets it): there a missing torch is

@@ -32,8 +32,9 @@ def _random_resnet50(seed=0):
 
 
 @pytest.fixture(scope="module")
-def net():
-  # Tests list `torch_required` first, so it skips before this imports torch.
+def net(torch_required):
+  # Module fixtures are set up before a test's own: it must skip here.
+  del torch_required
   return _random_resnet50()
 
 
