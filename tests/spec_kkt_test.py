@@ -96,6 +96,10 @@ GRID = [
   (2.5, "cosine", False),
 ]
 
+# Both methods in one pass, and the fast one streamed in chunks of 4 (the
+# last chunk padded): a separate code path.
+VARIANTS = [("fast", None), ("reverse", None), ("fast", 4)]
+
 
 def test_params_gradient_of_every_method_matches_reference_over_grid(x64):
   params, x, targets, lambdas, active = problem()
@@ -108,9 +112,11 @@ def test_params_gradient_of_every_method_matches_reference_over_grid(x64):
         params, x, targets, lambdas, active, **kw
       )
       got = []
-      for method in kkt.METHODS:
+      for method, chunk in VARIANTS:
 
-        def total(p, xx, lam, method=method, bs=bs, dist=dist, gated=gated):
+        def total(
+          p, xx, lam, method=method, chunk=chunk, bs=bs, dist=dist, gated=gated
+        ):
           return kkt.deepkkt_loss(
             apply_fn,
             p,
@@ -123,6 +129,7 @@ def test_params_gradient_of_every_method_matches_reference_over_grid(x64):
             gated=gated,
             distance=dist,
             method=method,
+            chunk_size=chunk,
           )[0]
 
         grads = jax.value_and_grad(total, argnums=(0, 1, 2))
@@ -133,9 +140,10 @@ def test_params_gradient_of_every_method_matches_reference_over_grid(x64):
   for (bs, dist, gated), (ref, got) in zip(
     GRID, jax.jit(all_values_and_grads)(), strict=True
   ):
-    for method, value_and_grads in zip(kkt.METHODS, got, strict=True):
+    for (method, chunk), value_and_grads in zip(VARIANTS, got, strict=True):
       err = (
-        f"method={method} beta_stationarity={bs} distance={dist} gated={gated}"
+        f"method={method} chunk_size={chunk} beta_stationarity={bs} "
+        f"distance={dist} gated={gated}"
       )
       jax.tree.map(
         lambda a, b, err=err: np.testing.assert_allclose(
