@@ -170,3 +170,21 @@ def test_gaussian_noise_has_the_given_std():
   x = jnp.zeros((B, H, W, 1))
   out = np.asarray(augment.gaussian_noise(jax.random.key(6), x, std=0.3))
   assert abs(out.std() - 0.3) < 0.01 and abs(out.mean()) < 0.01
+
+
+def test_make_augment_applies_each_strength():
+  x = np.arange(4 * H * W, dtype=np.float32).reshape(4, H, W, 1) + 1
+  key = jax.random.key(7)
+  off = dict(translate=0, crop=0, flip=0, cutout=0, noise=0)
+  # All off: the identity.
+  out = augment.make_augment(**off)(key, jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(out), x)
+  # Flip probability 1: every image flipped left-right.
+  out = augment.make_augment(**{**off, "flip": 1.0})(key, jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(out), x[:, :, ::-1])
+  # Noise only: x plus noise of that std.
+  out = augment.make_augment(**{**off, "noise": 0.5})(key, jnp.asarray(x))
+  assert abs(float(np.std(np.asarray(out) - x)) - 0.5) < 0.05
+  for bad in (dict(crop=1.0), dict(flip=1.5), dict(noise=-0.1)):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      augment.make_augment(**bad)

@@ -201,3 +201,32 @@ def test_random_per_class_draws_each_class_uniformly_and_independently():
     select.random_per_class(jax.random.key(5), labels, 3, k),
     select.random_per_class(jax.random.key(5), labels, 3, k),
   )
+
+
+def test_per_class_sums_and_prob_residual_known_answers():
+  np.testing.assert_array_equal(
+    select.per_class_sums([1.0, 2.0, 4.0, 8.0], [2, 0, 2, 0], 4),
+    [10.0, 0.0, 5.0, 0.0],
+  )
+  logits = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]))
+  # softmax - onehot: for int labels and for the same soft targets.
+  want = np.array([[-0.5, 0.25, 0.25], [0.1, 0.2, -0.3]])
+  np.testing.assert_allclose(
+    select.prob_residual(logits, jnp.array([0, 2])), want, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    select.prob_residual(logits, jnp.eye(3)[jnp.array([0, 2])]),
+    want,
+    atol=1e-6,
+  )
+
+
+def test_scores_of_each_kind_known_answer():
+  lam = np.array([2.0, 1.0, 4.0])
+  w = np.array([0.5, 3.0, 0.25])
+  np.testing.assert_allclose(select.scores(lam, w), [1.0, 3.0, 1.0])
+  np.testing.assert_allclose(select.scores(lam, w, score="lambda"), lam)
+  np.testing.assert_allclose(
+    select.scores(lam, w, rankable=np.array([True, False, True])),
+    [1.0, 0.0, 1.0],
+  )
