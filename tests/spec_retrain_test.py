@@ -3,10 +3,11 @@ gives the same models whatever ran before it in the process.
 
 `retrain` reuses one compiled K-model step per architecture and recipe.
 For every hyperparameter of the step (learning rate, weight decay, batch
-size, flip, shift, K, per-model sets), a run that differs from an earlier
-one only in it must train as if nothing had run before: here, as the same
-run with a model that carries no architecture identity (``graph=None``,
-which is never reused), and, for one of them, as a fresh Python process.
+size, flip, shift, K, per-model sets) and the architecture, a run that
+differs from an earlier one only in it must train as if nothing had run
+before: here, as the same run with a model that carries no architecture
+identity (``graph=None``, which is never reused), and, for one of them, as
+a fresh Python process.
 """
 
 import functools
@@ -42,18 +43,19 @@ VARIANTS = {
   "max_shift": dict(max_shift=2),
   "num_models": dict(num_models=3),
   "per_model": dict(per_model=True),
+  "architecture": dict(hidden=(8, 8)),
 }
 
 
 @functools.cache
-def mlp(seed, reusable=True):
+def mlp(seed, reusable=True, hidden=(8,)):
   fm = models.functional(
     models.build_model(
       "mlp",
       image_shape=SHAPE,
       num_classes=C,
       key=jax.random.key(seed),
-      hidden=(8,),
+      hidden=hidden,
     )
   )
   return fm if reusable else fm._replace(graph=None)
@@ -66,13 +68,13 @@ def data():
   return x, y, x[::-1].copy(), y[::-1].copy()
 
 
-def run(reusable=True, per_model=False, **overrides):
+def run(reusable=True, per_model=False, hidden=(8,), **overrides):
   kw = {**BASE, **overrides}
   x, y, ex, ey = data()
   if per_model:  # One set per model: the set, and the set reversed.
     x = np.stack([x, x[::-1]][: kw["num_models"]])
     y = np.stack([y, y[::-1]][: kw["num_models"]])
-  model_fn = functools.partial(mlp, reusable=reusable)
+  model_fn = functools.partial(mlp, reusable=reusable, hidden=hidden)
   # One device: the same program, compiled faster than one replicated
   # over the test session's four fake devices.
   mesh = parallel.make_mesh(1)
