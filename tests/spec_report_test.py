@@ -291,3 +291,57 @@ def test_describe_entropy_and_margin_known_answer():
     out["entropy"], [-(p * np.log(p)).sum()], rtol=1e-6
   )
   np.testing.assert_allclose(out["margin"], [2.0])
+
+
+def test_ablation_compares_full_with_the_primal_only_run(
+  config, monkeypatch, tmp_path
+):
+  full, primal = _dsv(6, seed=11), _dsv(6, seed=12)
+  dirs = {}
+  for name in ("full", "primal"):
+    (tmp_path / name / "synthesize").mkdir(parents=True)
+    (tmp_path / name / "synthesize" / "grid.png").write_bytes(b"png")
+    dirs[name] = str(tmp_path / name)
+  asked = {}
+
+  def synth_run(cfg, workdir, name, **overrides):
+    asked[name] = overrides
+    return primal, {}, dirs["primal"]
+
+  monkeypatch.setattr(
+    report_sections,
+    "shot_run",
+    lambda cfg, workdir, init, k: (full, {}, dirs["full"]),
+  )
+  monkeypatch.setattr(report_sections, "synth_run", synth_run)
+  monkeypatch.setattr(
+    report_sections, "independent_classifier", lambda cfg, workdir: _clf()
+  )
+  rows = FakeRows(_ds(), _clf())
+  out = tmp_path / "out"
+  out.mkdir()
+  _, res = report_sections.ablation_section(
+    config, str(tmp_path), _clf(), rows, str(out)
+  )
+  zero, k = config.report.zero_shot_init, config.report.detail_ipc
+  # The primal-only run: the same init and size, stationarity off.
+  (overrides,) = asked.values()
+  assert overrides == {
+    "synth.init": zero,
+    "synth.num_per_class": k,
+    "kkt.beta_stationarity": 0.0,
+  }
+  for name, dsv in (("full", full), ("primal_only", primal)):
+    label = f"{'full' if name == 'full' else 'primal-only'} {zero} k={k}"
+    np.testing.assert_array_equal(rows.seen[label][0], dsv.images)
+    # Independent agreement: the brightest-pixel classifier on the set.
+    pred = dsv.images.reshape(len(dsv.images), -1).argmax(-1)
+    assert res[name]["agreement"] == pytest.approx(np.mean(pred == dsv.targets))
+  assert res["p_retrain"] == pytest.approx(
+    reproduction.welch_p(
+      res["full"]["retrain"]["accuracies"],
+      res["primal_only"]["retrain"]["accuracies"],
+    ),
+    rel=1e-12,
+  )
+  assert (out / "ablation_full.png").exists()
