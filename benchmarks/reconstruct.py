@@ -19,10 +19,13 @@ that on a setting 2 CPU cores can afford and scores it honestly:
 4. Controls: the initial noise itself (no optimisation), and each method
    started at the training images (does it keep them?).
 5. `baseline.best_multipliers` at the training images: the stationarity
-   residual the true training set reaches, beside each method's.
+   residual the true training set reaches, beside each method's, and the
+   residual the baseline's own lambda fit reaches there (x fixed) with its
+   default settings and with the same numbers in the former raw units.
 
-Writes ``results.json`` and ``matches.png`` (each training image above its
-best match per row) to ``--workdir`` and prints one table row per method.
+Writes ``results.json`` and ``matches.png`` (up to 12 training images per
+class, each above its best match in every row) to ``--workdir`` and prints
+one table row per method.
 
   python benchmarks/reconstruct.py --config configs/reconstruct.py:digits \
       --workdir /tmp/rec
@@ -36,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dsv_jax import baseline, similarity, synthesize, viz
@@ -159,6 +162,32 @@ def run_candidates(synth, params, x0, labels, steps: int, key):
   return np.asarray(state.x), {k: float(v) for k, v in metrics.items()}
 
 
+def raw_unit_settings(m: int) -> dict:
+  """`make_reconstructor` keywords that reproduce the baseline's former raw
+  units (weighted sum not divided by the m candidates) with the same
+  numbers: lambda_min 0.05, lambda_init U[0.5, 1], Adam 0.05 on raw lambda."""
+  return {
+    "lambda_min": 0.05 * m,
+    "lambda_init": (0.5 * m, 1.0 * m),
+    "lambda_tx": optax.adam(0.05 * m),
+    "beta_lambda": 1.0 / m,
+  }
+
+
+def lambda_fit_residual(apply_fn, params, x, y, steps: int, **kw) -> float:
+  """The baseline's lambda fit with x fixed at `x` (`make_reconstructor`
+  with `kw`); its final stationarity residual."""
+  recon = baseline.make_reconstructor(apply_fn, x_tx=optax.set_to_zero(), **kw)
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  state = recon.init_fn(jax.random.key(1), params, x, y)
+  step = jax.jit(recon.step_fn)
+  for _ in range(steps):
+    state, metrics = step(state, params, y, jax.random.key(2))
+  if not np.array_equal(state.x, x):
+    raise AssertionError("the lambda fit moved x.")
+  return float(metrics["stationarity"])
+
+
 def match_scores(candidates, images, threshold: float):
   """Each image's best candidate: ``(index, ssim, summary)``."""
   index, ssim = similarity.best_match(images, candidates)
@@ -203,7 +232,15 @@ def run(config, workdir: str) -> dict:
     max_steps=config.train.max_steps,
     target=config.train.target_loss,
   )
+  logging.info("trained: %s (%.0f s)", train_info, time.perf_counter() - t0)
   lam, true_resid = baseline.best_multipliers(apply_fn, params, xtr, ytr)
+  units = {
+    "best (NNLS)": true_resid,
+    "defaults": lambda_fit_residual(apply_fn, params, xtr, ytr, 300),
+    "raw units": lambda_fit_residual(
+      apply_fn, params, xtr, ytr, 300, **raw_unit_settings(len(xtr))
+    ),
+  }
   r = config.recon
   n_cand = r.candidates_per_image * len(xtr)
   labels = np.arange(n_cand, dtype=np.int32) % 2
@@ -230,6 +267,7 @@ def run(config, workdir: str) -> dict:
   for name, synth in methods(apply_fn, r.lr_x).items():
     t = time.perf_counter()
     x, metrics = run_candidates(synth, params, x0, labels, r.steps, k_run)
+    logging.info("%s: %.0f s", name, time.perf_counter() - t)
     rows[name] = score(name, x) | {
       "seconds": time.perf_counter() - t,
       "stationarity": metrics.get("stationarity"),
@@ -243,11 +281,13 @@ def run(config, workdir: str) -> dict:
     }
 
   names = list(shown)
+  # At most 12 training images per class in the grid (readable widths).
+  cols = np.concatenate([np.flatnonzero(ytr == c)[:12] for c in (0, 1)])
   viz.image_rows(
     os.path.join(workdir, "matches.png"),
-    [shown[k] for k in names],
+    [shown[k][cols] for k in names],
     row_names=names,
-    captions=[captions[k] for k in names],
+    captions=[[captions[k][i] for i in cols] for k in names],
     title=(
       f"{d.name} classes {tuple(d.classes)}, {len(xtr)} training images; "
       "under each row's image: SSIM to the training image above"
@@ -259,6 +299,8 @@ def run(config, workdir: str) -> dict:
     "true_set": {
       "stationarity": true_resid,
       "lambda_total": float(lam.sum() / len(xtr)),
+      # Baseline lambda fit at the training images, x fixed, 300 steps.
+      "lambda_fit_residual": units,
     },
     "rows": rows,
     "seconds": time.perf_counter() - t0,
@@ -294,6 +336,11 @@ def main(argv):
     f"accuracy {t['train_acc']:.3f}; true training set: stationarity "
     f"{result['true_set']['stationarity']:.4f}, lambda total "
     f"{result['true_set']['lambda_total']:.3f}; {result['seconds']:.0f} s"
+  )
+  fit = result["true_set"]["lambda_fit_residual"]
+  print(
+    "baseline lambda fit at the training images (x fixed, 300 steps): "
+    + ", ".join(f"{k} {v:.4f}" for k, v in fit.items())
   )
   print(
     "| candidates | train SSIM>=0.4 | train mean | held-out SSIM>=0.4 | "

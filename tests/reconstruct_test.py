@@ -9,7 +9,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from dsv_jax import baseline
@@ -60,38 +59,16 @@ def trained(script, tiny_config):
   return apply_fn, params, x, y
 
 
-def _fit_lambdas(apply_fn, params, x, y, steps, **kw):
-  """The reconstructor's lambda fit with x fixed at `x`; final residual."""
-  recon = baseline.make_reconstructor(apply_fn, x_tx=optax.set_to_zero(), **kw)
-  state = recon.init_fn(
-    jax.random.key(1), params, jnp.asarray(x), jnp.asarray(y)
-  )
-  step = jax.jit(recon.step_fn)
-  for _ in range(steps):
-    state, metrics = step(state, params, jnp.asarray(y), jax.random.key(2))
-  np.testing.assert_array_equal(state.x, x)  # x really was fixed.
-  return float(metrics["stationarity"])
-
-
-def test_default_multipliers_reach_the_training_sets_residual(trained):
+def test_default_multipliers_reach_the_training_sets_residual(script, trained):
   apply_fn, params, x, y = trained
   _, best = baseline.best_multipliers(apply_fn, params, x, y)
   assert best < 0.01  # The trained model is near a KKT point of its data.
-  got = _fit_lambdas(apply_fn, params, x, y, 300)
+  got = script.lambda_fit_residual(apply_fn, params, x, y, 300)
   assert got <= 1.2 * best + 1e-4, (got, best)
   # The test has teeth: the same numbers in raw units (the weighted sum not
   # divided by m; measured 5x the best residual) do not get there.
-  m = len(y)
-  raw = _fit_lambdas(
-    apply_fn,
-    params,
-    x,
-    y,
-    300,
-    lambda_min=0.05 * m,
-    lambda_init=(0.5 * m, 1.0 * m),
-    lambda_tx=optax.adam(0.05 * m),
-    beta_lambda=1.0 / m,
+  raw = script.lambda_fit_residual(
+    apply_fn, params, x, y, 300, **script.raw_unit_settings(len(y))
   )
   assert raw > 2 * best, (raw, best)
 
@@ -119,6 +96,9 @@ def test_tiny_experiment_runs_and_scores(script, tiny_config, tmp_path):
     assert kept["train"]["mean"] > 0.9 > kept["heldout"]["mean"]
   assert result["train"]["train_acc"] == 1.0
   assert 0 <= result["true_set"]["stationarity"] < 0.01
+  fit = result["true_set"]["lambda_fit_residual"]
+  assert fit["best (NNLS)"] == result["true_set"]["stationarity"]
+  assert fit["best (NNLS)"] <= fit["defaults"] < fit["raw units"]
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["rows"].keys() == rows.keys()
   assert (tmp_path / "matches.png").stat().st_size > 0
