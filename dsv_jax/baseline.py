@@ -27,7 +27,7 @@ degree L in theta (a bias-free ReLU MLP: L = its number of layers) is
 0.05, all in these units) reach the training set's own residual (that of
 `best_multipliers`) with x fixed at the training images on the bias-free
 MLPs of ``benchmarks/reconstruct.md``, whose totals ``sum_i mu_i`` are
-0.3 to 0.8 (`tests/reconstruct_test.py` checks it on a tiny one). For a
+0.2 to 0.8 (`tests/reconstruct_test.py` checks it on a tiny one). For a
 model whose total is far from that, scale them by `best_multipliers` at a
 few real images (Haim et al. sweep lambda_min per model). The same
 numbers in raw units (no 1/m) put the floor at a total of 0.05 m and the
@@ -195,7 +195,7 @@ def make_reconstructor(
 
   The lambda settings are in Haim et al.'s units (shares of the
   multipliers' total; module docstring), measured to suit bias-free MLPs
-  whose multipliers total 0.3 to 0.8; scale them by `best_multipliers` at
+  whose multipliers total 0.2 to 0.8; scale them by `best_multipliers` at
   a few real images for other models.
 
   Returns:
