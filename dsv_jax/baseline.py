@@ -4,17 +4,39 @@ Prior work reconstructs training samples from a trained network by fitting
 samples ``x_i`` and multipliers ``lambda_i`` to the stationarity condition of
 the max-margin problem the network implicitly solves:
 
-  L = || theta* - sum_i lambda_i grad_theta m_i(x_i) ||^2 / ||theta*||^2
+  L = || theta* - (1/m) sum_i lambda_i grad_theta m_i(x_i) ||^2 / ||theta*||^2
       + beta_lambda * mean_i max(0, lambda_min - lambda_i)
 
-with the multiclass margin ``m_i = Phi_{y_i}(x_i) - max_{j != y_i}
-Phi_j(x_i)`` (Buzaglo et al.; Haim et al.'s binary ``y_i Phi(x_i)`` is its
-two-class case), the lambda_min hinge of Haim et al., and ``x`` clipped to
-the valid pixel range after every Adam step. The division by ``||theta*||^2``
-(OURS) makes the residual scale-free so that one ``beta_lambda`` suits any
-model; the minimiser is unchanged. Compared with DeepKKT there is no
-cross-entropy, no primal (classification) term, no augmentation and no image
-prior: the baseline row shows what those add.
+over the m candidates, with the multiclass margin ``m_i = Phi_{y_i}(x_i) -
+max_{j != y_i} Phi_j(x_i)`` (Buzaglo et al.; Haim et al.'s binary ``y_i
+Phi(x_i)`` is its two-class case), the lambda_min hinge of Haim et al., and
+``x`` clipped to the valid pixel range after every Adam step.
+
+Units of lambda. The 1/m is Haim et al.'s (their ``get_kkt_loss`` divides
+the weighted sum by the number of candidates): lambda is each candidate's
+multiplier times m, so lambda_min, lambda_init and the lambda learning rate
+are per-candidate shares of the multipliers' total, whatever m is. The
+division by ``||theta*||^2`` (OURS) makes the residual scale-free; it does
+NOT make one lambda setting suit every model. The multipliers that satisfy
+stationarity have a total fixed by the model: taking the inner product of
+``theta* = sum_i mu_i grad m_i`` with theta* gives ``sum_i mu_i <theta*,
+grad m_i> = ||theta*||^2``, which for a network positively homogeneous of
+degree L in theta (a bias-free ReLU MLP: L = its number of layers) is
+``sum_i mu_i m_i = ||theta*||^2 / L``: the total scales as ``||theta*||^2 /
+(L * margin)``. The defaults (lambda_min 0.05, lambda_init U[0.5, 1], Adam
+0.05, all in these units) reach the training set's own residual (that of
+`best_multipliers`) with x fixed at the training images on the bias-free
+MLPs of ``benchmarks/reconstruct.md``, whose totals ``sum_i mu_i`` are
+0.2 to 0.8 (`tests/reconstruct_test.py` checks it on a tiny one). For a
+model whose total is far from that, scale them by `best_multipliers` at a
+few real images (Haim et al. sweep lambda_min per model). The same
+numbers in raw units (no 1/m) put the floor at a total of 0.05 m and the
+start near 0.75 m: on the test's model the lambda fit stalled at 5x the
+training set's residual, on 50 digits at 66x (``benchmarks/reconstruct.md``).
+
+Compared with DeepKKT there is no cross-entropy, no primal
+(classification) term, no augmentation and no image prior: the baseline
+row shows what those add.
 
 As for DeepKKT, ``sum_i lambda_i grad m_i = grad_theta sum_i lambda_i m_i``
 is ONE backward pass, and its derivative in x and lambda is grad-of-grad.
@@ -26,7 +48,9 @@ is ONE backward pass, and its derivative in x and lambda is grad-of-grad.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import scipy.optimize
 
 from dsv_jax import synthesize
 from dsv_jax.synthesize import Synthesizer, SynthState
@@ -63,9 +87,11 @@ def reconstruction_loss(
     apply_fn, params: the frozen classifier theta*.
     x: ``[N, H, W, C]`` candidates.
     labels: int ``[N]`` their classes.
-    lambdas: ``[N]`` multipliers.
-    active: optional ``bool[N]``; inactive rows (padding) take no part.
-    lambda_min: the hinge's floor on lambda.
+    lambdas: ``[N]`` multipliers in Haim et al.'s units (the module
+      docstring): the weight of ``grad m_i`` is ``lambdas[i] / m``.
+    active: optional ``bool[N]``; inactive rows (padding) take no part
+      and do not count in m.
+    lambda_min: the hinge's floor on lambda (same units).
     beta_lambda: weight of the hinge.
 
   Returns:
@@ -78,6 +104,9 @@ def reconstruction_loss(
     Reconstruction", NeurIPS 2023 (multiclass margin).
   """
   weights = lambdas if active is None else jnp.where(active, lambdas, 0.0)
+  # Haim et al.'s units: lambda is a share of the total (module docstring).
+  m = x.shape[0] if active is None else jnp.maximum(jnp.sum(active), 1)
+  weights = weights / m
 
   def weighted_margin(p):
     m = margins(apply_fn(p, x), labels)
@@ -101,6 +130,47 @@ def reconstruction_loss(
   }
 
 
+def best_multipliers(
+  apply_fn: ApplyFn,
+  params: Params,
+  x: jax.Array,
+  labels: jax.Array,
+) -> tuple[np.ndarray, float]:
+  """The multipliers >= 0 that best satisfy stationarity at fixed ``x``.
+
+  Solves ``min_{lambda >= 0} || theta* - (1/m) sum_i lambda_i grad m_i(x_i)
+  ||^2`` exactly (non-negative least squares over the per-sample margin
+  gradients, float64), the residual `reconstruction_loss` reaches at x
+  without its hinge. At a model's training set it is the residual a
+  reconstruction should reach, and the multipliers' scale to set
+  `make_reconstructor`'s lambda settings by (module docstring). Memory:
+  one gradient per sample, so for small models.
+
+  Returns:
+    ``(lambdas [N] in reconstruction_loss's units, stationarity)``.
+  """
+  x = jnp.asarray(x)
+  labels = jnp.asarray(labels, jnp.int32)
+
+  def margin(p, xi, yi):
+    return margins(apply_fn(p, xi[None]), yi[None])[0]
+
+  grads = jax.vmap(jax.grad(margin), in_axes=(None, 0, 0))(params, x, labels)
+  cols = np.concatenate(
+    [
+      np.asarray(g, np.float64).reshape(x.shape[0], -1)
+      for g in jax.tree.leaves(grads)
+    ],
+    axis=1,
+  ).T
+  theta = np.concatenate(
+    [np.asarray(t, np.float64).reshape(-1) for t in jax.tree.leaves(params)]
+  )
+  mu, _ = scipy.optimize.nnls(cols, theta)
+  residual = np.sum(np.square(theta - cols @ mu)) / np.sum(np.square(theta))
+  return mu * x.shape[0], float(residual)
+
+
 def make_reconstructor(
   apply_fn: ApplyFn,
   *,
@@ -122,6 +192,11 @@ def make_reconstructor(
     lambda_min, beta_lambda: see `reconstruction_loss`.
     lambda_init: initial lambdas ~ U[low, high].
     pixel_min, pixel_max: bounds x is clipped to after every step.
+
+  The lambda settings are in Haim et al.'s units (shares of the
+  multipliers' total; module docstring), measured to suit bias-free MLPs
+  whose multipliers total 0.2 to 0.8; scale them by `best_multipliers` at
+  a few real images for other models.
 
   Returns:
     A `Synthesizer` whose ``init_fn(key, params, x0, labels, active=None)``
@@ -217,4 +292,9 @@ def make_reconstructor(
   return synthesize.synthesizer(init_fn, step_fn, lambdas_fn, loss_fn)
 
 
-__all__ = ["make_reconstructor", "margins", "reconstruction_loss"]
+__all__ = [
+  "best_multipliers",
+  "make_reconstructor",
+  "margins",
+  "reconstruction_loss",
+]

@@ -7,6 +7,8 @@ nor imports pyplot, so inline figures in a notebook keep working.
 * `class_grid`: one row per class, images de-normalised to [0, 1].
 * `strip`: one row of images with titles (editing, interpolation).
 * `plot_curves`: metric curves over steps (e.g. rows of metrics.jsonl).
+* `image_rows`: named rows of [0, 1] images with a caption under each
+  (e.g. real images above their best-matching candidates).
 """
 
 import os
@@ -133,6 +135,39 @@ def strip(
   save_png(fig, path)
 
 
+def image_rows(
+  path: str | os.PathLike,
+  rows: Sequence[Any],
+  *,
+  row_names: Sequence[str],
+  captions: Sequence[Sequence[str]] | None = None,
+  title: str = "",
+) -> None:
+  """Writes a PNG of named rows of ``[K, H, W, C]`` images in [0, 1].
+
+  Every row has the same K; ``captions[r][k]`` goes under image k of row r.
+  """
+  if len(rows) != len(row_names):
+    raise ValueError(f"{len(rows)} rows but {len(row_names)} row names.")
+  shown = [np.clip(np.asarray(r, np.float32), 0.0, 1.0) for r in rows]
+  shown = [r[..., 0] if r.shape[-1] == 1 else r for r in shown]
+  cols = len(shown[0])
+  if any(len(r) != cols for r in shown):
+    raise ValueError("image_rows needs rows of one length.")
+  fig = _figure((0.75 * (cols + 2), 0.95 * len(rows)))
+  axes = fig.subplots(len(rows), cols + 1, squeeze=False)
+  for r, (name, images) in enumerate(zip(row_names, shown, strict=True)):
+    axes[r, 0].axis("off")
+    axes[r, 0].text(1.0, 0.5, name, ha="right", va="center", fontsize=7)
+    for k in range(cols):
+      _show(axes[r, k + 1], images[k])
+      if captions is not None:
+        axes[r, k + 1].set_xlabel(captions[r][k], fontsize=6, labelpad=1)
+  top = _add_title(fig, title)
+  fig.tight_layout(pad=0.2, rect=(0, 0, 1, top))
+  save_png(fig, path)
+
+
 def plot_curves(
   path: str | os.PathLike,
   rows: Sequence[dict[str, Any]],
@@ -187,4 +222,4 @@ def save_png(fig: Figure, path: str | os.PathLike) -> None:
     fig.savefig(f, format="png", dpi=100)
 
 
-__all__ = ["class_grid", "plot_curves", "save_png", "strip"]
+__all__ = ["class_grid", "image_rows", "plot_curves", "save_png", "strip"]

@@ -53,7 +53,10 @@ def _reference(params, x, labels, lambdas, *, lambda_min, beta_lambda):
       return logits[y] - jnp.max(rest)
 
     g = jax.grad(margin)(params)
-    acc = jax.tree.map(lambda a, gi, i=i: a + lambdas[i] * gi, acc, g)
+    # Haim et al.'s units: the weighted sum is divided by m.
+    acc = jax.tree.map(
+      lambda a, gi, i=i: a + lambdas[i] * gi / len(labels), acc, g
+    )
   num = sum(jnp.sum((params[k] - acc[k]) ** 2) for k in sorted(params))
   den = sum(jnp.sum(params[k] ** 2) for k in sorted(params))
   hinge = jnp.mean(jnp.maximum(lambda_min - lambdas, 0.0))
@@ -82,6 +85,35 @@ def test_loss_and_gradients_match_slow_reference():
       np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     # Some lambdas are below lambda_min: the hinge is active.
     assert float(jnp.min(lambdas)) < kw["lambda_min"]
+
+
+def test_best_multipliers_recover_a_known_combination():
+  # A bias-free linear model: grad_W of the margin of (x_i, y_i) is
+  # x_i (e_y - e_other)^T, so W built from known lambdas >= 0 (in the loss's
+  # units, divided by m) is matched exactly by exactly those lambdas.
+  rng = np.random.default_rng(0)
+  m, d = 5, 12
+  x = rng.normal(size=(m, 3, 4, 1))
+  labels = np.array([0, 1, 0, 1, 1], np.int32)
+  want = np.array([0.7, 0.0, 2.0, 1.3, 0.4])
+  sign = np.where(labels[:, None] == np.arange(2), 1.0, -1.0)
+  w = (x.reshape(m, d) * want[:, None]).T @ sign / m
+
+  def apply(p, xs):
+    return xs.reshape(xs.shape[0], -1) @ p
+
+  with jax.enable_x64(True):
+    lam, residual = baseline.best_multipliers(apply, jnp.asarray(w), x, labels)
+    np.testing.assert_allclose(lam, want, atol=1e-8)
+    assert residual < 1e-15
+    # Their loss at x is the residual (the hinge is off at lambda_min=0).
+    loss, _ = baseline.reconstruction_loss(
+      apply, jnp.asarray(w), jnp.asarray(x), labels, lam, lambda_min=0.0
+    )
+    assert float(loss) < 1e-15
+    # A target outside their cone keeps a residual: lambda stays >= 0.
+    lam, residual = baseline.best_multipliers(apply, -jnp.asarray(w), x, labels)
+    assert np.all(lam >= 0) and residual > 0.5
 
 
 def test_inactive_rows_take_no_part():
@@ -130,7 +162,10 @@ def test_steps_decrease_loss_and_clip_pixels():
       jax.random.key(2),
     )[0]
   )
-  assert last < 0.5 * first
+  # Below the best residual multipliers alone reach at x0 (0.99 on this
+  # untrained toy): the candidates moved towards stationarity.
+  _, at_x0 = baseline.best_multipliers(_apply, params, x, labels)
+  assert last < 0.9 * at_x0 < 0.9 * first
   assert float(jnp.max(jnp.abs(state.x))) <= 1.5
   assert int(state.step) == 40 and bool(state.active.all())
 

@@ -33,3 +33,20 @@ def test_curves_take_null_metrics(tmp_path):
   path = tmp_path / "curves.png"
   viz.plot_curves(path, rows, title="synthesis")
   assert os.path.getsize(path) > 0
+
+
+def test_image_rows_writes_named_rows_and_checks_their_lengths(tmp_path):
+  import numpy as np
+  import pytest
+  from matplotlib.image import imread
+
+  rows = [np.zeros((3, 8, 8, 1)), np.ones((3, 8, 8, 1))]
+  path = str(tmp_path / "rows.png")
+  viz.image_rows(
+    path, rows, row_names=["a", "b"], captions=[["1", "2", "3"]] * 2
+  )
+  assert imread(path).shape[0] > 0
+  with pytest.raises(ValueError, match="row names"):
+    viz.image_rows(path, rows, row_names=["a"])
+  with pytest.raises(ValueError, match="one length"):
+    viz.image_rows(path, [rows[0], rows[1][:2]], row_names=["a", "b"])

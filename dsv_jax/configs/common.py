@@ -223,7 +223,8 @@ def base_config() -> ml_collections.ConfigDict:
   # The KKT reconstruction baseline of Haim et al. 2022 / Buzaglo et al.
   # 2023 (dsv_jax.baseline): squared-L2 stationarity with the margin, a
   # lambda >= lambda_min hinge, pixel clipping; from the synthesize stage's
-  # initial candidates.
+  # initial candidates. The lambda settings are in Haim et al.'s units
+  # (shares of the multipliers' total; see dsv_jax.baseline).
   c.baseline = ml_collections.ConfigDict()
   c.baseline.steps = 300
   c.baseline.lr_x = 0.01

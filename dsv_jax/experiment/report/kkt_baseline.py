@@ -26,12 +26,16 @@ SECTIONS = ("seed", "data", "model", "train", "synth", "baseline")
 
 
 def stage_hash(config: ml_collections.ConfigDict) -> str:
-  """The run's hash (`workdir.config_hash`): its sections and the
-  classifier it reconstructs from (`synth.classifier`)."""
+  """The run's hash (`workdir.config_hash`): its sections, the
+  classifier it reconstructs from (`synth.classifier`) and the units of
+  `baseline`'s lambda (a checkpoint in raw units must not resume)."""
   return wd.config_hash(
     config,
     SECTIONS,
-    {"classifier": wd.classifier_digest(config.synth.classifier)},
+    {
+      "classifier": wd.classifier_digest(config.synth.classifier),
+      "lambda_units": "share_of_total",
+    },
   )
 
 
