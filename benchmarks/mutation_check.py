@@ -59,10 +59,13 @@ SYN = "dsv_jax/synthesize.py"
 AUG = "dsv_jax/augment.py"
 RET = "dsv_jax/retrain.py"
 RET_STAGE = "dsv_jax/experiment/stages/retrain.py"
-SEL = "dsv_jax/select.py"
+SEL_FIT = "dsv_jax/select/fit.py"
+SEL_OP = "dsv_jax/select/operator.py"
+SEL_RANK = "dsv_jax/select/ranking.py"
 SEL_STAGE = "dsv_jax/experiment/stages/select.py"
 SECTIONS = "dsv_jax/experiment/report/sections.py"
 KKT = "dsv_jax/kkt.py"
+KKT_ENGINE = "dsv_jax/_kkt_engine.py"
 
 T_SYN = "tests/synthesize_test.py"
 T_ASSEMBLY = f"{T_SYN}::test_loss_is_the_sum_of_its_terms"
@@ -234,8 +237,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     (
       (
         RET,
-        "return total.astype(np.float64) / n",
-        "return total.astype(np.float64) / (-(-n // batch_size) * batch_size)",
+        "return total.astype(np.float64) / len(labels)",
+        "return total.astype(np.float64) / (-(-len(labels) // batch_size) "
+        "* batch_size)",
       ),
     ),
     (T_RET_EVAL,),
@@ -255,7 +259,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "select: scores ignore the rankable mask",
     (
       (
-        SEL,
+        SEL_RANK,
         "out = np.where(np.asarray(rankable, bool), out, 0).astype(np.float32)",
         "out = out.astype(np.float32)",
       ),
@@ -266,7 +270,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "select: rank_per_class puts the lowest score first",
     (
       (
-        SEL,
+        SEL_RANK,
         'idx[np.argsort(-scores[idx], kind="stable")]',
         'idx[np.argsort(scores[idx], kind="stable")]',
       ),
@@ -365,7 +369,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "kkt: the primal gate zeroes the misclassified instead",
     (
       (
-        KKT,
+        KKT_ENGINE,
         "losses = jnp.where(correct, 0.0, losses)",
         "losses = jnp.where(correct, losses, 0.0)",
       ),
@@ -376,7 +380,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "kkt: the cosine distance has the wrong sign",
     (
       (
-        KKT,
+        KKT_ENGINE,
         "return 1.0 + _vdot(params, g) / norms",
         "return 1.0 - _vdot(params, g) / norms",
       ),
@@ -387,7 +391,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "kkt: soft-target cross-entropy without the log",
     (
       (
-        KKT,
+        KKT_ENGINE,
         "-jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)",
         "-jnp.sum(targets * jax.nn.softmax(logits, axis=-1), axis=-1)",
       ),
@@ -460,7 +464,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "select: the solver's distance closes over theta*",
     (
       (
-        SEL,
+        SEL_FIT,
         "  def value_and_dual(g):\n    return value_and_dual_at(params, g)",
         "  def value_and_dual(g):\n    return jax.jit(lambda gg: "
         "value_and_dual_at(params, gg))(g)",
@@ -472,9 +476,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     "select: padding slots keep the lambda of the row they repeat",
     (
       (
-        SEL,
-        "    lam = np.where(real, np.asarray(lambdas, np.float32)[slots], 0)\n",
-        "    lam = np.asarray(lambdas, np.float32)[slots]\n",
+        SEL_OP,
+        "  lam = np.where(real, np.asarray(lambdas, np.float32)[slots], 0)\n",
+        "  lam = np.asarray(lambdas, np.float32)[slots]\n",
       ),
     ),
     (
@@ -513,7 +517,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     (
       (
         "dsv_jax/models.py",
-        "out.append(np.asarray(_logits(apply_fn, params, x))[:m])",
+        "out.append(np.asarray(_logits(apply_fn, params, x))[:real])",
         "out.append(np.asarray(_logits(apply_fn, params, x)))",
       ),
     ),
