@@ -56,6 +56,7 @@ class Mutation(NamedTuple):
 
 
 SYN = "dsv_jax/synthesize.py"
+CAND_OPT = "dsv_jax/candidate_opt.py"
 AUG = "dsv_jax/augment.py"
 RET = "dsv_jax/retrain.py"
 RET_STAGE = "dsv_jax/experiment/stages/retrain.py"
@@ -64,6 +65,7 @@ SEL_OP = "dsv_jax/select/operator.py"
 SEL_RANK = "dsv_jax/select/ranking.py"
 SEL_STAGE = "dsv_jax/experiment/stages/select.py"
 SECTIONS = "dsv_jax/experiment/report/sections.py"
+BOUNDARY = "dsv_jax/experiment/report/boundary_sections.py"
 KKT = "dsv_jax/kkt.py"
 KKT_ENGINE = "dsv_jax/_kkt_engine.py"
 
@@ -100,7 +102,7 @@ MUTATIONS: tuple[Mutation, ...] = (
   ),
   Mutation(
     "synthesis: the stationarity term is dropped entirely",
-    ((SYN, "if beta_stationarity == 0:", "if True:"),),
+    ((SYN, 'if kkt_kw["beta_stationarity"] == 0:', "if True:"),),
     (T_ASSEMBLY,),
   ),
   Mutation(
@@ -139,11 +141,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     "report: per-class accuracy on the train split (and retrain on train)",
     (
       (
-        SECTIONS,
+        BOUNDARY,
         'clf.params, ds.test["image"]).argmax(-1)',
         'clf.params, ds.train["image"]).argmax(-1)',
       ),
-      (SECTIONS, 'y = ds.test["label"]', 'y = ds.train["label"]'),
+      (BOUNDARY, 'y = ds.test["label"]', 'y = ds.train["label"]'),
       RETRAIN_ON_TRAIN,
     ),
     (T_LAMBDA_ACC, T_RET_STAGE),
@@ -159,8 +161,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     (
       (
         SYN,
-        "aug, aux_a = kkt_term(params, xa, lam, active, targets)",
-        "aug, aux_a = kkt_term(params, xa, lam, None, targets)",
+        "apply_fn, params, xa, lambdas, active, targets, **kkt_kw",
+        "apply_fn, params, xa, lambdas, None, targets, **kkt_kw",
       ),
     ),
     (f"{T_SYN}::test_active_mask_removes_candidates",),
@@ -168,7 +170,11 @@ MUTATIONS: tuple[Mutation, ...] = (
   Mutation(
     "synthesis: every step draws A(x) with the same key",
     (
-      (SYN, "step_key = jax.random.fold_in(key, state.step)", "step_key = key"),
+      (
+        CAND_OPT,
+        "step_key = jax.random.fold_in(key, state.step)",
+        "step_key = key",
+      ),
     ),
     (f"{T_SYN}::test_steps_use_their_own_key_and_the_optimiser_update",),
   ),
@@ -176,7 +182,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "synthesis: clips to the global pixel range, not per channel",
     (
       (
-        SYN,
+        CAND_OPT,
         "return jnp.clip(x, lo, hi)",
         "return jnp.clip(x, jnp.min(lo), jnp.max(hi))",
       ),
@@ -185,7 +191,7 @@ MUTATIONS: tuple[Mutation, ...] = (
   ),
   Mutation(
     "synthesis: the TV prior counts vertical differences twice",
-    ((SYN, "_masked_mean(dh + dw, active)", "_masked_mean(dh + dh, active)"),),
+    ((SYN, "masked_mean(dh + dw, active)", "masked_mean(dh + dh, active)"),),
     (T_ASSEMBLY,),
   ),
   Mutation(
@@ -297,7 +303,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "report: the Pearson sign is flipped",
     (
       (
-        SECTIONS,
+        BOUNDARY,
         "stats.pearsonr(sums, acc)",
         "stats.pearsonr(sums, -acc)",
       ),
@@ -308,7 +314,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "report: per-class sums of the score instead of lambda",
     (
       (
-        SECTIONS,
+        BOUNDARY,
         'sums = np.array([sel["lambdas"][labels == k]',
         'sums = np.array([sel["scores"][labels == k]',
       ),
@@ -317,7 +323,7 @@ MUTATIONS: tuple[Mutation, ...] = (
   ),
   Mutation(
     "report: flip rates count misclassified test images too",
-    ((SECTIONS, "keep = pred == labels", "keep = pred == pred"),),
+    ((BOUNDARY, "keep = pred == labels", "keep = pred == pred"),),
     ("tests/report_test.py::test_flip_rates_known_answer",),
   ),
   Mutation(

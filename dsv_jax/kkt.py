@@ -87,16 +87,11 @@ Distance = Literal["l1_mean", "l2_sq", "cosine"]
 Method = Literal["fast", "reverse"]
 DISTANCES: tuple[Distance, ...] = get_args(Distance)
 # The default stationarity distance of every DeepKKT objective here and of
-# synthesis (`dsv_jax.synthesize`, the packaged configs). Cosine is
-# scale-free: its value lies in [0, 2] whatever the size and scale of
-# theta*, so its balance against the primal cross-entropy does not depend
-# on the model, and the multipliers cannot shrink the term away. Measured
-# (README, synthesis; 10 DSVs per class from noise, agreement of an
-# independently trained classifier): on the healthy digits ConvNet cosine
-# 0.99, the paper's l1_mean 0.98, l2_sq 0.44 (its scale, ||theta*||^2,
-# swamps the primal term); on a near-uniform one cosine 0.85, l1_mean 0.72.
-# Selection uses l2_sq (`dsv_jax.select.DEFAULT_DISTANCE`): its
-# complementary-slackness term needs a distance that is not scale-free.
+# synthesis (`dsv_jax.synthesize`, the packaged configs): cosine is
+# scale-free, so its balance against the primal cross-entropy does not
+# depend on the model. Measured: docs/method.md, choices table. Selection
+# uses l2_sq (`dsv_jax.select.DEFAULT_DISTANCE`): its complementary-
+# slackness term needs a distance that is not scale-free.
 DEFAULT_DISTANCE: Distance = "cosine"
 METHODS: tuple[Method, ...] = get_args(Method)
 

@@ -68,7 +68,7 @@ class FitInfo(NamedTuple):
     residual_all: the same over all of theta* (excluded leaves included).
     distance: the exact stationarity distance ``D(theta*, -G lambda)``
       over the represented parameters.
-    objective: the solver's objective F (see the module docstring).
+    objective: the solver's objective F (see `dsv_jax.select`).
     iterations: total solver iterations (including resumed ones).
     time_s: wall time of this call (compilation included).
     converged: the stopping rule fired before ``max_iters`` (in this call,
@@ -185,6 +185,18 @@ def _local_problem(
   if several and not given:
     x, targets = x[layout.rows], targets[layout.rows]
   return x, targets, n, layout, represented
+
+
+def _operator(apply_fn, params, x, targets, layout, mesh, strategy) -> Operator:
+  return make_operator(
+    apply_fn,
+    params,
+    x,
+    targets,
+    layout=layout,
+    mesh=mesh,
+    strategy=resolve_strategy(strategy),
+  )
 
 
 def _inverse_weights(weights: np.ndarray) -> np.ndarray:
@@ -451,8 +463,8 @@ def fit_lambdas(
   """Fits ``lambda >= 0`` with ``theta* ~= -sum_i lambda_i grad L_i``.
 
   Minimises ``F(lambda) = D(theta*, -G lambda) / D(theta*, 0) - slackness *
-  sum_i lambda_i ||p_i - y_i|| / W_ref`` over ``lambda >= 0`` (see the
-  module docstring) by FISTA with backtracking and adaptive restart, never
+  sum_i lambda_i ||p_i - y_i|| / W_ref`` over ``lambda >= 0`` (see
+  `dsv_jax.select`) by FISTA with backtracking and adaptive restart, never
   forming G. The variables are the contributions ``mu_i = lambda_i
   ||p_i - y_i||`` (a diagonal preconditioning). Stops when a step is below
   ``tol`` times the largest step so far (or, with ``slackness == 0``, when
@@ -533,15 +545,7 @@ def fit_lambdas(
   x, targets, n, layout, represented = _local_problem(
     apply_fn, params, x, targets, wrt, num_samples, chunk_size, mesh
   )
-  op = make_operator(
-    apply_fn,
-    params,
-    x,
-    targets,
-    layout=layout,
-    mesh=mesh,
-    strategy=resolve_strategy(strategy),
-  )
+  op = _operator(apply_fn, params, x, targets, layout, mesh, strategy)
   params_all = parallel.put(params, parallel.replicated_sharding(mesh))
   built = _build_problem(
     op,
@@ -659,15 +663,7 @@ def stationarity_residuals(
   if jax.process_count() > 1:  # Each process streams its own rows.
     x, targets = x[layout.rows], targets[layout.rows]
     lambdas = lambdas[layout.rows]
-  op = make_operator(
-    apply_fn,
-    params,
-    x,
-    targets,
-    layout=layout,
-    mesh=mesh,
-    strategy=resolve_strategy(strategy),
-  )
+  op = _operator(apply_fn, params, x, targets, layout, mesh, strategy)
   g = op.matvec(lambdas)
   restrict = masker(mask if mask is not None else params)
 
