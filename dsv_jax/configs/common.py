@@ -184,8 +184,8 @@ def _selection(c: ml_collections.ConfigDict) -> None:
   c.select = ml_collections.ConfigDict()
   # Classifier to explain: a workdir or classifier/ dir; "" = this workdir.
   c.select.classifier = ""
-  # The library's validated recipe (dsv_jax.select.DEFAULT_*; measured in
-  # benchmarks/README.md, svm_sanity): stationarity distance, weight of the
+  # The library's validated recipe (dsv_jax.select.DEFAULT_*; measured:
+  # docs/method.md, choices table): stationarity distance, weight of the
   # complementary-slackness (contribution) term (0 = plain fit), lambda
   # init, ranking score. One source of truth: read, not restated.
   c.select.distance = select.DEFAULT_DISTANCE
