@@ -56,13 +56,18 @@ class Mutation(NamedTuple):
 
 
 SYN = "dsv_jax/synthesize.py"
+CAND_OPT = "dsv_jax/candidate_opt.py"
 AUG = "dsv_jax/augment.py"
 RET = "dsv_jax/retrain.py"
 RET_STAGE = "dsv_jax/experiment/stages/retrain.py"
-SEL = "dsv_jax/select.py"
+SEL_FIT = "dsv_jax/select/fit.py"
+SEL_OP = "dsv_jax/select/operator.py"
+SEL_RANK = "dsv_jax/select/ranking.py"
 SEL_STAGE = "dsv_jax/experiment/stages/select.py"
 SECTIONS = "dsv_jax/experiment/report/sections.py"
+BOUNDARY = "dsv_jax/experiment/report/boundary_sections.py"
 KKT = "dsv_jax/kkt.py"
+KKT_ENGINE = "dsv_jax/_kkt_engine.py"
 
 T_SYN = "tests/synthesize_test.py"
 T_ASSEMBLY = f"{T_SYN}::test_loss_is_the_sum_of_its_terms"
@@ -97,7 +102,7 @@ MUTATIONS: tuple[Mutation, ...] = (
   ),
   Mutation(
     "synthesis: the stationarity term is dropped entirely",
-    ((SYN, "if beta_stationarity == 0:", "if True:"),),
+    ((SYN, 'if kkt_kw["beta_stationarity"] == 0:', "if True:"),),
     (T_ASSEMBLY,),
   ),
   Mutation(
@@ -136,11 +141,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     "report: per-class accuracy on the train split (and retrain on train)",
     (
       (
-        SECTIONS,
+        BOUNDARY,
         'clf.params, ds.test["image"]).argmax(-1)',
         'clf.params, ds.train["image"]).argmax(-1)',
       ),
-      (SECTIONS, 'y = ds.test["label"]', 'y = ds.train["label"]'),
+      (BOUNDARY, 'y = ds.test["label"]', 'y = ds.train["label"]'),
       RETRAIN_ON_TRAIN,
     ),
     (T_LAMBDA_ACC, T_RET_STAGE),
@@ -156,8 +161,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     (
       (
         SYN,
-        "aug, aux_a = kkt_term(params, xa, lam, active, targets)",
-        "aug, aux_a = kkt_term(params, xa, lam, None, targets)",
+        "apply_fn, params, xa, lambdas, active, targets, **kkt_kw",
+        "apply_fn, params, xa, lambdas, None, targets, **kkt_kw",
       ),
     ),
     (f"{T_SYN}::test_active_mask_removes_candidates",),
@@ -165,7 +170,11 @@ MUTATIONS: tuple[Mutation, ...] = (
   Mutation(
     "synthesis: every step draws A(x) with the same key",
     (
-      (SYN, "step_key = jax.random.fold_in(key, state.step)", "step_key = key"),
+      (
+        CAND_OPT,
+        "step_key = jax.random.fold_in(key, state.step)",
+        "step_key = key",
+      ),
     ),
     (f"{T_SYN}::test_steps_use_their_own_key_and_the_optimiser_update",),
   ),
@@ -173,7 +182,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "synthesis: clips to the global pixel range, not per channel",
     (
       (
-        SYN,
+        CAND_OPT,
         "return jnp.clip(x, lo, hi)",
         "return jnp.clip(x, jnp.min(lo), jnp.max(hi))",
       ),
@@ -182,7 +191,7 @@ MUTATIONS: tuple[Mutation, ...] = (
   ),
   Mutation(
     "synthesis: the TV prior counts vertical differences twice",
-    ((SYN, "_masked_mean(dh + dw, active)", "_masked_mean(dh + dh, active)"),),
+    ((SYN, "masked_mean(dh + dw, active)", "masked_mean(dh + dh, active)"),),
     (T_ASSEMBLY,),
   ),
   Mutation(
@@ -234,8 +243,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     (
       (
         RET,
-        "return total.astype(np.float64) / n",
-        "return total.astype(np.float64) / (-(-n // batch_size) * batch_size)",
+        "return total.astype(np.float64) / len(labels)",
+        "return total.astype(np.float64) / (-(-len(labels) // batch_size) "
+        "* batch_size)",
       ),
     ),
     (T_RET_EVAL,),
@@ -255,7 +265,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "select: scores ignore the rankable mask",
     (
       (
-        SEL,
+        SEL_RANK,
         "out = np.where(np.asarray(rankable, bool), out, 0).astype(np.float32)",
         "out = out.astype(np.float32)",
       ),
@@ -266,7 +276,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "select: rank_per_class puts the lowest score first",
     (
       (
-        SEL,
+        SEL_RANK,
         'idx[np.argsort(-scores[idx], kind="stable")]',
         'idx[np.argsort(scores[idx], kind="stable")]',
       ),
@@ -293,7 +303,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "report: the Pearson sign is flipped",
     (
       (
-        SECTIONS,
+        BOUNDARY,
         "stats.pearsonr(sums, acc)",
         "stats.pearsonr(sums, -acc)",
       ),
@@ -304,7 +314,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "report: per-class sums of the score instead of lambda",
     (
       (
-        SECTIONS,
+        BOUNDARY,
         'sums = np.array([sel["lambdas"][labels == k]',
         'sums = np.array([sel["scores"][labels == k]',
       ),
@@ -313,7 +323,7 @@ MUTATIONS: tuple[Mutation, ...] = (
   ),
   Mutation(
     "report: flip rates count misclassified test images too",
-    ((SECTIONS, "keep = pred == labels", "keep = pred == pred"),),
+    ((BOUNDARY, "keep = pred == labels", "keep = pred == pred"),),
     ("tests/report_test.py::test_flip_rates_known_answer",),
   ),
   Mutation(
@@ -365,7 +375,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "kkt: the primal gate zeroes the misclassified instead",
     (
       (
-        KKT,
+        KKT_ENGINE,
         "losses = jnp.where(correct, 0.0, losses)",
         "losses = jnp.where(correct, losses, 0.0)",
       ),
@@ -376,7 +386,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "kkt: the cosine distance has the wrong sign",
     (
       (
-        KKT,
+        KKT_ENGINE,
         "return 1.0 + _vdot(params, g) / norms",
         "return 1.0 - _vdot(params, g) / norms",
       ),
@@ -387,7 +397,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "kkt: soft-target cross-entropy without the log",
     (
       (
-        KKT,
+        KKT_ENGINE,
         "-jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)",
         "-jnp.sum(targets * jax.nn.softmax(logits, axis=-1), axis=-1)",
       ),
@@ -460,7 +470,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     "select: the solver's distance closes over theta*",
     (
       (
-        SEL,
+        SEL_FIT,
         "  def value_and_dual(g):\n    return value_and_dual_at(params, g)",
         "  def value_and_dual(g):\n    return jax.jit(lambda gg: "
         "value_and_dual_at(params, gg))(g)",
@@ -472,9 +482,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     "select: padding slots keep the lambda of the row they repeat",
     (
       (
-        SEL,
-        "    lam = np.where(real, np.asarray(lambdas, np.float32)[slots], 0)\n",
-        "    lam = np.asarray(lambdas, np.float32)[slots]\n",
+        SEL_OP,
+        "  lam = np.where(real, np.asarray(lambdas, np.float32)[slots], 0)\n",
+        "  lam = np.asarray(lambdas, np.float32)[slots]\n",
       ),
     ),
     (
@@ -513,7 +523,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     (
       (
         "dsv_jax/models.py",
-        "out.append(np.asarray(_logits(apply_fn, params, x))[:m])",
+        "out.append(np.asarray(_logits(apply_fn, params, x))[:real])",
         "out.append(np.asarray(_logits(apply_fn, params, x)))",
       ),
     ),

@@ -86,8 +86,8 @@ def _worker(args):
     callback=callback,
   )
   host = gathered[0]
-  layout = select._layout(n, args.chunk, mesh, jax.process_index())
-  op = select._make_operator(
+  layout = select.layout.make_layout(n, args.chunk, mesh, jax.process_index())
+  op = select.operator.make_operator(
     apply_fn,
     params,
     x[rows],

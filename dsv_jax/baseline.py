@@ -41,10 +41,13 @@ row shows what those add.
 As for DeepKKT, ``sum_i lambda_i grad m_i = grad_theta sum_i lambda_i m_i``
 is ONE backward pass, and its derivative in x and lambda is grad-of-grad.
 
-`make_reconstructor` returns a `synthesize.Synthesizer` over a
-`synthesize.SynthState`, so any synthesis loop drives it (the report's run:
-`dsv_jax.experiment.report.kkt_baseline`).
+`make_reconstructor` is a configuration of the candidate optimiser that
+DSV synthesis uses (`dsv_jax.candidate_opt`): a `synthesize.Synthesizer`
+over a `synthesize.SynthState`, so any synthesis loop drives it (the
+report's run: `dsv_jax.experiment.report.kkt_baseline`).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -53,17 +56,14 @@ import optax
 import scipy.optimize
 
 from dsv_jax import synthesize
-from dsv_jax.synthesize import Synthesizer, SynthState
+from dsv_jax.candidate_opt import FREE, Synthesizer, make_candidate_optimizer
+from dsv_jax.logits import logit_stats
 from dsv_jax.types import ApplyFn, Params
 
 
 def margins(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """``[N]`` margins ``Phi_y - max_{j != y} Phi_j`` of logits ``[N, C]``."""
-  target = jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
-  others = jnp.where(
-    jax.nn.one_hot(labels, logits.shape[-1], dtype=bool), -jnp.inf, logits
-  )
-  return target - jnp.max(others, axis=-1)
+  return logit_stats(logits, labels).margin
 
 
 def _sq_norm(tree) -> jax.Array:
@@ -210,86 +210,52 @@ def make_reconstructor(
       f"lambda_min and beta_lambda must be >= 0, got {lambda_min}, "
       f"{beta_lambda}."
     )
-  low, high = map(float, lambda_init)
-  if not low <= high:
-    raise ValueError(f"lambda_init must be (low, high), got {lambda_init}.")
-  x_tx = optax.adam(0.01) if x_tx is None else x_tx
-  lambda_tx = optax.adam(0.05) if lambda_tx is None else lambda_tx
-  lo = None if pixel_min is None else jnp.asarray(pixel_min, jnp.float32)
-  hi = None if pixel_max is None else jnp.asarray(pixel_max, jnp.float32)
+  objective = functools.partial(
+    _objective, apply_fn, lambda_min=lambda_min, beta_lambda=beta_lambda
+  )
+  return make_candidate_optimizer(
+    apply_fn,
+    objective,
+    lambda_param=FREE,
+    freeze_inactive=False,
+    x_tx=x_tx,
+    lambda_tx=lambda_tx,
+    lambda_init=lambda_init,
+    pixel_min=pixel_min,
+    pixel_max=pixel_max,
+  )
 
-  def clip(x):
-    if lo is None and hi is None:
-      return x
-    return jnp.clip(x, lo, hi)
 
-  def init_fn(key, params, x0, targets, active=None) -> SynthState:
-    synthesize.check_candidates(apply_fn, params, x0, targets)
-    lam = jax.random.uniform(key, (x0.shape[0],), jnp.float32, low, high)
-    return synthesize.initial_state(
-      clip(jnp.asarray(x0, jnp.float32)),
-      lam,
-      active,
-      x_tx=x_tx,
-      lambda_tx=lambda_tx,
-    )
-
-  def loss_fn(params, x, lambda_param, active, targets, key):
-    del key  # The baseline has no augmentation.
-    labels = synthesize.target_labels(targets)
-    total, aux = reconstruction_loss(
-      apply_fn,
-      params,
-      x,
-      labels,
-      lambda_param,
-      active=active,
-      lambda_min=lambda_min,
-      beta_lambda=beta_lambda,
-    )
-    desc = synthesize.describe_logits(apply_fn(params, x), labels)
-    act = active.astype(jnp.float32)
-    count = jnp.maximum(jnp.sum(act), 1.0)
-    correct = (desc["prediction"] == labels).astype(jnp.float32)
-    metrics = {
-      "total": total,
-      "stationarity": aux["stationarity"],
-      "lambda_penalty": aux["lambda_penalty"],
-      "margin": jnp.sum(aux["margin"] * act) / count,
-      "entropy": jnp.sum(desc["entropy"] * act) / count,
-      "accuracy": jnp.sum(correct * act) / count,
-    }
-    return total, jax.tree.map(jax.lax.stop_gradient, metrics)
-
-  def step_fn(state: SynthState, params, targets, key):
-    grad_fn = jax.grad(loss_fn, argnums=(1, 2), has_aux=True)
-    (gx, gl), metrics = grad_fn(
-      params,
-      state.x,
-      state.lambda_param,
-      state.active,
-      jnp.asarray(targets),
-      key,
-    )
-    ux, opt_x = x_tx.update(gx, state.opt_x, state.x)
-    ul, opt_lambda = lambda_tx.update(gl, state.opt_lambda, state.lambda_param)
-    x = clip(state.x + ux)
-    lam = state.lambda_param + ul
-    act = state.active
-    n_active = jnp.sum(act, dtype=jnp.int32)
-    metrics.update(
-      num_active=n_active,
-      survival=n_active / act.shape[0],
-      lambda_mean=jnp.sum(jnp.where(act, lam, 0.0)) / jnp.maximum(n_active, 1),
-      lambda_min=jnp.min(jnp.where(act, lam, jnp.inf)),
-    )
-    new = SynthState(state.step + 1, x, lam, act, opt_x, opt_lambda)
-    return new, metrics
-
-  def lambdas_fn(state: SynthState) -> jax.Array:
-    return state.lambda_param
-
-  return synthesize.synthesizer(init_fn, step_fn, lambdas_fn, loss_fn)
+def _objective(
+  apply_fn, params, x, lambdas, active, targets, key, *, lambda_min, beta_lambda
+):
+  """`reconstruction_loss` at the candidates' labels, with the synthesis
+  metrics (`make_candidate_optimizer`'s objective)."""
+  del key  # The baseline has no augmentation.
+  labels = synthesize.target_labels(targets)
+  total, aux = reconstruction_loss(
+    apply_fn,
+    params,
+    x,
+    labels,
+    lambdas,
+    active=active,
+    lambda_min=lambda_min,
+    beta_lambda=beta_lambda,
+  )
+  desc = synthesize.describe_logits(apply_fn(params, x), labels)
+  act = active.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(act), 1.0)
+  correct = (desc["prediction"] == labels).astype(jnp.float32)
+  metrics = {
+    "total": total,
+    "stationarity": aux["stationarity"],
+    "lambda_penalty": aux["lambda_penalty"],
+    "margin": jnp.sum(aux["margin"] * act) / count,
+    "entropy": jnp.sum(desc["entropy"] * act) / count,
+    "accuracy": jnp.sum(correct * act) / count,
+  }
+  return total, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
 __all__ = [

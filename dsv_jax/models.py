@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsv_jax.batches import padded_batches
 from dsv_jax.types import ApplyFn, Params, PyTree
 
 NORMS = ("instance", "batch", "layer", "none")
@@ -386,12 +387,8 @@ def predict(
     raise ValueError("predict needs at least one image, got none.")
   size = min(batch_size, 1 << (n - 1).bit_length())
   out = []
-  for start in range(0, n, size):
-    x = images[start : start + size]
-    m = len(x)
-    if m < size:
-      x = np.concatenate([x, np.repeat(x[-1:], size - m, 0)])
-    out.append(np.asarray(_logits(apply_fn, params, x))[:m])
+  for (x,), real in padded_batches([images], size):
+    out.append(np.asarray(_logits(apply_fn, params, x))[:real])
   return np.concatenate(out)
 
 

@@ -43,6 +43,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from dsv_jax import augment, checks, distributed, kkt, parallel, train
+from dsv_jax.batches import padded_batches
 from dsv_jax.models import FunctionalModel
 from dsv_jax.synthesize import check_images
 from dsv_jax.types import Params, PyTree
@@ -181,18 +182,12 @@ def _make_eval(fm: FunctionalModel, batch_size: int):
     return jnp.sum(hits, axis=-1)
 
   def evaluate(params, model_state, images, labels):
-    n = len(labels)
     total = 0
     # Fixed-size padded batches: one compilation for any split size.
-    for start in range(0, n, batch_size):
-      x = images[start : start + batch_size]
-      y = labels[start : start + batch_size]
-      pad = batch_size - len(y)
-      mask = np.arange(batch_size) < len(y)
-      x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-      y = np.concatenate([y, np.zeros(pad, y.dtype)])
+    for (x, y), real in padded_batches([images, labels], batch_size):
+      mask = np.arange(batch_size) < real
       total = total + np.asarray(correct(params, model_state, x, y, mask))
-    return total.astype(np.float64) / n
+    return total.astype(np.float64) / len(labels)
 
   return evaluate
 
@@ -323,15 +318,99 @@ def retrain(
   """
   checks.check_choice("vectorize", vectorize, VECTORIZE)
   vectorize = resolve_vectorize(vectorize)
-  for name, v in [
-    ("num_models", num_models),
-    ("steps", steps),
-    ("batch_size", batch_size),
-    ("eval_batch_size", eval_batch_size),
-  ]:
+  _check_sizes(
+    num_models=num_models,
+    steps=steps,
+    batch_size=batch_size,
+    eval_batch_size=eval_batch_size,
+  )
+  t0 = time.perf_counter()
+  fms, images, targets = _models_and_set(
+    model_fn, images, targets, eval_images, eval_labels, num_models, seed
+  )
+  per_model = images.ndim == 5
+  fm = fms[0]
+  tx = train.make_optimizer(
+    learning_rate=learning_rate, weight_decay=weight_decay
+  )
+  mesh = parallel.make_mesh() if mesh is None else mesh
+  split = vectorize == "vmap" and num_models % parallel.num_shards(mesh) == 0
+  carry, keys = _stacked(fms, tx, seed, mesh, split)
+  step = _reused(
+    (
+      "step",
+      fm.graph,
+      learning_rate,
+      weight_decay,
+      batch_size,
+      flip,
+      max_shift,
+      vectorize,
+      num_models,
+      per_model,
+    ),
+    lambda: jax.jit(
+      _batched(
+        make_step(
+          fm, tx, batch_size=batch_size, flip=flip, max_shift=max_shift
+        ),
+        vectorize,
+        num_models,
+        per_model,
+      ),
+      donate_argnums=(0, 1, 2),
+    ),
+  )
+  # Per-model sets go with their models.
+  data_x, targets = parallel.put(
+    (images, targets),
+    parallel.batch_sharding(mesh)
+    if split and per_model
+    else parallel.replicated_sharding(mesh),
+  )
+  carry, losses = _train_loop(
+    step, carry, (data_x, targets, keys), steps, log_every, num_models
+  )
+  params, model_state, _ = carry
+  if distributed.is_distributed():
+    # The models span every process's devices; each process evaluates
+    # them whole on its own devices (the host-driven batches of `evaluate`
+    # are numpy), so it takes them as numpy.
+    params, model_state = parallel.to_host((params, model_state))
+  evaluate = _reused(
+    ("eval", fm.graph, eval_batch_size),
+    lambda: _make_eval(fm, eval_batch_size),
+  )
+  accs = evaluate(
+    params,
+    model_state,
+    np.asarray(eval_images, np.float32),
+    np.asarray(eval_labels),
+  )
+  return RetrainResult(
+    accuracies=accs,
+    mean=float(accs.mean()),
+    std=float(accs.std()),
+    steps=steps,
+    time_s=time.perf_counter() - t0,
+    final_losses=np.asarray(losses, np.float64),
+    params=params,
+    model_state=model_state,
+  )
+
+
+def _check_sizes(**sizes: int) -> None:
+  for name, v in sizes.items():
     if v < 1:
       raise ValueError(f"{name} must be >= 1, got {v}.")
-  t0 = time.perf_counter()
+
+
+def _models_and_set(
+  model_fn, images, targets, eval_images, eval_labels, num_models, seed
+):
+  """The K fresh models and the checked training set ``(fms, images,
+  targets)``: images float32 on the host, targets a jax array (soft ones
+  float32)."""
   images = checks.host_float32_images(images, "images")
   per_model = images.ndim == 5
   if per_model and images.shape[0] != num_models:
@@ -370,19 +449,19 @@ def retrain(
   targets = jnp.asarray(targets)
   if targets.ndim == 2 + per_model:  # Soft targets.
     targets = targets.astype(jnp.float32)
+  return fms, images, targets
 
-  tx = train.make_optimizer(
-    learning_rate=learning_rate, weight_decay=weight_decay
-  )
+
+def _stacked(fms, tx, seed, mesh, split):
+  """``((params, model_state, opt_state), keys)`` of the K models, stacked
+  on a leading axis; split over the devices with ``split``."""
   # Stacked on the host: eager jnp ops would each compile once per shape.
   params = jax.tree.map(lambda *a: np.stack(a), *[m.params for m in fms])
   model_state = jax.tree.map(lambda *a: np.stack(a), *[m.state for m in fms])
   opt_state = jax.tree.map(
     lambda *a: np.stack(a), *[tx.init(m.params) for m in fms]
   )
-  keys = jax.vmap(model_key, in_axes=(None, 0))(seed, jnp.arange(num_models))
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  split = vectorize == "vmap" and num_models % parallel.num_shards(mesh) == 0
+  keys = jax.vmap(model_key, in_axes=(None, 0))(seed, jnp.arange(len(fms)))
   # The models are independent: split over devices, no step communicates.
   params, model_state, opt_state, keys = parallel.put(
     (params, model_state, opt_state, keys),
@@ -390,39 +469,12 @@ def retrain(
     if split
     else parallel.replicated_sharding(mesh),
   )
-  step = _reused(
-    (
-      "step",
-      fm.graph,
-      learning_rate,
-      weight_decay,
-      batch_size,
-      flip,
-      max_shift,
-      vectorize,
-      num_models,
-      per_model,
-    ),
-    lambda: jax.jit(
-      _batched(
-        make_step(
-          fm, tx, batch_size=batch_size, flip=flip, max_shift=max_shift
-        ),
-        vectorize,
-        num_models,
-        per_model,
-      ),
-      donate_argnums=(0, 1, 2),
-    ),
-  )
-  # Per-model sets go with their models.
-  data_x, targets = parallel.put(
-    (images, targets),
-    parallel.batch_sharding(mesh)
-    if split and per_model
-    else parallel.replicated_sharding(mesh),
-  )
-  carry = (params, model_state, opt_state)
+  return (params, model_state, opt_state), keys
+
+
+def _train_loop(step, carry, data, steps, log_every, num_models):
+  """``steps`` K-model steps from ``carry``; ``(carry, last losses)``."""
+  data_x, targets, keys = data
   t_log, s_log = time.perf_counter(), 0
   for t in range(steps):
     carry, losses = step(*carry, data_x, targets, keys, t)
@@ -439,32 +491,7 @@ def retrain(
         (done - s_log) / max(now - t_log, 1e-9),
       )
       t_log, s_log = now, done
-  params, model_state, _ = carry
-  if distributed.is_distributed():
-    # The models span every process's devices; each process evaluates
-    # them whole on its own devices (the host-driven batches of `evaluate`
-    # are numpy), so it takes them as numpy.
-    params, model_state = parallel.to_host((params, model_state))
-  evaluate = _reused(
-    ("eval", fm.graph, eval_batch_size),
-    lambda: _make_eval(fm, eval_batch_size),
-  )
-  accs = evaluate(
-    params,
-    model_state,
-    np.asarray(eval_images, np.float32),
-    np.asarray(eval_labels),
-  )
-  return RetrainResult(
-    accuracies=accs,
-    mean=float(accs.mean()),
-    std=float(accs.std()),
-    steps=steps,
-    time_s=time.perf_counter() - t0,
-    final_losses=np.asarray(losses, np.float64),
-    params=params,
-    model_state=model_state,
-  )
+  return carry, losses
 
 
 __all__ = [

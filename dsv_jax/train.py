@@ -22,6 +22,9 @@ import optax
 from absl import logging
 
 from dsv_jax import augment, checks, parallel
+from dsv_jax.batches import padded_batches
+from dsv_jax.finish import FinishState, finish_full_batch
+from dsv_jax.logits import logit_stats
 from dsv_jax.models import FunctionalModel
 from dsv_jax.types import Params, PyTree
 
@@ -185,12 +188,14 @@ def make_eval_fn(fm: FunctionalModel, *, batch_size: int = 1000):
     logits = fm.eval_apply(params, model_state, images)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = jnp.argmax(logits, -1) == labels
-    logp = jax.nn.log_softmax(logits)
-    entropy = -jnp.sum(jnp.exp(logp) * logp, -1)
-    is_label = jax.nn.one_hot(labels, logits.shape[-1], dtype=bool)
-    label_logit = jnp.sum(jnp.where(is_label, logits, 0.0), -1)
-    margin = label_logit - jnp.max(jnp.where(is_label, -jnp.inf, logits), -1)
-    per_sample = (loss, correct, entropy, margin, jnp.std(logits, -1))
+    stats = logit_stats(logits, labels)
+    per_sample = (
+      loss,
+      correct,
+      stats.entropy,
+      stats.margin,
+      jnp.std(logits, -1),
+    )
     return [jnp.sum(v * mask) for v in per_sample]
 
   def evaluate(params, model_state, split: dict) -> dict[str, float]:
@@ -199,15 +204,8 @@ def make_eval_fn(fm: FunctionalModel, *, batch_size: int = 1000):
     if n == 0:
       raise ValueError("Cannot evaluate on an empty split.")
     totals = np.zeros(5)
-    for start in range(0, n, batch_size):
-      xb, yb = (
-        images[start : start + batch_size],
-        labels[start : start + batch_size],
-      )
-      pad = batch_size - yb.shape[0]
-      mask = np.concatenate([np.ones(yb.shape[0]), np.zeros(pad)])
-      xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
-      yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
+    for (xb, yb), real in padded_batches([images, labels], batch_size):
+      mask = (np.arange(batch_size) < real).astype(np.float64)
       sums = batch_stats(params, model_state, xb, yb, mask)
       totals += np.array([float(v) for v in sums])
     keys = ("loss", "accuracy", "entropy", "margin", "logit_std")
@@ -355,307 +353,6 @@ def train_classifier(
       checkpointer.save(step, state, ckpt_meta or {})
   # The step this run resumed from (a damaged newer checkpoint is skipped).
   return state, {**last, "resumed_from_step": start}
-
-
-# ----------------------------------------------------------------------------
-# Finishing phase: full-batch L-BFGS to a stationary point.
-
-
-class FinishState(NamedTuple):
-  """State of `finish_full_batch` (a checkpointable pytree).
-
-  Attributes:
-    step: iterations done (int32 scalar).
-    params: the full parameter pytree.
-    s_hist: ``[memory, P_r]`` L-BFGS parameter differences (ring buffer)
-      over the optimised leaves, flattened.
-    y_hist: ``[memory, P_r]`` the matching gradient differences.
-    count: pairs stored so far (int32; the ring's next slot is
-      ``count % memory``).
-  """
-
-  step: jax.Array
-  params: Params
-  s_hist: jax.Array
-  y_hist: jax.Array
-  count: jax.Array
-
-
-def _lbfgs_direction(g, s_hist, y_hist, count):
-  """The L-BFGS two-loop recursion: ``-H g`` from the stored pairs."""
-  m = s_hist.shape[0]
-  k = min(int(count), m)
-  order = [(int(count) - 1 - j) % m for j in range(k)]  # Newest first.
-  q = g.copy()
-  alphas = []
-  for i in order:
-    rho = 1.0 / float(y_hist[i] @ s_hist[i])
-    a = rho * float(s_hist[i] @ q)
-    q -= a * y_hist[i]
-    alphas.append((i, rho, a))
-  if k:
-    newest = order[0]
-    q *= float(s_hist[newest] @ y_hist[newest]) / float(
-      y_hist[newest] @ y_hist[newest]
-    )
-  for i, rho, a in reversed(alphas):
-    b = rho * float(y_hist[i] @ q)
-    q += (a - b) * s_hist[i]
-  return -q
-
-
-def finish_full_batch(
-  apply_fn: Callable[[Params, jax.Array], jax.Array],
-  params: Params,
-  images: np.ndarray,
-  labels: np.ndarray,
-  *,
-  weight_decay: float,
-  steps: int,
-  mask: PyTree | None = None,
-  tol: float = 0.01,
-  memory: int = 10,
-  chunk_size: int = 1024,
-  checkpointer: "RunCheckpointer | None" = None,
-  ckpt_every: int = 0,
-  ckpt_meta: dict[str, Any] | None = None,
-  log_every: int = 10,
-  on_metrics: Callable[[dict[str, Any]], None] | None = None,
-) -> tuple[Params, dict[str, Any]]:
-  """Brings a trained classifier to a stationary point of its objective.
-
-  DeepKKT's stationarity condition assumes theta* is a stationary point of
-  the training objective ``F = mean_i CE_i + (wd / 2) ||theta||^2`` (then
-  ``lambda_i = 1 / (N wd)`` represents theta* exactly). Minibatch Adam with
-  augmentation stops short of it: on digits the relative gradient
-  ``||grad F|| / (wd ||theta||)`` (= the residual of the uniform lambda) was
-  0.94 after training. This phase minimises F on the
-  un-augmented training set, full batch, by L-BFGS with an Armijo line
-  search, over the leaves in ``mask`` (the others frozen: a scale-invariant
-  leaf has no stationary point under weight decay, see
-  `dsv_jax.select.represented_leaves`). It stops when that relative
-  gradient is below ``tol`` or after ``steps`` iterations; each iteration
-  is one streamed value-and-gradient pass per line-search trial (usually
-  one). Resumes exactly from ``checkpointer``.
-
-  Args:
-    apply_fn: ``(params, x) -> logits``, evaluation mode.
-    params: the trained parameters.
-    images, labels: the training split (host arrays).
-    weight_decay: the coupled L2 coefficient of training (> 0).
-    steps: maximum L-BFGS iterations.
-    mask: a pytree of bools like ``params``: the optimised leaves (None:
-      all).
-    tol: target relative gradient ``||grad F|| / (wd ||theta||)`` over the
-      optimised leaves.
-    memory: L-BFGS pairs kept.
-    chunk_size: samples per pass (memory O(chunk)).
-    checkpointer, ckpt_every, ckpt_meta: periodic checkpoints (resume).
-    log_every: iterations between progress lines.
-    on_metrics: called with each logged metrics row.
-
-  Returns:
-    ``(params, info)``: the finished parameters and a dict with the
-    relative gradient before and after, the objective, iterations and the
-    reason it stopped.
-  """
-  if weight_decay <= 0:
-    raise ValueError(
-      "The finishing phase needs weight_decay > 0: without it the "
-      "objective has no stationary point on separable training data."
-    )
-  if steps < 0 or memory < 1 or chunk_size < 1 or tol < 0:
-    raise ValueError(
-      f"Bad finishing settings: steps={steps}, memory={memory}, "
-      f"chunk_size={chunk_size}, tol={tol}."
-    )
-  t_start = time.perf_counter()
-  leaves, treedef = jax.tree.flatten(params)
-  flags = (
-    [True] * len(leaves)
-    if mask is None
-    else [bool(f) for f in jax.tree.leaves(mask)]
-  )
-  opt_idx = [i for i, f in enumerate(flags) if f]
-  shapes = [leaves[i].shape for i in opt_idx]
-  sizes = [int(np.prod(sh)) for sh in shapes]
-  n = len(labels)
-  images = checks.host_float32_images(images, "images")
-  labels = np.asarray(labels, np.int32)
-  chunk_size = parallel.balanced_chunk(n, chunk_size)
-
-  def merge(opt, frozen):
-    out, it_o, it_f = [], iter(opt), iter(frozen)
-    for f in flags:
-      out.append(next(it_o) if f else next(it_f))
-    return jax.tree.unflatten(treedef, out)
-
-  @jax.jit
-  def chunk_vg(opt, frozen, xc, yc, wc):
-    def total(o):
-      logits = apply_fn(merge(o, frozen), xc)
-      return jnp.sum(
-        wc * optax.softmax_cross_entropy_with_integer_labels(logits, yc)
-      )
-
-    return jax.value_and_grad(total)(opt)
-
-  def flat(arrays):
-    return np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in arrays])
-
-  def unflat(vec):
-    out, start = [], 0
-    for sh, size in zip(shapes, sizes, strict=True):
-      out.append(
-        jnp.asarray(vec[start : start + size].reshape(sh), jnp.float32)
-      )
-      start += size
-    return out
-
-  frozen = [leaves[i] for i, f in enumerate(flags) if not f]
-  frozen_sq = sum(float(np.vdot(a, a)) for a in frozen)
-
-  def value_grad(v):
-    """F and grad F over the optimised leaves at flat point v (float64)."""
-    opt = unflat(v)
-    ce, grad = 0.0, np.zeros_like(v)
-    for start in range(0, n, chunk_size):
-      stop = min(start + chunk_size, n)
-      pad = chunk_size - (stop - start)
-      xc, yc = images[start:stop], labels[start:stop]
-      wc = np.ones(chunk_size, np.float32)
-      if pad:  # Repeat the last row with weight 0: one compiled shape.
-        xc = np.concatenate([xc, np.repeat(xc[-1:], pad, 0)])
-        yc = np.concatenate([yc, np.repeat(yc[-1:], pad, 0)])
-        wc[stop - start :] = 0
-      val, g = chunk_vg(opt, frozen, xc, yc, wc)
-      ce += float(val)
-      grad += flat(g)
-    sq = float(v @ v)
-    value = ce / n + 0.5 * weight_decay * (sq + frozen_sq)
-    return value, grad / n + weight_decay * v
-
-  def rel_grad(v, g):
-    return float(
-      np.linalg.norm(g) / (weight_decay * max(np.linalg.norm(v), 1e-30))
-    )
-
-  p_r = sum(sizes)
-  state = FinishState(
-    step=jnp.int32(0),
-    params=params,
-    s_hist=jnp.zeros((memory, p_r), jnp.float32),
-    y_hist=jnp.zeros((memory, p_r), jnp.float32),
-    count=jnp.int32(0),
-  )
-  if checkpointer is not None:
-    restored = checkpointer.restore(state)
-    if restored is not None:
-      state = restored[1]
-      logging.info(
-        "Resumed the finishing phase from iteration %d.", restored[0]
-      )
-  v = flat([jax.tree.leaves(state.params)[i] for i in opt_idx])
-  s_hist = np.asarray(state.s_hist, np.float64)
-  y_hist = np.asarray(state.y_hist, np.float64)
-  count, step = int(state.count), int(state.step)
-  value, grad = value_grad(v)
-  first = rel_grad(v, grad)
-  reason = "steps"
-  history = []
-  while True:
-    rel = rel_grad(v, grad)
-    if rel <= tol:
-      reason = "tol"
-      break
-    if step >= steps:
-      break
-    d = _lbfgs_direction(grad, s_hist, y_hist, count)
-    slope = float(grad @ d)
-    if slope >= 0 or not count:
-      # No curvature yet (or a bad one): a gradient step moving theta by
-      # 1% of its norm, then let the line search adjust it.
-      count = 0
-      d = -grad * (0.01 * np.linalg.norm(v) / max(np.linalg.norm(grad), 1e-30))
-      slope = float(grad @ d)
-    alpha, accepted = 1.0, False
-    for _ in range(30):
-      # The parameters are float32 (as evaluated and checkpointed).
-      v_new = (v + alpha * d).astype(np.float32).astype(np.float64)
-      value_new, grad_new = value_grad(v_new)
-      if value_new <= value + 1e-4 * alpha * slope:
-        accepted = True
-        break
-      alpha *= 0.5
-    if not accepted:
-      reason = "line search (float32 precision reached)"
-      break
-    s_vec, y_vec = v_new - v, grad_new - grad
-    if float(s_vec @ y_vec) > 1e-12 * float(y_vec @ y_vec):
-      slot = count % memory
-      # Kept at the checkpoint's float32, so a resumed run continues with
-      # exactly the state an uninterrupted one has.
-      s_hist[slot] = s_vec.astype(np.float32)
-      y_hist[slot] = y_vec.astype(np.float32)
-      count += 1
-    v, value, grad = v_new, value_new, grad_new
-    step += 1
-    row = {
-      "step": step,
-      "objective": value,
-      "rel_grad": rel_grad(v, grad),
-      "alpha": alpha,
-    }
-    history.append(row)
-    if step % log_every == 0:
-      logging.info(
-        "finish iteration %d/%d: objective %.6g, relative gradient %.4g "
-        "(target %.3g), step %.3g",
-        step,
-        steps,
-        value,
-        row["rel_grad"],
-        tol,
-        alpha,
-      )
-      if on_metrics is not None:
-        on_metrics(row)
-    if checkpointer is not None and ckpt_every and step % ckpt_every == 0:
-      checkpointer.save(
-        step,
-        FinishState(
-          jnp.int32(step),
-          merge(unflat(v), frozen),
-          jnp.asarray(s_hist, jnp.float32),
-          jnp.asarray(y_hist, jnp.float32),
-          jnp.int32(count),
-        ),
-        ckpt_meta or {},
-      )
-  out = merge(unflat(v), frozen)
-  if checkpointer is not None:
-    checkpointer.save(
-      step,
-      FinishState(
-        jnp.int32(step),
-        out,
-        jnp.asarray(s_hist, jnp.float32),
-        jnp.asarray(y_hist, jnp.float32),
-        jnp.int32(count),
-      ),
-      ckpt_meta or {},
-    )
-  info = {
-    "iterations": step,
-    "rel_grad_before": first,
-    "rel_grad_after": rel_grad(v, grad),
-    "objective": value,
-    "stopped": reason,
-    "optimised_scalars": p_r,
-    "time_s": time.perf_counter() - t_start,
-  }
-  logging.info("Finishing phase done: %s", info)
-  return out, info
 
 
 __all__ = [

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv_jax import kkt, parallel
+from dsv_jax import _kkt_chunks, kkt, parallel
 
 NUM_DEVICES = 4
 C = 3
@@ -141,12 +141,12 @@ def test_four_devices_equal_one(n, chunk_size):
   [(16, 8), (20, 8), (7, 3), (12, 9), (30, 12), (9, 8)],
 )
 def test_chunk_layout(n, chunk_size):
-  plan = kkt._chunk_plan(n, chunk_size)
+  plan = _kkt_chunks.chunk_plan(n, chunk_size)
   assert plan.chunk == chunk_size
   assert plan.stripes == np.gcd(n, chunk_size)
   ids = np.arange(n)
-  chunks = np.asarray(kkt._to_chunks(jnp.asarray(ids), plan, zero=False))
-  weights = np.asarray(kkt._to_chunks(jnp.ones(n), plan, zero=True))
+  chunks = np.asarray(_kkt_chunks.to_chunks(jnp.asarray(ids), plan, zero=False))
+  weights = np.asarray(_kkt_chunks.to_chunks(jnp.ones(n), plan, zero=True))
   assert chunks.shape == weights.shape == (plan.num_chunks, chunk_size)
   # Every sample exactly once with weight 1; padding repeats a sample of
   # the same stripe, with weight 0.
@@ -157,9 +157,12 @@ def test_chunk_layout(n, chunk_size):
     chunks // run, np.broadcast_to(stripe_of_row, chunks.shape)
   )
   assert weights.sum() == n
-  back = kkt._from_chunks(jnp.asarray(chunks), plan)
+  back = _kkt_chunks.from_chunks(jnp.asarray(chunks), plan)
   np.testing.assert_array_equal(back, ids)
   images = jnp.asarray(np.random.default_rng(0).standard_normal((n, 2, 3)))
   np.testing.assert_array_equal(
-    kkt._from_chunks(kkt._to_chunks(images, plan, zero=False), plan), images
+    _kkt_chunks.from_chunks(
+      _kkt_chunks.to_chunks(images, plan, zero=False), plan
+    ),
+    images,
   )

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from dsv_jax import parallel, select
+from dsv_jax.select.layout import make_layout
+from dsv_jax.select.operator import make_operator
 
 
 def _mlp(p, x):
@@ -33,8 +35,8 @@ def _bytes_per_iteration(n, strategy, chunk_size=128):
   """{collective: bytes per device} of one matvec and one rmatvec."""
   params, x, labels = _problem(n)
   mesh = parallel.make_mesh(4)
-  layout = select._layout(n, chunk_size, mesh, jax.process_index())
-  op = select._make_operator(
+  layout = make_layout(n, chunk_size, mesh, jax.process_index())
+  op = make_operator(
     _mlp, params, x, labels, layout=layout, mesh=mesh, strategy=strategy
   )
   total = {}
@@ -100,7 +102,7 @@ class _Device:
 
 
 class _Mesh:
-  """The parts of a 2-process x 2-device mesh `select._layout` reads."""
+  """The parts of a 2-process x 2-device mesh `make_layout` reads."""
 
   shape = {parallel.DATA_AXIS: 4}
   devices = np.array([_Device(0), _Device(0), _Device(1), _Device(1)])
@@ -108,9 +110,9 @@ class _Mesh:
 
 def test_process_rows_split_the_set_by_device_not_by_process():
   n, chunk_size = 30, 8  # Chunks of 8, 2 rows per device; 2 rows padding.
-  one = select._layout(n, chunk_size, parallel.make_mesh(4), 0)
+  one = make_layout(n, chunk_size, parallel.make_mesh(4), 0)
   np.testing.assert_array_equal(one.rows, np.arange(n))
-  first, second = (select._layout(n, chunk_size, _Mesh(), p) for p in (0, 1))
+  first, second = (make_layout(n, chunk_size, _Mesh(), p) for p in (0, 1))
   # Process 0 takes the first half of every chunk (its 2 devices).
   np.testing.assert_array_equal(first.rows[:6], [0, 1, 2, 3, 8, 9])
   np.testing.assert_array_equal(

@@ -44,7 +44,16 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stage = "all"
+  _data_and_model(c)
+  _training(c)
+  _synthesis(c)
+  _selection(c)
+  _evaluation(c)
+  return c
 
+
+def _data_and_model(c: ml_collections.ConfigDict) -> None:
+  """The data and model sections."""
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"
   # Folder with the dataset (IDX files or prepared TFDS data); "" = default.
@@ -68,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.source = "train"
   c.model.source_cache_dir = ""
 
+
+def _training(c: ml_collections.ConfigDict) -> None:
+  """The classifier's training, and its finishing phase."""
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
   c.train.batch_size = 128
@@ -89,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 100
   c.train.ckpt_every = 250
 
+
+def _synthesis(c: ml_collections.ConfigDict) -> None:
+  """The DeepKKT objective of synthesis and the synthesis stage."""
   # The DeepKKT objective of synthesis (the paper's Eq. 9):
   #   L_kkt = beta_stationarity * L_stat + beta_primal * L_primal
   #   L = L_kkt(X) + eta * L_kkt(A(X)) + beta_tv * L_tv(X) + beta_norm * L_norm
@@ -161,13 +176,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.synth.ckpt_every = 100
   c.synth.num_devices = 0  # Devices of the `data` mesh; 0 = all local.
 
+
+def _selection(c: ml_collections.ConfigDict) -> None:
+  """The select stage."""
   # Selection (dsv_jax.select): fit lambda >= 0 over
   # the whole training set, rank by contribution lambda_i ||p_i - y_i||.
   c.select = ml_collections.ConfigDict()
   # Classifier to explain: a workdir or classifier/ dir; "" = this workdir.
   c.select.classifier = ""
-  # The library's validated recipe (dsv_jax.select.DEFAULT_*; measured in
-  # benchmarks/README.md, svm_sanity): stationarity distance, weight of the
+  # The library's validated recipe (dsv_jax.select.DEFAULT_*; measured:
+  # docs/method.md, choices table): stationarity distance, weight of the
   # complementary-slackness (contribution) term (0 = plain fit), lambda
   # init, ranking score. One source of truth: read, not restated.
   c.select.distance = select.DEFAULT_DISTANCE
@@ -190,6 +208,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.select.log_every = 5
   c.select.ckpt_every = 10
 
+
+def _evaluation(c: ml_collections.ConfigDict) -> None:
+  """Retraining, the baseline, editing, interpolation and the report."""
   # Retraining K fresh models on each DSV set and on random real images with
   # the same per-class counts (experiment.stages.retrain): one recipe for
   # every row. The paper's retraining optimiser: Adam, lr 1e-4.
@@ -277,7 +298,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.report.flip_ratios = (0.1, 0.25, 0.5)
   # Seed offset of the independent classifier of the loss ablation.
   c.report.independent_seed_offset = 1
-  return c
 
 
 def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -179,6 +179,72 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(s.num_devices or None)
   out_dir = os.path.join(workdir, "select")
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  lambdas, fit, represented, resumed = _fit(
+    s, clf, x, labels, mesh, workdir, out_dir, digest
+  )
+  scores = select.scores(
+    lambdas, fit.weights, score=s.score, rankable=fit.rankable
+  )
+  uniform_rep, uniform_all = _uniform_residuals(
+    config, clf, x, labels, represented, mesh
+  )
+  logging.info(
+    "Stationarity residual ||theta + G lambda|| / ||theta||: fitted %.4g "
+    "(represented part), %.4g (all of theta); uniform lambda = 1/(N wd): "
+    "%.4g / %.4g.",
+    fit.residual,
+    fit.residual_all,
+    uniform_rep,
+    uniform_all,
+  )
+  desc = _save_selection(
+    config, clf, x, labels, lambdas, scores, fit, out_dir, digest
+  )
+  stats = {"selected": desc}
+  if s.num_random_per_class:
+    key = jax.random.fold_in(jax.random.key(config.seed), 6)
+    rand = select.random_per_class(key, labels, c, s.num_random_per_class)
+    stats["random"] = jax.tree.map(
+      np.asarray,
+      synthesize.describe(clf.apply_fn, clf.params, x[rand], labels[rand]),
+    )
+  this_run = [r["s_per_iter"] for r in fit.history]
+  results = {
+    "num_train": n,
+    "residual": fit.residual,
+    "residual_all": fit.residual_all,
+    "residual_uniform": uniform_rep,
+    "residual_uniform_all": uniform_all,
+    "excluded_leaves": list(represented.groups),
+    "excluded_share": represented.excluded_share,
+    "distance": fit.distance,
+    "objective": fit.objective,
+    "iterations": fit.iterations,
+    "converged": fit.converged,
+    "capped_pushing_away": fit.capped,
+    "rankable": int(fit.rankable.sum()),
+    "resumed_from_iteration": resumed,
+    "select_time_s": fit.time_s,
+    "s_per_iter": float(np.median(this_run)) if this_run else None,
+    "num_devices": parallel.num_shards(mesh),
+    "lambda_sum_per_class": select.per_class_sums(lambdas, labels, c).tolist(),
+    "contribution_sum_per_class": select.per_class_sums(
+      lambdas * fit.weights, labels, c
+    ).tolist(),
+    "nonzero_lambdas": int(np.count_nonzero(lambdas)),
+  }
+  for name, d in stats.items():
+    for key in ("entropy", "margin", "confidence"):
+      results[f"{name}_{key}_mean"] = float(np.mean(d[key]))
+  logging.info("Selection done: %s", json.dumps(results))
+  wd.mark_done(workdir, "select", digest, results)
+  return results
+
+
+def _fit(s, clf, x, labels, mesh, workdir, out_dir, digest):
+  """The checkpointed lambda fit: ``(lambdas, FitInfo, Represented,
+  iteration resumed from)``."""
+  n = len(labels)
   ckpt_dir = os.path.join(workdir, "ckpt", "select")
   with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
     wd.check_resumable(ckptr, ckpt_dir, digest, "selection")
@@ -255,38 +321,37 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       callback=callback,
     )
     ckptr.save(fit.iterations, fit.state, meta)
+  return lambdas, fit, represented, resumed
 
-  scores = select.scores(
-    lambdas, fit.weights, score=s.score, rankable=fit.rankable
-  )
-  # The anchor: the uniform lambda = 1 / (N wd) is
-  # exact at a stationary point of the classifier's training objective.
+
+def _uniform_residuals(config, clf, x, labels, represented, mesh):
+  """The anchor: the uniform lambda = 1 / (N wd) is exact at a stationary
+  point of the classifier's training objective. NaN without decay."""
+  n, s = len(labels), config.select
   decay = clf.meta.get("train", {}).get(
     "weight_decay", config.train.weight_decay
   )
-  uniform_rep, uniform_all = (
-    select.stationarity_residuals(
-      clf.apply_fn,
-      clf.params,
-      x,
-      labels,
-      np.full(n, 1.0 / (n * decay), np.float32),
-      mask=represented.mask,
-      chunk_size=s.chunk_size,
-      mesh=mesh,
-    )
-    if decay > 0
-    else (float("nan"), float("nan"))
+  if decay <= 0:
+    return float("nan"), float("nan")
+  return select.stationarity_residuals(
+    clf.apply_fn,
+    clf.params,
+    x,
+    labels,
+    np.full(n, 1.0 / (n * decay), np.float32),
+    mask=represented.mask,
+    chunk_size=s.chunk_size,
+    mesh=mesh,
   )
-  logging.info(
-    "Stationarity residual ||theta + G lambda|| / ||theta||: fitted %.4g "
-    "(represented part), %.4g (all of theta); uniform lambda = 1/(N wd): "
-    "%.4g / %.4g.",
-    fit.residual,
-    fit.residual_all,
-    uniform_rep,
-    uniform_all,
-  )
+
+
+def _save_selection(
+  config, clf, x, labels, lambdas, scores, fit, out_dir, digest
+):
+  """Writes lambdas.npz, the DSV set of the top samples and its grid;
+  the selected samples' description."""
+  s, info = config.select, clf.info
+  c = info.num_classes
   order, class_start, rank = _ranking(scores, labels, c)
   wd.savez(
     os.path.join(out_dir, "lambdas.npz"),
@@ -326,46 +391,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     max_per_class=min(s.num_per_class, 10),
     title=f"selected DSVs (top {s.score} per class, {s.distance})",
   )
-
-  stats = {"selected": desc}
-  if s.num_random_per_class:
-    key = jax.random.fold_in(jax.random.key(config.seed), 6)
-    rand = select.random_per_class(key, labels, c, s.num_random_per_class)
-    stats["random"] = jax.tree.map(
-      np.asarray,
-      synthesize.describe(clf.apply_fn, clf.params, x[rand], labels[rand]),
-    )
-  this_run = [r["s_per_iter"] for r in fit.history]
-  results = {
-    "num_train": n,
-    "residual": fit.residual,
-    "residual_all": fit.residual_all,
-    "residual_uniform": uniform_rep,
-    "residual_uniform_all": uniform_all,
-    "excluded_leaves": list(represented.groups),
-    "excluded_share": represented.excluded_share,
-    "distance": fit.distance,
-    "objective": fit.objective,
-    "iterations": fit.iterations,
-    "converged": fit.converged,
-    "capped_pushing_away": fit.capped,
-    "rankable": int(fit.rankable.sum()),
-    "resumed_from_iteration": resumed,
-    "select_time_s": fit.time_s,
-    "s_per_iter": float(np.median(this_run)) if this_run else None,
-    "num_devices": parallel.num_shards(mesh),
-    "lambda_sum_per_class": select.per_class_sums(lambdas, labels, c).tolist(),
-    "contribution_sum_per_class": select.per_class_sums(
-      lambdas * fit.weights, labels, c
-    ).tolist(),
-    "nonzero_lambdas": int(np.count_nonzero(lambdas)),
-  }
-  for name, d in stats.items():
-    for key in ("entropy", "margin", "confidence"):
-      results[f"{name}_{key}_mean"] = float(np.mean(d[key]))
-  logging.info("Selection done: %s", json.dumps(results))
-  wd.mark_done(workdir, "select", digest, results)
-  return results
+  return desc
 
 
 __all__ = [
