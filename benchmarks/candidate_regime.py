@@ -7,12 +7,12 @@ noise recipe) with the report's own section (`experiment.report.regime`:
 retrained test accuracy, classical agreement, best-match SSIM against
 training and as many held-out images per class):
 
-1. against the candidates per class (`--counts`; 0 = twice the training
-   samples per class), for the classifier in `--workdir`;
-2. against the classifier's training-set size (`--train_sizes`, images per
+1. against the classifier's training-set size (`--train_sizes`, images per
    class; a fresh classifier of the config's recipe is trained on a
    stratified subset of that size), at twice its training samples per
-   class.
+   class (the cheap axis, first);
+2. against the candidates per class (`--counts`; 0 = twice the training
+   samples per class), for the classifier in `--workdir`.
 
 Every synthesis, classifier and retraining row is cached under `--out`, so
 an interrupted run resumes.
@@ -54,7 +54,19 @@ def main():
   t0 = time.perf_counter()
   out = {}
 
-  # 1. Candidates per class, on the given classifier (copied: the
+  # 1. The classifier's training-set size, at twice as many candidates.
+  info_classes = None
+  for n in (int(v) for v in args.train_sizes.split(",") if v):
+    sub = configs.get_config(args.config)
+    info_classes = info_classes or common.load_data(sub).info.num_classes
+    sub.data.max_train = n * info_classes
+    sub.report.candidate_counts = (0,)
+    wd = os.path.join(args.out, f"train_{n}")
+    run_stage_once(train_stage, sub, wd)
+    md, res = measure(sub, wd)
+    out[f"train_{n}"] = res
+    print(f"### Classifier trained on {n} images per class\n\n{md}", flush=True)
+  # 2. Candidates per class, on the given classifier (copied: the
   # sub-runs and retraining rows live beside it, in --out).
   counts_dir = os.path.join(args.out, "counts")
   if not os.path.isdir(os.path.join(counts_dir, "classifier")):
@@ -67,18 +79,6 @@ def main():
   md, out["counts"] = measure(sub, counts_dir)
   print(md, flush=True)
 
-  # 2. The classifier's training-set size, at twice as many candidates.
-  info_classes = None
-  for n in (int(v) for v in args.train_sizes.split(",") if v):
-    sub = configs.get_config(args.config)
-    info_classes = info_classes or common.load_data(sub).info.num_classes
-    sub.data.max_train = n * info_classes
-    sub.report.candidate_counts = (0,)
-    wd = os.path.join(args.out, f"train_{n}")
-    run_stage_once(train_stage, sub, wd)
-    md, res = measure(sub, wd)
-    out[f"train_{n}"] = res
-    print(f"### Classifier trained on {n} images per class\n\n{md}", flush=True)
   with open(os.path.join(args.out, "regime.json"), "w") as f:
     json.dump(out, f, indent=1, default=float)
   print(f"total {time.perf_counter() - t0:.0f} s")
