@@ -16,18 +16,18 @@ def test_counts_resolve_zero_to_twice_the_training_samples_per_class():
     regime.resolve_counts((-1,), labels, 3)
 
 
-def test_matched_references_draw_the_held_out_count_of_each_class():
+def test_matched_references_draw_equally_many_of_each_class():
   train_y = np.repeat(np.arange(3), [20, 5, 9])
-  train_x = np.arange(len(train_y), dtype=np.float32)[:, None, None, None]
-  held_y = np.repeat(np.arange(3), [4, 7, 2])
-  x, y, idx = regime.matched_references(train_x, train_y, held_y, 0)
-  # Class 1 has fewer training images than held-out ones: all of them.
-  np.testing.assert_array_equal(np.bincount(y, minlength=3), [4, 5, 2])
-  np.testing.assert_array_equal(train_y[idx], y)
-  np.testing.assert_array_equal(train_x[idx], x)
-  assert len(set(idx.tolist())) == len(idx)
-  again = regime.matched_references(train_x, train_y, held_y, 0)[2]
-  np.testing.assert_array_equal(idx, again)  # Seeded.
+  held_y = np.repeat(np.arange(3), [4, 7, 9])
+  t, h = regime.matched_references(train_y, held_y, 0)
+  # Per class the smaller count: 4 (held), 5 (train), 9 (both).
+  np.testing.assert_array_equal(np.bincount(train_y[t], minlength=3), [4, 5, 9])
+  np.testing.assert_array_equal(np.bincount(held_y[h], minlength=3), [4, 5, 9])
+  assert len(set(t.tolist())) == len(t) and len(set(h.tolist())) == len(h)
+  t2, h2 = regime.matched_references(train_y, held_y, 0)
+  np.testing.assert_array_equal(t, t2)  # Seeded.
+  np.testing.assert_array_equal(h, h2)
+  assert not np.array_equal(t, regime.matched_references(train_y, held_y, 1)[0])
 
 
 def _images(n, seed):

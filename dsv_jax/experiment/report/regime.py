@@ -54,25 +54,24 @@ def resolve_counts(
 
 
 def matched_references(
-  train_images: np.ndarray,
-  train_labels: np.ndarray,
-  held_labels: np.ndarray,
-  seed: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Training images subsampled to the held-out count of every class.
+  train_labels: np.ndarray, held_labels: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Indices of training and held-out images, equally many per class.
 
   The best of more references is higher by chance alone, so the training
-  and held-out comparisons draw on equally many images per class.
-  Returns ``(images, labels)`` of the subsample and its indices.
+  and held-out comparisons draw on the same number of images of every
+  class: the smaller of the two counts, drawn at random (seeded) from the
+  larger split. Returns ``(train_indices, held_indices)``.
   """
   rng = np.random.default_rng(seed)
-  idx = []
+  train_idx, held_idx = [], []
   for c in np.unique(held_labels):
-    pool = np.flatnonzero(train_labels == c)
-    n = min(len(pool), int(np.sum(held_labels == c)))
-    idx.append(np.sort(rng.choice(pool, n, replace=False)))
-  idx = np.concatenate(idx)
-  return train_images[idx], train_labels[idx], idx
+    train_pool = np.flatnonzero(train_labels == c)
+    held_pool = np.flatnonzero(held_labels == c)
+    n = min(len(train_pool), len(held_pool))
+    train_idx.append(np.sort(rng.choice(train_pool, n, replace=False)))
+    held_idx.append(np.sort(rng.choice(held_pool, n, replace=False)))
+  return np.concatenate(train_idx), np.concatenate(held_idx)
 
 
 def best_ssim_per_class(
@@ -125,13 +124,16 @@ def regime_section(
   counts = resolve_counts(
     tuple(config.report.candidate_counts), ds.train["label"], info.num_classes
   )
-  held_x, held_y = ds.test["image"], ds.test["label"]
-  train_x, train_y, _ = matched_references(
-    ds.train["image"], ds.train["label"], held_y, config.seed
+  train_idx, held_idx = matched_references(
+    ds.train["label"], ds.test["label"], config.seed
   )
+  held_y = ds.test["label"][held_idx]
   refs = {
-    "train": (raw_pixels(train_x, info), train_y),
-    "held": (raw_pixels(held_x, info), held_y),
+    "train": (
+      raw_pixels(ds.train["image"][train_idx], info),
+      ds.train["label"][train_idx],
+    ),
+    "held": (raw_pixels(ds.test["image"][held_idx], info), held_y),
   }
   results, lines = {}, []
   for k in counts:
