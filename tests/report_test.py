@@ -28,6 +28,7 @@ SECTIONS = (
   "## 5. Decision criteria",
   "## 6. Loss ablation",
   "## 7. Editing and soft-label interpolation",
+  "## 8. Candidate-count regime",
 )
 
 

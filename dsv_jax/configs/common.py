@@ -335,4 +335,7 @@ def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.report.protocol_candidates = 20
   c.report.flip_images = 2
   c.report.flip_ratios = (0.5,)
+  # The synthesize stage's own candidates: the regime section's plumbing,
+  # without another synthesis.
+  c.report.candidate_counts = (c.synth.num_per_class,)
   return c

@@ -190,7 +190,7 @@ def regime_section(
   )
   twice = int(round(2 * len(ds.train["label"]) / info.num_classes))
   md = (
-    "## Candidate-count regime\n\n"
+    "## 8. Candidate-count regime\n\n"
     f"DSVs synthesised from noise with the noise recipe at {counts} "
     f"candidates per class ({twice} = twice the training samples per "
     "class, the regime where KKT reconstruction recovers training "
