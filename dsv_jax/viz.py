@@ -174,6 +174,7 @@ def plot_curves(
   *,
   keys: Sequence[str] | None = None,
   title: str = "",
+  xlabel: str = "step",
 ) -> None:
   """Writes one small panel per metric in ``keys`` against ``step``.
 
@@ -182,6 +183,7 @@ def plot_curves(
     rows: dicts with ``"step"`` and numeric metrics (metrics.jsonl rows).
     keys: metrics to draw (default: every numeric key but ``step``).
     title: figure title.
+    xlabel: what ``step`` counts (the x axis label).
   """
   rows = list(rows)
   if not rows:
@@ -204,7 +206,7 @@ def plot_curves(
     values = [np.nan if r.get(key) is None else r[key] for r in rows]
     ax.plot(steps, np.asarray(values, float))
     ax.set_title(key, fontsize=8)
-    ax.set_xlabel("step", fontsize=7)
+    ax.set_xlabel(xlabel, fontsize=7)
     ax.tick_params(labelsize=6)
     # Whole steps, and plain numbers (no offset label over the title).
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

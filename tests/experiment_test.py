@@ -446,7 +446,7 @@ def test_synthesis_checkpointed_on_4_devices_resumes_on_2(
     )
 
 
-def test_image_init_stages_run_the_image_recipe(tmp_path, tiny_classifier):
+def test_each_init_stage_runs_its_own_recipe(tmp_path, tiny_classifier):
   from dsv_jax import artifacts
 
   def synth(name, init, **synth_kv):
@@ -458,9 +458,11 @@ def test_image_init_stages_run_the_image_recipe(tmp_path, tiny_classifier):
     out = synthesize_stage.run(c, str(wd))
     return out, artifacts.load_dsv(str(wd / "synthesize"))[0].images
 
-  real, _ = synth("real", "real", steps=6, image_steps=3)
-  noise, _ = synth("noise", "noise", steps=6, image_steps=3)
-  assert (real["steps"], noise["steps"]) == (3, 6)
+  kinds = {"steps": 6, "image_steps": 3, "other_steps": 4}
+  real, _ = synth("real", "real", **kinds)
+  noise, _ = synth("noise", "noise", **kinds)
+  other, _ = synth("other", "other", **kinds)
+  assert (real["steps"], noise["steps"], other["steps"]) == (3, 6, 4)
   # The image lr replaces synth.lr_x, whatever synth.lr_x says.
   _, a = synth("a", "real", lr_x=0.5, image_lr_x=0.01)
   _, b = synth("b", "real", lr_x=0.01, image_lr_x=0.0)

@@ -28,6 +28,7 @@ SECTIONS = (
   "## 5. Decision criteria",
   "## 6. Loss ablation",
   "## 7. Editing and soft-label interpolation",
+  "## 8. Candidate-count regime",
 )
 
 
@@ -443,6 +444,63 @@ def test_image_inits_run_their_own_recipe():
   c.synth.image_steps, c.synth.image_priors = 0, True
   r = common.synthesis_recipe(c, "real")
   assert r.synth.steps == 1000 and r.kkt.beta_norm == 2
+
+
+def test_each_init_kind_runs_its_own_recipe():
+  # Three distinct recipes: any init that runs another kind's fails.
+  c = configs.get_config("digits")
+  c.synth.steps, c.synth.lr_x, c.kkt.beta_tv, c.kkt.beta_norm = 1000, 0.05, 1, 2
+  c.synth.image_steps, c.synth.image_lr_x, c.synth.image_priors = (
+    150,
+    0.01,
+    False,
+  )
+  c.synth.other_steps, c.synth.other_lr_x, c.synth.other_priors = (
+    700,
+    0.03,
+    True,
+  )
+  want = {
+    "noise": (1000, 0.05, 1, 2),
+    "real": (150, 0.01, 0, 0),
+    "other": (700, 0.03, 1, 2),
+  }
+  for init, recipe in want.items():
+    r = common.synthesis_recipe(c, init)
+    assert (
+      r.synth.steps,
+      r.synth.lr_x,
+      r.kkt.beta_tv,
+      r.kkt.beta_norm,
+    ) == recipe
+    # The per-init keys are neutral in the copy: only the effective
+    # values remain to be hashed.
+    assert (r.synth.other_steps, r.synth.image_steps) == (0, 0)
+  # 0-shot keys at 0 fall back to the image recipe, and its priors are
+  # 0-shot's own switch.
+  c.synth.other_steps, c.synth.other_lr_x, c.synth.other_priors = 0, 0.0, False
+  r = common.synthesis_recipe(c, "other")
+  assert (r.synth.steps, r.synth.lr_x, r.kkt.beta_tv) == (150, 0.01, 0)
+  c.synth.image_priors = True
+  assert common.synthesis_recipe(c, "other").kkt.beta_tv == 0
+  assert common.synthesis_recipe(c, "real").kkt.beta_tv == 1
+
+
+def test_the_zero_shot_recipe_enters_only_zero_shot_hashes():
+  def h(init, **kv):
+    c = configs.get_config("digits")
+    c.synth.init = init
+    for key, v in kv.items():
+      c.synth[key] = v
+    return registry.stage_hash(c, "/nonexistent-workdir", "synthesize")
+
+  for key, value in (("other_steps", 77), ("other_lr_x", 0.5)):
+    assert h("other", **{key: value}) != h("other")
+    assert h("noise", **{key: value}) == h("noise")
+    assert h("real", **{key: value}) == h("real")
+  flipped = not configs.get_config("digits").synth.other_priors
+  assert h("other", other_priors=flipped) != h("other")
+  assert h("real", other_priors=flipped) == h("real")
 
 
 def test_a_synthesis_hash_depends_only_on_the_recipe_it_runs():

@@ -161,6 +161,13 @@ def _synthesis(c: ml_collections.ConfigDict) -> None:
   c.synth.image_steps = 0
   c.synth.image_lr_x = 0.0
   c.synth.image_priors = False
+  # Candidates from another data set (init other, 0-shot) start on data,
+  # but not this data: they have as far to travel as noise, so they have a
+  # recipe of their own. 0 = synth.image_steps / synth.image_lr_x;
+  # other_priors: whether kkt.beta_tv and kkt.beta_norm apply.
+  c.synth.other_steps = 0
+  c.synth.other_lr_x = 0.0
+  c.synth.other_priors = False
   # Dual feasibility: "mask" (paper: drop lambda < 0) or "softplus"
   # (lambda = softplus(s): nobody is dropped); softplus measured better.
   c.synth.dual = "softplus"
@@ -298,6 +305,10 @@ def _evaluation(c: ml_collections.ConfigDict) -> None:
   c.report.flip_ratios = (0.1, 0.25, 0.5)
   # Seed offset of the independent classifier of the loss ablation.
   c.report.independent_seed_offset = 1
+  # The candidate-count regime (experiment.report.regime): noise-init
+  # synthesis at these candidates per class (0: twice the training samples
+  # per class); () leaves the section out.
+  c.report.candidate_counts = ()
 
 
 def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -314,7 +325,10 @@ def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 3
   c.synth.num_per_class = 2
   c.synth.steps = 6
-  c.synth.image_steps = 0  # Image inits run synth.steps too.
+  # Image inits, real or other, run synth.steps too.
+  c.synth.image_steps = c.synth.other_steps = 0
+  c.synth.image_lr_x = c.synth.other_lr_x = 0.0
+  c.synth.other_priors = False
   c.synth.log_every = 2
   c.synth.ckpt_every = 3
   c.select.max_iters = 6
@@ -342,4 +356,7 @@ def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.report.protocol_candidates = 20
   c.report.flip_images = 2
   c.report.flip_ratios = (0.5,)
+  # The synthesize stage's own candidates: the regime section's plumbing,
+  # without another synthesis.
+  c.report.candidate_counts = (c.synth.num_per_class,)
   return c

@@ -24,11 +24,24 @@ def get_config(arg: str | None = None):
   c.train.log_every = 200
   c.train.ckpt_every = 500
   # Synthesis: A(x) uses the paper's strengths (flip 0.5: the classifier
-  # was trained with flips); fewer steps than digits keep 10 DSVs per class
-  # within minutes on 2 cores.
-  c.synth.steps = 200
-  # 0-shot DSVs start from the bundled 8x8 digits upsampled to 28x28.
+  # was trained with flips). One recipe per init kind, chosen on the
+  # validation split (docs/method.md, choices; benchmarks/synth_sweep.md).
+  # Noise: 1000 steps at lr 0.05 with the TV and norm priors, the norm
+  # towards the dark background.
+  c.synth.steps = 1000
+  c.synth.lr_x = 0.05
+  c.kkt.beta_tv = 1.0
+  c.kkt.beta_norm = 1.0
+  c.kkt.norm_center = "min"
+  # Real images (k-shot, editing, interpolation): 500 steps at lr 0.03,
+  # no priors.
+  c.synth.image_steps = 500
+  c.synth.image_lr_x = 0.03
+  # 0-shot DSVs start from the bundled 8x8 digits upsampled to 28x28, and
+  # travel as far as noise: 1000 steps at lr 0.03, no priors.
   c.synth.other_dataset = "digits"
+  c.synth.other_steps = 1000
+  c.synth.other_lr_x = 0.03
   # The paper's 1 / 10 / 50 images per class (50: about an hour more on 2
   # cores; every sub-run and retraining resumes).
   c.report.ipc = (1, 10, 50)

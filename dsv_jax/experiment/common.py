@@ -46,23 +46,39 @@ def synthesis_recipe(
 ) -> ml_collections.ConfigDict:
   """The config a synthesis from `init` (default `synth.init`) runs with.
 
-  Candidates that start from images (`IMAGE_INITS`; editing and
-  interpolation start from real images too) run `synth.image_steps` steps
-  at `synth.image_lr_x` (0: `synth.steps` / `synth.lr_x`), without the TV
-  and norm priors unless `synth.image_priors`. The copy returned has the
-  effective values in `synth.steps`, `synth.lr_x`, `kkt.beta_tv` and
-  `kkt.beta_norm`, and the `image_*` keys at their neutral values.
+  Each init kind runs its own recipe:
+  - ``noise``: `synth.steps` at `synth.lr_x` with the priors `kkt.beta_tv`
+    and `kkt.beta_norm`;
+  - ``real`` (k-shot; editing and interpolation start from real images
+    too): `synth.image_steps` at `synth.image_lr_x` (0: the noise values),
+    without the priors unless `synth.image_priors`;
+  - ``other`` (0-shot, images of another data set): `synth.other_steps` at
+    `synth.other_lr_x` (0: the ``real`` recipe's values), with the priors
+    only if `synth.other_priors`. An image of another data set has to
+    travel as far as noise does, so it is tuned on its own.
+
+  The copy returned has the effective values in `synth.steps`,
+  `synth.lr_x`, `kkt.beta_tv` and `kkt.beta_norm`, and the per-init keys
+  at their neutral values, so a synthesis's hash depends only on the
+  recipe it runs.
   """
   init = init or config.synth.init
   out = ml_collections.ConfigDict(config.to_dict())
   sy = out.synth
   if init in IMAGE_INITS:
-    sy.steps = sy.image_steps or sy.steps
-    sy.lr_x = sy.image_lr_x or sy.lr_x
-    if not sy.image_priors:
+    steps = sy.image_steps or sy.steps
+    lr_x = sy.image_lr_x or sy.lr_x
+    priors = sy.image_priors
+    if init == "other":
+      steps = sy.other_steps or steps
+      lr_x = sy.other_lr_x or lr_x
+      priors = sy.other_priors
+    sy.steps, sy.lr_x = steps, lr_x
+    if not priors:
       out.kkt.beta_tv = 0.0
       out.kkt.beta_norm = 0.0
   sy.image_steps, sy.image_lr_x, sy.image_priors = 0, 0.0, True
+  sy.other_steps, sy.other_lr_x, sy.other_priors = 0, 0.0, False
   return out
 
 
@@ -161,6 +177,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       need(sy[key] > 0, f"synth.{key}", "must be > 0.")
     for key in ("image_steps", "image_lr_x"):
       need(sy[key] >= 0, f"synth.{key}", f"must be >= 0 (0: synth.{key[6:]}).")
+    for key in ("other_steps", "other_lr_x"):
+      need(
+        sy[key] >= 0,
+        f"synth.{key}",
+        f"must be >= 0 (0: synth.image_{key[6:]}).",
+      )
     need(0 <= sy.delta <= 1, "synth.delta", "must lie in [0, 1].")
     need(
       sy.lambda_low <= sy.lambda_high,

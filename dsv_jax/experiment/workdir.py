@@ -64,6 +64,9 @@ NEUTRAL_DEFAULTS = {
   ("synth", "image_steps"): 0,
   ("synth", "image_lr_x"): 0.0,
   ("synth", "image_priors"): True,
+  ("synth", "other_steps"): 0,
+  ("synth", "other_lr_x"): 0.0,
+  ("synth", "other_priors"): False,
   # Classifiers from elsewhere, class subsets, other sizes (issue 19).
   ("model", "source"): "train",
   ("data", "image_size"): 0,
@@ -72,6 +75,7 @@ NEUTRAL_DEFAULTS = {
   ("synth", "lowres_size"): 0,
   ("synth", "lowres_steps"): 0,
   ("edit", "pairs"): "",
+  ("report", "candidate_counts"): (),
 }
 
 

@@ -32,6 +32,7 @@ from dsv_jax import checkpoints, data, distributed
 from dsv_jax.experiment import common, sources
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.experiment.report.cache import RetrainRows
+from dsv_jax.experiment.report.regime import regime_section
 from dsv_jax.experiment.report.sections import (
   ZERO_SHOT_INITS,
   ablation_section,
@@ -99,6 +100,11 @@ def validate_report_config(config: ml_collections.ConfigDict) -> None:
     )
   if rc.flip_images < 1 or not rc.flip_ratios:
     raise ValueError("Config keys report.flip_images / flip_ratios: empty.")
+  if any(int(k) < 0 for k in rc.candidate_counts):
+    raise ValueError(
+      "Config key report.candidate_counts: need counts >= 0 (0: twice the "
+      f"training samples per class), got {tuple(rc.candidate_counts)}."
+    )
 
 
 def run_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -141,6 +147,11 @@ def run_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ("decision", lambda: decision_section(config, workdir, clf, ds)),
     ("ablation", lambda: ablation_section(config, workdir, clf, rows, out_dir)),
     ("strips", lambda: strips_section(workdir, out_dir)),
+    *(
+      [("regime", lambda: regime_section(config, workdir, rows, out_dir))]
+      if config.report.candidate_counts
+      else []
+    ),
   ):
     ts = time.perf_counter()
     md, res = fn()
