@@ -26,13 +26,13 @@ degree L in theta (a bias-free ReLU MLP: L = its number of layers) is
 (L * margin)``. The defaults (lambda_min 0.05, lambda_init U[0.5, 1], Adam
 0.05, all in these units) reach the training set's own residual (that of
 `best_multipliers`) with x fixed at the training images on the bias-free
-MLPs of ``benchmarks/reconstruct.md``, whose totals ``sum_i mu_i`` are
+MLPs of ``benchmarks/docs/reconstruct.md``, whose totals ``sum_i mu_i`` are
 0.2 to 0.8 (`tests/reconstruct_test.py` checks it on a tiny one). For a
 model whose total is far from that, scale them by `best_multipliers` at a
 few real images (Haim et al. sweep lambda_min per model). The same
 numbers in raw units (no 1/m) put the floor at a total of 0.05 m and the
 start near 0.75 m: on the test's model the lambda fit stalled at 5x the
-training set's residual, on 50 digits at 66x (``benchmarks/reconstruct.md``).
+training set's residual, on 50 digits at 66x (``benchmarks/docs/reconstruct.md``).
 
 Compared with DeepKKT there is no cross-entropy, no primal
 (classification) term, no augmentation and no image prior: the baseline

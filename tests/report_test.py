@@ -432,6 +432,8 @@ def test_image_inits_run_their_own_recipe():
   c = configs.get_config("digits")
   c.synth.steps, c.synth.lr_x, c.kkt.beta_tv, c.kkt.beta_norm = 1000, 0.05, 1, 2
   c.synth.image_steps, c.synth.image_lr_x = 150, 0.01
+  # 0-shot's own keys at 0: it falls back to the image recipe.
+  c.synth.other_steps, c.synth.other_lr_x = 0, 0.0
   noise = common.synthesis_recipe(c, "noise")
   assert (noise.synth.steps, noise.synth.lr_x) == (1000, 0.05)
   assert (noise.kkt.beta_tv, noise.kkt.beta_norm) == (1, 2)

@@ -191,10 +191,11 @@ def regime_section(
   twice = int(round(2 * len(ds.train["label"]) / info.num_classes))
   md = (
     "## 8. Candidate-count regime\n\n"
-    f"DSVs synthesised from noise with the noise recipe at {counts} "
-    f"candidates per class ({twice} = twice the training samples per "
-    "class, the regime where KKT reconstruction recovers training "
-    "images). Retrained: test accuracy of fresh models trained on all the "
+    "DSVs synthesised from noise with the noise recipe at "
+    f"{', '.join(map(str, counts))} candidates per class. KKT "
+    "reconstruction recovers training images at about twice the training "
+    f"samples per class ({twice} here; `report.candidate_counts` 0). "
+    "Retrained: test accuracy of fresh models trained on all the "
     "candidates. SSIM: each DSV's best match among real images of its "
     "class, training images / as many held-out (test) images per class; "
     f"match: the fraction with SSIM >= {SSIM_MATCH}. Held-out real images "
