@@ -32,7 +32,8 @@ model whose total is far from that, scale them by `best_multipliers` at a
 few real images (Haim et al. sweep lambda_min per model). The same
 numbers in raw units (no 1/m) put the floor at a total of 0.05 m and the
 start near 0.75 m: on the test's model the lambda fit stalled at 5x the
-training set's residual, on 50 digits at 66x (``benchmarks/docs/reconstruct.md``).
+training set's residual, on 50 digits at 66x
+(``benchmarks/docs/reconstruct.md``).
 
 Compared with DeepKKT there is no cross-entropy, no primal
 (classification) term, no augmentation and no image prior: the baseline
