@@ -33,7 +33,9 @@ same command over one global mesh of all processes' devices):
   --num_processes, --process_id
   --distributed_timeout   seconds before a coordinator that cannot be
                           reached, or a peer that stopped, fails the run
-                          (one line, status 2) instead of hanging.
+                          (one line, status 2) instead of hanging; a
+                          process waits for the others at a barrier 5
+                          times as long.
 Only process 0 writes records and outputs; every process takes part in
 the Orbax checkpoints.
 """
@@ -102,7 +104,7 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
   "distributed_timeout",
   distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
   "Seconds after which an unreachable coordinator or a silent peer fails "
-  "the run (--jax_distributed).",
+  "the run (--jax_distributed); a barrier waits 5 times as long.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
