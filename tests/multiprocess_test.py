@@ -331,3 +331,83 @@ def test_an_unreachable_coordinator_fails_in_one_line(tmp_path):
     .startswith("dsv: error: Cannot reach the coordinator at 127.0.0.1:")
   ), res.stderr[-3000:]
   assert not (tmp_path / "wd").exists()  # Nothing written.
+
+
+# Two processes of one run where one never reaches the other's wait: each
+# reports through the CLI's own one-line error path (`main._fail`).
+_STALL = """
+import sys, time
+from absl import flags
+flags.FLAGS(["stall"])
+from dsv_jax import distributed, main
+pid, port, mode, timeout, ckpt = sys.argv[1:]
+pid = int(pid)
+address = f"127.0.0.1:{port}"
+distributed.initialize(address, 2, pid, heartbeat_timeout=int(timeout))
+print("connected", flush=True)
+try:
+  if mode == "barrier":  # 1 stalls (alive, beating) outside the barrier.
+    if pid == 1:
+      time.sleep(600)
+    distributed.barrier("the barrier process 1 never reaches")
+  elif pid == 0:  # 0 in a device collective, 1 in Orbax's barrier: the
+    from jax.experimental import multihost_utils  # hang of issue 31.
+
+    multihost_utils.sync_global_devices("a collective 1 never joins")
+  else:
+    from dsv_jax import checkpoints
+
+    checkpoints.RunCheckpointer(ckpt)
+except Exception as e:
+  main._fail(main._one_line(e))
+"""
+
+
+@pytest.mark.parametrize("mode", ["barrier", "orbax"])
+def test_a_peer_stalled_at_a_barrier_ends_both_in_one_line(tmp_path, mode):
+  """Neither process hangs: the one waiting gives up after the barrier
+  bound (5 distributed timeouts), and the other learns of it and ends."""
+  timeout_s = 4
+  bound = 5 * timeout_s
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-c",
+        _STALL,
+        str(i),
+        str(port),
+        mode,
+        str(timeout_s),
+        str(tmp_path / "ckpt"),
+      ],
+      cwd=REPO,
+      env=_env(1, str(tmp_path / "cache")),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  assert procs[0].stdout.readline().strip() == "connected"
+  assert procs[1].stdout.readline().strip() == "connected"
+  t0 = time.monotonic()
+  try:
+    errs = [p.communicate(timeout=bound + 60)[1] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    pytest.fail(f"a process still runs {bound + 60} s after connecting")
+  waited = time.monotonic() - t0
+  assert waited < bound + 30, waited
+  for i, (p, err) in enumerate(zip(procs, errs, strict=True)):
+    ours = [ln for ln in err.splitlines() if ln.startswith("dsv: error:")]
+    assert p.returncode == 2, (i, err[-3000:])
+    assert len(ours) == 1 and err.strip().splitlines()[-1] == ours[0], err
+    assert "Traceback" not in err and "Check failed" not in err, err
+  # Both name the barrier that was not reached.
+  if mode == "barrier":
+    assert all("process 1 never reaches" in e for e in errs), errs
+  else:
+    assert all("CheckpointManager:create_directory" in e for e in errs), errs
