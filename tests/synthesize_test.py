@@ -485,7 +485,9 @@ def test_model_errors_keep_their_cause():
 
 def test_missing_classifier_is_a_clear_error(tmp_path):
   config = pipelines_config()
-  with pytest.raises(FileNotFoundError, match="Run the `train` stage"):
+  with pytest.raises(
+    FileNotFoundError, match="run `--stage train` for this workdir"
+  ):
     synthesize_stage.run(config, str(tmp_path))
 
 
