@@ -137,6 +137,8 @@ def _bound_orbax_barriers(timeout: float) -> None:
 
   By default Orbax syncs processes with a device collective that has no
   timeout: a process whose peer runs something else waits there forever.
+  Orbax reads its switch as an absl flag: it takes effect once absl has
+  parsed the flags (the CLI; `absl.app.run`), as every flag does.
   """
   from absl import flags
   from orbax.checkpoint._src.multihost import multihost as orbax_multihost

@@ -67,9 +67,14 @@ def _cmd(workdir, stage, *extra):
 
 
 def _launch(
-  workdir, stage, cache, *overrides, processes, devices, timeout_s=20
+  workdir, stage, cache, *overrides, processes, devices, timeout_s=40
 ):
-  """Starts one command per process; returns the Popen objects."""
+  """Starts one command per process; returns the Popen objects.
+
+  The barriers wait 5 x `timeout_s`: on 2 loaded cores one process can
+  compile for a minute while the other waits (benchmarks/
+  multiprocess_soak.md).
+  """
   port = _free_port()
   procs = []
   for i in range(processes):
