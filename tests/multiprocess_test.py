@@ -416,3 +416,49 @@ def test_a_peer_stalled_at_a_barrier_ends_both_in_one_line(tmp_path, mode):
     assert all("process 1 never reaches" in e for e in errs), errs
   else:
     assert all("CheckpointManager:create_directory" in e for e in errs), errs
+
+
+# The report's sub-run of issue 31's hang (a classifier trained in its own
+# folder), with process 1 arriving late: it must see the folders as process
+# 0 found them, not as process 0 has since made them.
+_LATE_SUB_RUN = """
+import sys, time
+from absl import flags
+flags.FLAGS(["late"])
+from dsv_jax import configs, distributed
+pid, port, sub_dir = sys.argv[1:]
+distributed.initialize(f"127.0.0.1:{port}", 2, int(pid), heartbeat_timeout=20)
+from dsv_jax.experiment.report import cache
+from dsv_jax.experiment.stages import train
+
+config = configs.get_config("digits", "tiny")
+config.train.finish_steps = 0
+if pid == "1":
+  time.sleep(15)  # Process 0 finds no checkpoints and starts training.
+res = cache.run_stage_once(train, config, sub_dir)
+print("trained", res["steps"], flush=True)
+"""
+
+
+def test_a_late_process_takes_the_same_branch_into_a_sub_run(tmp_path):
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _LATE_SUB_RUN, str(i), str(port), str(tmp_path)],
+      cwd=REPO,
+      env=_env(2, str(tmp_path / "cache")),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    pytest.fail("the sub-run hangs")
+  for p, out in zip(procs, outs, strict=True):
+    assert p.returncode == 0, out[-3000:]
+    assert "trained 6" in out, out[-3000:]
