@@ -41,6 +41,7 @@ the Orbax checkpoints.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -348,11 +349,25 @@ def run_main():
     # a runtime error of the next collective (or of the connection).
     if not _is_multiprocess(argv) or _verbose(argv):
       raise
-    _fail(
-      f"distributed run failed on process {_process_index()} (a peer "
-      f"process stopped or the coordinator is unreachable): "
-      f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+    _fail(_runtime_error_line(e))
+
+
+def _runtime_error_line(e: BaseException) -> str:
+  """One line for a runtime error of a distributed run."""
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  where = f"distributed run failed on process {_process_index()}"
+  barrier = re.search(r"Barrier timed out\. Id: (\S+?)(::\d+)?\.? ", text)
+  if barrier:  # Orbax's: the runtime's message is a paragraph.
+    return (
+      f"{where}: not every process reached Orbax's barrier "
+      f"{barrier.group(1)!r} within "
+      f"{distributed.BARRIER_TIMEOUT_FACTOR} x --distributed_timeout: one "
+      "stopped, hangs or runs something else."
     )
+  return (
+    f"{where} (a peer process stopped or the coordinator is unreachable): "
+    f"{text}"
+  )
 
 
 def _is_multiprocess(argv: list[str]) -> bool:
