@@ -177,10 +177,17 @@ def load_dsv(
   path = checkpoints.abspath(path)
   directory = os.path.dirname(path) if path.endswith(".npz") else path
   npz_path = os.path.join(directory, NPZ)
+  # In a workdir the folder is named after the stage that wrote it.
+  stage = os.path.basename(directory.rstrip("/"))
+  repair = (
+    f"run `--stage {stage}` for this workdir (or `--stage all`, which "
+    "redoes a damaged stage)"
+    if stage in ("select", "synthesize")
+    else "run the synthesize or select stage that writes it"
+  )
   if not epath.Path(npz_path).exists():
     raise FileNotFoundError(
-      f"No DSV set at {directory} (missing {NPZ}); run the synthesize or "
-      "select stage first."
+      f"No DSV set at {directory} (missing {NPZ}); {repair}."
     )
   try:
     with (
@@ -189,11 +196,10 @@ def load_dsv(
     ):
       meta = json.loads(str(z["meta_json"]))
       fields = {k: z[k] for k in DSVSet._fields}
-  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(
       f"The DSV set {npz_path} is damaged ({type(e).__name__}: "
-      f"{str(e).splitlines()[0] if str(e) else ''}); rerun the stage that "
-      "wrote it."
+      f"{str(e).splitlines()[0] if str(e) else ''}); {repair}."
     ) from e
   if meta.get("schema_version") != SCHEMA_VERSION:
     raise ValueError(

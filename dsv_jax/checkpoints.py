@@ -301,22 +301,31 @@ def load_classifier_meta(path: str | os.PathLike) -> dict[str, Any]:
   meta_path = os.path.join(path, _META)
   if not epath.Path(meta_path).exists():
     raise FileNotFoundError(
-      f"No classifier checkpoint at {path} (missing {_META}). Run the "
-      "`train` stage for this workdir first, or point to a directory "
-      "written by dsv_jax.checkpoints.save_classifier."
+      f"No classifier checkpoint at {path} (missing {_META}): {_RETRAIN}, "
+      "or point to a directory written by "
+      "dsv_jax.checkpoints.save_classifier."
     )
-  return read_json(meta_path, "classifier record")
+  return read_json(meta_path, "classifier record", _RETRAIN)
 
 
-def read_json(path: str, what: str) -> Any:
-  """`json.load` of `path`; a damaged file raises a ValueError naming it."""
+# What repairs a workdir's missing or damaged classifier (its checkpoints
+# stand: the stage resumes from the last one).
+_RETRAIN = (
+  "run `--stage train` for this workdir (or `--stage all`, which redoes "
+  "a damaged stage)"
+)
+
+
+def read_json(
+  path: str, what: str, repair: str = "rerun the stage that wrote it"
+) -> Any:
+  """`json.load` of `path`; a damaged file raises a ValueError naming it
+  and what repairs it (`repair`)."""
   try:
     with epath.Path(path).open() as f:
       return json.load(f)
   except json.JSONDecodeError as e:
-    raise ValueError(
-      f"The {what} {path} is damaged ({e}); rerun the stage that wrote it."
-    ) from e
+    raise ValueError(f"The {what} {path} is damaged ({e}); {repair}.") from e
 
 
 def load_classifier_arrays(path: str | os.PathLike, target: PyTree) -> PyTree:

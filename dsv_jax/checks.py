@@ -15,6 +15,17 @@ rejected rather than converted: 8-bit pixels lie in [0, 255], two orders
 of magnitude outside that space, and a silent ``astype(float32)`` would
 let every loss run on them without a word.
 
+Non-finite values (NaN, inf) are checked where data enters a whole run,
+once, on concrete arrays: `select.fit_lambdas` (images ``x`` and the
+classifier's ``params``) and `synthesize.synthesize` (its starting images,
+through `synthesize.check_images`, and ``params``; `synthesize.edit` and
+`synthesize.interpolate` run it too) raise a `ValueError` naming the
+argument. The DeepKKT functions of `dsv_jax.kkt` and a `Synthesizer`'s
+step do not: they are the pieces those runs call inside ``jit`` and
+``grad``, where no value can be looked at, and like any JAX function they
+return NaN for NaN inputs. Check your own inputs with `check_finite` when
+calling them directly.
+
 Hand-written rather than chex assertions: chex raises ``AssertionError``
 with a generic message ("input 0 has rank 3"), where these name the
 argument and the expected layout (``[N, C]``, the sample count of ``x``),
@@ -217,6 +228,35 @@ def check_nonnegative_lambdas(lambdas: Any, active: Any = None) -> None:
     )
 
 
+def check_finite(name: str, tree: Any) -> None:
+  """Raises unless every value of every array of ``tree`` is finite.
+
+  Skipped for tracers (inside jit, grad, vmap), where values are unknown.
+
+  Examples:
+    >>> import numpy as np
+    >>> from dsv_jax import checks
+    >>> checks.check_finite("params", {"w": np.array([1.0, np.nan])})
+    Traceback (most recent call last):
+    ...
+    ValueError: params contains NaN or inf values (leaf ['w']: 1 of 2).
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if not is_concrete(leaf):
+      continue
+    values = np.asarray(jax.device_get(leaf))
+    if not jnp.issubdtype(values.dtype, jnp.inexact):
+      continue
+    bad = int(values.size - np.isfinite(values).sum())
+    if bad:
+      where = jax.tree_util.keystr(path)
+      leaf_name = f"leaf {where}: " if where else ""
+      raise ValueError(
+        f"{name} contains NaN or inf values ({leaf_name}{bad} of "
+        f"{values.size})."
+      )
+
+
 def check_active(active: jax.Array, n: int) -> None:
   """A dual-feasibility mask must be ``bool[n]``."""
   if active.shape != (n,) or active.dtype != jnp.bool_:
@@ -274,6 +314,7 @@ __all__ = [
   "check_active",
   "check_choice",
   "check_chunk_size",
+  "check_finite",
   "check_floating_images",
   "check_kkt_inputs",
   "check_logits_vs_targets",

@@ -9,10 +9,21 @@ and `barrier` keeps the others from reading it before it exists.
 
 With a single process (no `initialize`) every helper is a no-op, so the
 single-machine code paths are unchanged.
+
+No wait of one process for the others is unbounded: `barrier` (ours) and
+Orbax's own barriers wait in the coordinator's key-value store, at most
+`BARRIER_TIMEOUT_FACTOR` distributed timeouts; a process stuck in a device
+collective (whose peer stopped, failed or waits elsewhere) is ended by the
+watchdog.
+Any process that fails tells the others (`fail_now`), so every process of
+the run ends with one line and status 2, never a hang.
 """
 
 import atexit
+import contextlib
 import functools
+import itertools
+import json
 import os
 import socket
 import sys
@@ -67,6 +78,12 @@ def initialize(
       f"pod slice, SLURM); got {coordinator_address!r}, {num_processes!r}, "
       f"{process_id!r}."
     )
+  global _timeout_s
+  _timeout_s = BARRIER_TIMEOUT_FACTOR * heartbeat_timeout
+  # The preemption service takes SIGTERM for itself ("SIGTERM caught at
+  # ...") and lets the run go on: a SIGTERM must end the run.
+  jax.config.update("jax_enable_preemption_service", False)
+  _bound_orbax_barriers(_timeout_s)
   if jax.config.jax_cpu_collectives_implementation in (None, "none"):
     # Without one, a computation over several processes' CPU devices fails
     # (jax 0.10 defaults to gloo; older versions had none). Harmless on
@@ -115,25 +132,90 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
       time.sleep(0.5)
 
 
+def _bound_orbax_barriers(timeout: float) -> None:
+  """Orbax's barriers wait in the key-value store, at most `timeout` s.
+
+  By default Orbax syncs processes with a device collective that has no
+  timeout: a process whose peer runs something else waits there forever.
+  Orbax reads its switch as an absl flag: it takes effect once absl has
+  parsed the flags (the CLI; `absl.app.run`), as every flag does.
+  """
+  from absl import flags
+  from orbax.checkpoint._src.multihost import multihost as orbax_multihost
+
+  flags.FLAGS.set_default("experimental_orbax_use_distributed_barrier", True)
+  # Orbax has no option for its barriers' timeout (300 s): its module
+  # constant is the one place it reads it from.
+  orbax_multihost._DEFAULT_BARRIER_TIMEOUT = int(timeout)  # noqa: SLF001
+
+
 # Status of a run that a dead peer or coordinator ends.
 PEER_FAILURE_EXIT_STATUS = 2
 _ALIVE_KEY = "dsv_jax/alive/{}"
+# Set by a process that fails; every other process's watchdog ends it.
+_FAILED_KEY = "dsv_jax/failed"
+# Whether this process is ending (`fail_now`): its watchdog stays quiet.
+_failing = False
+# A barrier waits this many distributed timeouts (`initialize`'s
+# `heartbeat_timeout`). Not one: processes drift apart legitimately between
+# two barriers (each compiles, and retrains the report's models, on its
+# own; process 0 alone writes the outputs), and on 2 loaded cores by more
+# than a minute: benchmarks/docs/multiprocess_soak.md.
+BARRIER_TIMEOUT_FACTOR = 5
+_timeout_s: float = BARRIER_TIMEOUT_FACTOR * DEFAULT_HEARTBEAT_TIMEOUT_S
 
 
-def fail_now(message: str) -> None:
-  """Prints `dsv: error: message` and ends the process with status 2.
+# How often the watchdog beats and looks at the others.
+_WATCH_INTERVAL_S = 1.0
+
+
+class PeerTimeout(RuntimeError):
+  """A barrier was not reached by every process within the timeout."""
+
+
+def _client():
+  # JAX keeps its client private; the public API has no key-value access.
+  from jax._src import distributed as jax_distributed
+
+  return jax_distributed.global_state.client
+
+
+def fail_now(
+  message: str,
+  *,
+  status: int = PEER_FAILURE_EXIT_STATUS,
+  prefix: str = "dsv: error: ",
+) -> None:
+  """Prints `dsv: error: message` and ends the process with `status`.
+
+  The other processes of a distributed run learn of it (their watchdogs
+  end them) instead of waiting for this one in their next collective.
 
   `os._exit`, not `sys.exit`: a normal exit runs JAX's shutdown barrier,
   which waits (up to its timeout) for peers that may be gone, and a
   runtime thread cannot raise into the main thread anyway.
   """
-  sys.stderr.write(f"dsv: error: {message}\n")
+  global _failing
+  _failing = True
+  line = f"{prefix}{message}"
+  sys.stderr.write(f"{line}\n")
   sys.stderr.flush()
   sys.stdout.flush()
-  os._exit(PEER_FAILURE_EXIT_STATUS)
+  if is_distributed():
+    # The first failure is the one every process reports; the key exists
+    # already when this one follows it (or the coordinator is gone).
+    with contextlib.suppress(Exception):
+      _client().key_value_set(_FAILED_KEY, f"{jax.process_index()}\n{line}")
+    if jax.process_index() == 0:
+      # It hosts the key-value store: the others' watchdogs read the
+      # failure there before it goes (else their runtime aborts them).
+      time.sleep(3 * _WATCH_INTERVAL_S)
+  os._exit(status)
 
 
-def _start_watchdog(timeout: float, interval: float = 1.0) -> None:
+def _start_watchdog(
+  timeout: float, interval: float = _WATCH_INTERVAL_S
+) -> None:
   """Ends this process when a peer or the coordinator stops answering.
 
   A daemon thread bumps this process's counter in the coordinator's
@@ -142,10 +224,7 @@ def _start_watchdog(timeout: float, interval: float = 1.0) -> None:
   host gone), or a coordinator that no longer answers, ends the run here
   with one line (`fail_now`) instead of a hang in the next collective.
   """
-  # JAX keeps its client private; the public API has no key-value access.
-  from jax._src import distributed as jax_distributed
-
-  client = jax_distributed.global_state.client
+  client = _client()
   me, count = jax.process_index(), jax.process_count()
   stop = threading.Event()
   # Stopped before JAX's own exit handler shuts the client down
@@ -161,12 +240,13 @@ def _start_watchdog(timeout: float, interval: float = 1.0) -> None:
         client.key_value_set(
           _ALIVE_KEY.format(me), str(beat), allow_overwrite=True
         )
+        failed = _try_get(client, _FAILED_KEY)
+        who, _, why = (failed or "").partition("\n")
+        if failed is not None and who != str(me) and not _failing:
+          fail_now(f"{why} (process {me} stops with it)", prefix="")
         now = time.monotonic()
         for p, (last, since) in seen.items():
-          try:
-            value = client.key_value_try_get(_ALIVE_KEY.format(p))
-          except jax.errors.JaxRuntimeError:  # No beat from it yet.
-            value = None
+          value = _try_get(client, _ALIVE_KEY.format(p))
           if value != last:
             seen[p] = (value, now)
           elif now - since > timeout and not stop.is_set():
@@ -183,6 +263,13 @@ def _start_watchdog(timeout: float, interval: float = 1.0) -> None:
         )
 
   threading.Thread(target=watch, name="dsv_jax-watchdog", daemon=True).start()
+
+
+def _try_get(client, key: str) -> str | None:
+  try:
+    return client.key_value_try_get(key)
+  except jax.errors.JaxRuntimeError:  # Not set (yet).
+    return None
 
 
 def _first_line(e: BaseException) -> str:
@@ -226,16 +313,65 @@ def primary_only(fn: F) -> F:
   return wrapper  # type: ignore[return-value]
 
 
+# How many barriers this process has passed: every process passes the same
+# ones in the same order, so `<count>: <name>` names the same barrier on
+# each, and a process that took another branch waits at another one.
+_barriers = itertools.count()
+
+
 def barrier(name: str) -> None:
   """Waits until every process reaches `barrier(name)` (no-op alone).
 
   After process 0 writes a file the others read (a stage record, the
   metrics a stage plots), so none reads it before it exists.
-  """
-  if is_distributed():
-    from jax.experimental import multihost_utils
 
-    multihost_utils.sync_global_devices(name)
+  Raises:
+    PeerTimeout: not every process reached this barrier within the
+      distributed timeout (one stopped, hangs, or runs something else).
+  """
+  if not is_distributed():
+    return
+  key = f"dsv_jax/barrier/{next(_barriers)}: {name}"
+  try:
+    _client().wait_at_barrier(key, int(_timeout_s * 1000))
+  except jax.errors.JaxRuntimeError as e:
+    raise PeerTimeout(
+      f"distributed run failed on process {jax.process_index()}: not every "
+      f"process reached {name!r} within {_timeout_s:.0f} s "
+      f"({BARRIER_TIMEOUT_FACTOR} x --distributed_timeout): one stopped, "
+      "hangs or runs something else."
+    ) from e
+
+
+def primary_value(name: str, fn: Callable[[], Any]) -> Any:
+  """`fn()` evaluated on process 0 and returned on every process.
+
+  For a branch every process must take alike but that reads something
+  another process may be changing (is a folder there yet?): each process
+  looking for itself can see it before or after process 0 created it.
+  `fn`'s value must be JSON-able. Waits at most the distributed timeout.
+
+  Raises:
+    PeerTimeout: process 0 did not publish the value in time.
+  """
+  if not is_distributed():
+    return fn()
+  key = f"dsv_jax/value/{next(_barriers)}: {name}"
+  if is_primary():
+    value = fn()
+    _client().key_value_set(key, json.dumps(value))
+    return value
+  try:
+    return json.loads(
+      _client().blocking_key_value_get(key, int(_timeout_s * 1000))
+    )
+  except jax.errors.JaxRuntimeError as e:
+    raise PeerTimeout(
+      f"distributed run failed on process {jax.process_index()}: process 0 "
+      f"did not reach {name!r} within {_timeout_s:.0f} s "
+      f"({BARRIER_TIMEOUT_FACTOR} x --distributed_timeout): it stopped, "
+      "hangs or runs something else."
+    ) from e
 
 
 def describe() -> str:
@@ -252,7 +388,9 @@ def log_topology() -> None:
 
 
 __all__ = [
+  "BARRIER_TIMEOUT_FACTOR",
   "PEER_FAILURE_EXIT_STATUS",
+  "PeerTimeout",
   "barrier",
   "describe",
   "fail_now",
@@ -262,4 +400,5 @@ __all__ = [
   "is_primary",
   "log_topology",
   "primary_only",
+  "primary_value",
 ]

@@ -19,9 +19,10 @@ JAX_COMPILATION_CACHE_DIR environment variable; an empty value turns it
 off), so a second run of the same config, even in a fresh workdir, skips
 most of its compilation.
 
-Expected errors (a config value, missing data, a busy or damaged workdir)
-print one line and exit with status 2; `--verbosity=1` shows the
-traceback.
+Expected errors (a flag or config value, an unknown config, missing data,
+a busy or damaged workdir) print one line and exit with status 2;
+`--verbosity=1` shows the traceback. Ctrl-C (SIGINT) and SIGTERM stop the
+run with one line (status 130 and 143); the same command resumes it.
 
 Multi-process runs (JAX's multi-controller runtime; every process runs the
 same command over one global mesh of all processes' devices):
@@ -32,12 +33,15 @@ same command over one global mesh of all processes' devices):
   --num_processes, --process_id
   --distributed_timeout   seconds before a coordinator that cannot be
                           reached, or a peer that stopped, fails the run
-                          (one line, status 2) instead of hanging.
+                          (one line, status 2) instead of hanging; a
+                          process waits for the others at a barrier 5
+                          times as long.
 Only process 0 writes records and outputs; every process takes part in
 the Orbax checkpoints.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +50,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsv_jax import distributed
+from dsv_jax import configs, distributed
 from dsv_jax.experiment import registry
 from dsv_jax.experiment import workdir as wd
 
@@ -58,7 +62,11 @@ _EXPECTED = (
   AttributeError,
   OSError,
   wd.WorkdirLocked,
+  distributed.PeerTimeout,
 )
+# Flags that print the usage: `dsv` (the console script) hands them to
+# `python -m dsv_jax.main`, whose usage lists this module's flags.
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull")
 DEFAULT_COMPILATION_CACHE = "~/.cache/dsv_jax/xla"
 _CONFIGS_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -97,7 +105,7 @@ _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
   "distributed_timeout",
   distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
   "Seconds after which an unreachable coordinator or a silent peer fails "
-  "the run (--jax_distributed).",
+  "the run (--jax_distributed); a barrier waits 5 times as long.",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -162,16 +170,51 @@ def resolve_config_arg(argv: list[str]) -> list[str]:
       continue
     path, colon, arg = value.partition(":")
     packaged = os.path.join(_CONFIGS_DIR, f"{path}.py")
-    if not os.path.exists(path) and os.path.exists(packaged):
-      out[i] = f"{prefix}{packaged}{colon}{arg}"
+    if os.path.exists(path):
+      continue
+    if not os.path.exists(packaged):
+      raise UsageProblem(
+        f"--config {value}: no such config file, nor a packaged config; "
+        f"packaged: {', '.join(configs.CONFIGS)} (e.g. --config digits:tiny)."
+      )
+    out[i] = f"{prefix}{packaged}{colon}{arg}"
   return out
+
+
+class UsageProblem(ValueError):
+  """A command line no run can start from (one line, status 2)."""
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with its errors (a bad value, an unknown flag, a
+  config file's `get_config` raising) as one `UsageProblem` line.
+
+  absl prints them as "FATAL Flags parsing error" with status 1, a config
+  file's error with its whole traceback.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except (KeyError, AttributeError) as e:  # ml_collections' overrides.
+    raise UsageProblem(
+      f"a --config.KEY=VALUE override names no key of the config: "
+      f"{_one_line(e)}"
+    ) from e
+  except flags.Error as e:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    # A config file's error ends its traceback; absl's own are one line.
+    last = lines[-1] if lines else type(e).__name__
+    # "ValueError: message" of a config file's get_config: the message.
+    head, sep, rest = last.partition(": ")
+    if sep and head.isidentifier() and head.endswith("Error"):
+      last = rest
+    raise UsageProblem(last) from e
 
 
 def _one_line(e: BaseException) -> str:
   text = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
   # ml_collections nests a KeyError's repr in its AttributeError: undo the
   # quoting and escapes so the line reads as the message it is.
-  if len(text) > 1 and text[0] == text[-1] == "'":
+  while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
     text = text[1:-1].replace("\\'", "'").replace("\\n", " ")
   text = " ".join(text.split())
   return text or type(e).__name__
@@ -229,12 +272,13 @@ def _supervise(argv: list[str]) -> int:
   # (scancel, kill) sent to this process alone is passed on.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, forward)
-  rc = child.wait()
-  if rc in (0, 1, 2):  # Done, a Python error (traceback shown), or ours.
+  rc = _wait(child, received)
+  if rc in (0, 1, 2, *_STOPPED.values()):  # The child said why (one line).
     return rc
   if rc < 0 and (received or -rc == signal.SIGINT):
-    sys.stderr.write(f"dsv: stopped by {signal.Signals(-rc).name}\n")
-    return 128 - rc
+    sig = signal.Signals(received[0] if received else -rc)
+    sys.stderr.write(f"dsv: stopped by {sig.name}\n")
+    return 128 + sig
   how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"status {rc}"
   sys.stderr.write(
     f"dsv: error: this process of the distributed run ended abnormally "
@@ -245,16 +289,57 @@ def _supervise(argv: list[str]) -> int:
   return 2
 
 
+# A child stopped by a signal whose Python handler could not run (its main
+# thread inside a collective) gets this long to end before SIGKILL.
+_GRACE_S = 10
+
+
+def _wait(child: subprocess.Popen, received: list) -> int:
+  while True:
+    try:
+      return child.wait(timeout=_GRACE_S if received else None)
+    except subprocess.TimeoutExpired:
+      child.kill()
+
+
+# Exit statuses of a run stopped by a signal (the shell's 128 + number).
+_STOPPED = {
+  signal.SIGINT: 128 + signal.SIGINT,
+  signal.SIGTERM: 128 + signal.SIGTERM,
+}
+
+
+class Stopped(BaseException):
+  """A SIGTERM arrived: unwinds like Ctrl-C (checkpoints close cleanly)."""
+
+
+def _raise_stopped(signum, _):
+  raise Stopped(signum)
+
+
 def run_main():
   """Entry point of the `dsv` console script."""
-  argv = resolve_config_arg(sys.argv)
+  if any(a in _HELP_FLAGS for a in sys.argv[1:]) and __name__ != "__main__":
+    # Same usage as `python -m dsv_jax.main --help` (absl lists the flags
+    # of the module run as __main__; here that is the console script).
+    os.execv(
+      sys.executable, [sys.executable, "-m", "dsv_jax.main", *sys.argv[1:]]
+    )
+  try:
+    argv = resolve_config_arg(sys.argv)
+  except UsageProblem as e:
+    _fail(str(e))
   if _is_multiprocess(argv) and not os.environ.get(_SUPERVISED):
     sys.exit(_supervise(sys.argv))
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(registry.LibraryChatterFilter())
   _define_jax_flags()
+  signal.signal(signal.SIGTERM, _raise_stopped)
   try:
-    app.run(main, argv=argv)
+    app.run(main, argv=argv, flags_parser=_parse_flags)
+  except (KeyboardInterrupt, Stopped) as e:
+    signum = e.args[0] if isinstance(e, Stopped) else signal.SIGINT
+    _stop(signal.Signals(signum))
   except _EXPECTED as e:
     if _verbose(argv):
       raise
@@ -264,11 +349,25 @@ def run_main():
     # a runtime error of the next collective (or of the connection).
     if not _is_multiprocess(argv) or _verbose(argv):
       raise
-    _fail(
-      f"distributed run failed on process {_process_index()} (a peer "
-      f"process stopped or the coordinator is unreachable): "
-      f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}"
+    _fail(_runtime_error_line(e))
+
+
+def _runtime_error_line(e: BaseException) -> str:
+  """One line for a runtime error of a distributed run."""
+  text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  where = f"distributed run failed on process {_process_index()}"
+  barrier = re.search(r"Barrier timed out\. Id: (\S+?)(::\d+)?\.? ", text)
+  if barrier:  # Orbax's: the runtime's message is a paragraph.
+    return (
+      f"{where}: not every process reached Orbax's barrier "
+      f"{barrier.group(1)!r} within "
+      f"{distributed.BARRIER_TIMEOUT_FACTOR} x --distributed_timeout: one "
+      "stopped, hangs or runs something else."
     )
+  return (
+    f"{where} (a peer process stopped or the coordinator is unreachable): "
+    f"{text}"
+  )
 
 
 def _is_multiprocess(argv: list[str]) -> bool:
@@ -283,6 +382,17 @@ def _process_index() -> str:
     return str(jax.process_index())
   except Exception:  # noqa: BLE001 -- the runtime itself may be gone.
     return "?"
+
+
+def _stop(sig: signal.Signals) -> None:
+  message = (
+    f"dsv: stopped by {sig.name}; the same command resumes the run "
+    "from its last checkpoint."
+  )
+  if distributed.is_initialized():
+    distributed.fail_now(message, status=_STOPPED[sig], prefix="")
+  sys.stderr.write(f"{message}\n")
+  sys.exit(_STOPPED[sig])
 
 
 def _fail(message: str) -> None:

@@ -421,7 +421,12 @@ def synthesize(
 
   Returns:
     The final `SynthState`.
+
+  Raises:
+    ValueError: non-finite ``params`` (NaN weights would make every
+      image NaN, silently); `check_images` checks ``x0``.
   """
+  checks.check_finite("params", params)
   targets = jnp.asarray(targets)
   if state is None:
     state = synth.init_fn(jax.random.fold_in(key, 0), params, x0, targets)

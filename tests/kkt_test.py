@@ -829,6 +829,23 @@ def test_value_errors_for_concrete_targets_only(x64):
   assert np.isfinite(float(loss))
 
 
+def test_non_finite_values_propagate_as_documented(x64):
+  # The DeepKKT functions run inside jit and grad: they check no values
+  # for finiteness (`checks` module docstring) and, like any JAX function,
+  # return NaN; `checks.check_finite` is the check for direct callers.
+  apply_fn, params, x, targets, lambdas = make_problem("mlp")
+  nan_x = x.at[0, 0].set(jnp.nan)
+  nan_lambdas = lambdas.at[1].set(jnp.nan)
+  loss, _ = kkt.deepkkt_loss(apply_fn, params, nan_x, targets, lambdas)
+  assert np.isnan(float(loss))
+  assert np.isnan(
+    float(kkt.stationarity_loss(apply_fn, params, x, targets, nan_lambdas))
+  )
+  with pytest.raises(ValueError, match="lambdas contains NaN"):
+    checks.check_finite("lambdas", nan_lambdas)
+  checks.check_finite("lambdas", lambdas)
+
+
 # ----------------------------------------------------------------------------
 # Docstring examples.
 

@@ -67,9 +67,14 @@ def _cmd(workdir, stage, *extra):
 
 
 def _launch(
-  workdir, stage, cache, *overrides, processes, devices, timeout_s=20
+  workdir, stage, cache, *overrides, processes, devices, timeout_s=40
 ):
-  """Starts one command per process; returns the Popen objects."""
+  """Starts one command per process; returns the Popen objects.
+
+  The barriers wait 5 x `timeout_s`: on 2 loaded cores one process can
+  compile for a minute while the other waits
+  (benchmarks/docs/multiprocess_soak.md).
+  """
   port = _free_port()
   procs = []
   for i in range(processes):
@@ -331,3 +336,133 @@ def test_an_unreachable_coordinator_fails_in_one_line(tmp_path):
     .startswith("dsv: error: Cannot reach the coordinator at 127.0.0.1:")
   ), res.stderr[-3000:]
   assert not (tmp_path / "wd").exists()  # Nothing written.
+
+
+# Two processes of one run where one never reaches the other's wait: each
+# reports through the CLI's own one-line error path (`main._fail`).
+_STALL = """
+import sys, time
+from absl import flags
+flags.FLAGS(["stall"])
+from dsv_jax import distributed, main
+pid, port, mode, timeout, ckpt = sys.argv[1:]
+pid = int(pid)
+address = f"127.0.0.1:{port}"
+distributed.initialize(address, 2, pid, heartbeat_timeout=int(timeout))
+print("connected", flush=True)
+try:
+  if mode == "barrier":  # 1 stalls (alive, beating) outside the barrier.
+    if pid == 1:
+      time.sleep(600)
+    distributed.barrier("the barrier process 1 never reaches")
+  elif pid == 0:  # 0 in a device collective, 1 in Orbax's barrier: the
+    from jax.experimental import multihost_utils  # hang of issue 31.
+
+    multihost_utils.sync_global_devices("a collective 1 never joins")
+  else:
+    from dsv_jax import checkpoints
+
+    checkpoints.RunCheckpointer(ckpt)
+except distributed.PeerTimeout as e:  # As the CLI reports them.
+  main._fail(main._one_line(e))
+except Exception as e:
+  main._fail(main._runtime_error_line(e))
+"""
+
+
+@pytest.mark.parametrize("mode", ["barrier", "orbax"])
+def test_a_peer_stalled_at_a_barrier_ends_both_in_one_line(tmp_path, mode):
+  """Neither process hangs: the one waiting gives up after the barrier
+  bound (5 distributed timeouts), and the other learns of it and ends."""
+  timeout_s = 4
+  bound = 5 * timeout_s
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-c",
+        _STALL,
+        str(i),
+        str(port),
+        mode,
+        str(timeout_s),
+        str(tmp_path / "ckpt"),
+      ],
+      cwd=REPO,
+      env=_env(1, str(tmp_path / "cache")),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  assert procs[0].stdout.readline().strip() == "connected"
+  assert procs[1].stdout.readline().strip() == "connected"
+  t0 = time.monotonic()
+  try:
+    errs = [p.communicate(timeout=bound + 60)[1] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    pytest.fail(f"a process still runs {bound + 60} s after connecting")
+  waited = time.monotonic() - t0
+  assert waited < bound + 30, waited
+  for i, (p, err) in enumerate(zip(procs, errs, strict=True)):
+    ours = [ln for ln in err.splitlines() if ln.startswith("dsv: error:")]
+    assert p.returncode == 2, (i, err[-3000:])
+    assert len(ours) == 1 and err.strip().splitlines()[-1] == ours[0], err
+    assert "Traceback" not in err and "Check failed" not in err, err
+  # Both name the barrier that was not reached.
+  if mode == "barrier":
+    assert all("process 1 never reaches" in e for e in errs), errs
+  else:
+    assert all(
+      "Orbax's barrier 'CheckpointManager:create_directory'" in e for e in errs
+    ), errs
+
+
+# The report's sub-run of issue 31's hang (a classifier trained in its own
+# folder), with process 1 arriving late: it must see the folders as process
+# 0 found them, not as process 0 has since made them.
+_LATE_SUB_RUN = """
+import sys, time
+from absl import flags
+flags.FLAGS(["late"])
+from dsv_jax import configs, distributed
+pid, port, sub_dir = sys.argv[1:]
+distributed.initialize(f"127.0.0.1:{port}", 2, int(pid), heartbeat_timeout=20)
+from dsv_jax.experiment.report import cache
+from dsv_jax.experiment.stages import train
+
+config = configs.get_config("digits", "tiny")
+config.train.finish_steps = 0
+if pid == "1":
+  time.sleep(15)  # Process 0 finds no checkpoints and starts training.
+res = cache.run_stage_once(train, config, sub_dir)
+print("trained", res["steps"], flush=True)
+"""
+
+
+def test_a_late_process_takes_the_same_branch_into_a_sub_run(tmp_path):
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _LATE_SUB_RUN, str(i), str(port), str(tmp_path)],
+      cwd=REPO,
+      env=_env(2, str(tmp_path / "cache")),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    pytest.fail("the sub-run hangs")
+  for p, out in zip(procs, outs, strict=True):
+    assert p.returncode == 0, out[-3000:]
+    assert "trained 6" in out, out[-3000:]

@@ -442,6 +442,15 @@ def test_edit_and_interpolate_reach_targets(model):
   assert probs[0, 5] < probs[1, 5] < probs[2, 5]
 
 
+def test_nan_weights_are_rejected_not_synthesised(synth, params):
+  # NaN weights made every image NaN without a word (issue 31).
+  bad = jax.tree.map(np.array, params)
+  leaf = jax.tree.leaves(bad)[0]
+  leaf.flat[0] = np.nan
+  with pytest.raises(ValueError, match="params contains NaN or inf values"):
+    sz.synthesize(synth, bad, jax.random.key(0), _x0(8), LABELS, steps=1)
+
+
 def test_bad_input_errors(synth, params):
   key = jax.random.key(0)
   x = _x0(8)
@@ -476,7 +485,9 @@ def test_model_errors_keep_their_cause():
 
 def test_missing_classifier_is_a_clear_error(tmp_path):
   config = pipelines_config()
-  with pytest.raises(FileNotFoundError, match="Run the `train` stage"):
+  with pytest.raises(
+    FileNotFoundError, match="run `--stage train` for this workdir"
+  ):
     synthesize_stage.run(config, str(tmp_path))
 
 

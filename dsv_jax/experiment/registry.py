@@ -19,8 +19,8 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from dsv_jax import checkpoints
-from dsv_jax.experiment import common
+from dsv_jax import checkpoints, distributed
+from dsv_jax.experiment import common, sources
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.experiment.stages import (
   edit,
@@ -59,6 +59,36 @@ def _is_current(module: ModuleType, record: dict, config, digest: str) -> bool:
     return False
   is_current = getattr(module, "is_current", None)
   return is_current is None or is_current(record, config)
+
+
+def _record_or_none(workdir: str, name: str, redo_damaged: bool):
+  """The stage's record; a damaged one, under `all`, as none (redone)."""
+  try:
+    return wd.stage_record(workdir, name)
+  except ValueError as e:
+    if not redo_damaged:
+      raise
+    logging.warning("%s Redoing the stage.", e)
+    return None
+
+
+def damaged_outputs(
+  module: ModuleType, record: dict, config, workdir: str
+) -> str | None:
+  """What is wrong with the outputs of `module`'s finished stage, or None.
+
+  Nothing to check for a stage that skipped (no data here) or a `train`
+  stage that trained nothing (a classifier from elsewhere).
+  """
+  if "skipped" in record["results"] or (
+    module.NAME == "train" and sources.is_external(config)
+  ):
+    return None
+  # Process 0 looks; every process then takes the same branch.
+  return distributed.primary_value(
+    f"outputs of {module.NAME}",
+    lambda: wd.output_problem(workdir, module.OUTPUTS),
+  )
 
 
 class LibraryChatterFilter(std_logging.Filter):
@@ -128,14 +158,21 @@ def run(
   with wd.lock(workdir), _progress(progress):
     for name in todo:
       module = STAGE_MODULES[name]
-      record = wd.stage_record(workdir, name)
+      record = _record_or_none(workdir, name, stage == "all")
       digest = module.stage_hash(config, workdir)
       if record is not None and stage == "all":
-        if _is_current(module, record, config, digest):
+        current = _is_current(module, record, config, digest)
+        damage = current and damaged_outputs(module, record, config, workdir)
+        if current and not damage:
           logging.info("Stage %s already finished; skipping.", name)
           out[name] = record["results"]
           continue
-        if record["config_hash"] != digest:
+        if damage:
+          # Its checkpoints stand: the stage resumes from its last one.
+          logging.warning(
+            "Stage %s finished, but %s: redoing it.", name, damage
+          )
+        elif record["config_hash"] != digest:
           logging.info("Config of stage %s changed: redoing it.", name)
           wd.clear_checkpoints(workdir, module.CKPT_DIRS)
         else:

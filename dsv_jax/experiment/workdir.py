@@ -30,6 +30,7 @@ import math
 import os
 import socket
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -95,7 +96,11 @@ def stage_record(workdir: str, stage: str) -> dict[str, Any] | None:
   path = record_path(workdir, stage)
   if not epath.Path(path).exists():
     return None
-  return checkpoints.read_json(path, f"record of stage {stage!r}")
+  return checkpoints.read_json(
+    path,
+    f"record of stage {stage!r}",
+    f"run `--stage {stage}` again (or `--stage all`, which redoes it)",
+  )
 
 
 @distributed.primary_only  # One copy, whatever the number of processes.
@@ -124,6 +129,30 @@ def mark_done(workdir: str, stage: str, digest: str, results: dict) -> None:
     }
     write_json(record_path(workdir, stage), record, indent=2, sort_keys=True)
   distributed.barrier(f"dsv_jax: stage {stage} recorded")
+
+
+def output_problem(workdir: str, paths: Sequence[str]) -> str | None:
+  """What is wrong with a finished stage's outputs `paths` (relative to
+  `workdir`), or None when every one is there and loads.
+
+  JSON files must parse and npz files read in full (every array: the zip's
+  checksums catch a damaged member); other files must be there.
+  """
+  for rel in paths:
+    path = epath.Path(workdir, rel)
+    if not path.is_file():
+      return f"{rel} is missing"
+    try:
+      if rel.endswith(".json") or rel.endswith("_METADATA"):
+        with path.open() as f:
+          json.load(f)
+      elif rel.endswith(".npz"):
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
+          for k in z.files:
+            z[k]  # noqa: B018 -- reading is the check.
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+      return f"{rel} does not load ({type(e).__name__})"
+  return None
 
 
 def relevant_sections(
@@ -186,9 +215,41 @@ def classifier_dir(path: str) -> str:
 # classifier for every sub-run; reading it once per process is enough.
 _CONTENT_DIGESTS: dict[tuple, str] = {}
 
+# Results that say how a run went, not what it computed: wall times,
+# speeds, where it resumed from, and what it saw on the way there (the last
+# batch it trained on, the gradient where the finishing phase started: a
+# resumed run sees other ones). A rerun changes them and nothing else.
+_RUN_KEYS = (
+  "resumed_from_step",
+  "resumed_from_iteration",
+  "num_devices",
+  "train_accuracy_last_batch",
+  "finish_rel_grad_before",
+)
+_RUN_SUFFIXES = ("time_s", "s_per_iter", "steps_per_s")
+
+
+def stable_results(results: Mapping[str, Any]) -> dict[str, Any]:
+  """`results` without the entries that say how the run went (timings,
+  speeds, resume points): what identifies its output."""
+  return {
+    k: v
+    for k, v in results.items()
+    if k not in _RUN_KEYS and not k.endswith(_RUN_SUFFIXES)
+  }
+
 
 def classifier_digest(path: str) -> str | None:
-  """A digest of every file of the classifier at `path` (None: none there)."""
+  """A digest of the classifier at `path` (None: none there).
+
+  A classifier of the `train` stage is identified by its record: the
+  recipe's hash and its results (accuracies, losses, health of every
+  split, functions of every weight), not its timings, so retraining it
+  to the same weights changes no digest, and retraining to others does.
+  Its Orbax files cannot serve: their names and metadata differ on every
+  write. A classifier written otherwise (no results in its meta.json) is
+  identified by the content of every file.
+  """
   root = classifier_dir(path)
   if not epath.Path(root, "meta.json").is_file():
     return None
@@ -200,12 +261,17 @@ def classifier_digest(path: str) -> str | None:
   files.sort()
   key = (root, tuple(files))
   if key not in _CONTENT_DIGESTS:
+    meta = checkpoints.load_classifier_meta(root)
     h = hashlib.sha256()
-    for rel, _, _ in files:
-      h.update(rel.encode())
-      with epath.Path(root, rel).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-          h.update(chunk)
+    if isinstance(meta.get("results"), dict) and "config_hash" in meta:
+      meta = {**meta, "results": stable_results(meta["results"])}
+      h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+    else:
+      for rel, _, _ in files:
+        h.update(rel.encode())
+        with epath.Path(root, rel).open("rb") as f:
+          for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
     _CONTENT_DIGESTS[key] = h.hexdigest()[:16]
   return _CONTENT_DIGESTS[key]
 
@@ -420,10 +486,12 @@ __all__ = [
   "jsonl_writer",
   "lock",
   "mark_done",
+  "output_problem",
   "record_digest",
   "record_path",
   "relevant_sections",
   "savez",
+  "stable_results",
   "stage_record",
   "write_json",
 ]

@@ -115,12 +115,6 @@ class FitInfo(NamedTuple):
 # Matrix-free products with G, streamed over chunks and sharded over a mesh.
 
 
-def _check_finite(name: str, tree: PyTree) -> None:
-  for leaf in jax.tree.leaves(tree):
-    if not np.all(np.isfinite(np.asarray(leaf))):
-      raise ValueError(f"{name} contains NaN or inf values.")
-
-
 def _check_args(
   distance, init, slackness, max_iters, tol, chunk_size, l1_smoothing
 ):
@@ -171,8 +165,8 @@ def _local_problem(
   checks.check_targets_shape(jnp.asarray(targets), len(x))
   num_classes = jax.eval_shape(apply_fn, params, x[:1]).shape[-1]
   checks.check_target_values(jnp.asarray(targets), num_classes)
-  _check_finite("x", x)
-  _check_finite("params", params)
+  checks.check_finite("x", x)
+  checks.check_finite("params", params)
   if targets.ndim == 2:
     targets = targets.astype(np.float32)
   several = jax.process_count() > 1

@@ -57,8 +57,18 @@ def _remove(path: str) -> None:
 
 
 def discard_stale_checkpoints(ckpt_dir: str, digest: str) -> None:
-  """Removes `ckpt_dir` if its latest checkpoint is of another config."""
-  if not epath.Path(ckpt_dir).is_dir():
+  """Removes `ckpt_dir` if its latest checkpoint is of another config.
+
+  Whether `ckpt_dir` exists is process 0's answer on every process: a
+  process that looked for itself could see it created by a faster one,
+  which had found none and gone on into the sub-run. It then opened the
+  checkpoints here (an Orbax barrier) while the other trained: each waited
+  for the other in a different collective, forever.
+  """
+  exists = distributed.primary_value(
+    f"{ckpt_dir} exists", lambda: epath.Path(ckpt_dir).is_dir()
+  )
+  if not exists:
     return
   with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
     meta = ckptr.read_meta()

@@ -22,6 +22,8 @@ NAME = "edit"
 SECTIONS = ("seed", "data", "model", "train", "kkt", "synth", "edit")
 UPSTREAM = ("train", "synthesize")
 CKPT_DIRS = ()
+# What a finished stage leaves (`workdir.output_problem`).
+OUTPUTS = ("edit/edit.npz",)
 
 
 def stage_hash(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -127,4 +129,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-__all__ = ["CKPT_DIRS", "NAME", "SECTIONS", "UPSTREAM", "run", "stage_hash"]
+__all__ = [
+  "CKPT_DIRS",
+  "NAME",
+  "OUTPUTS",
+  "SECTIONS",
+  "UPSTREAM",
+  "run",
+  "stage_hash",
+]

@@ -21,6 +21,8 @@ NAME = "interpolate"
 SECTIONS = ("seed", "data", "model", "train", "kkt", "synth", "interpolate")
 UPSTREAM = ("train", "synthesize")
 CKPT_DIRS = ()
+# What a finished stage leaves (`workdir.output_problem`).
+OUTPUTS = ("interpolate/interpolate.npz",)
 
 
 def stage_hash(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -123,4 +125,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-__all__ = ["CKPT_DIRS", "NAME", "SECTIONS", "UPSTREAM", "run", "stage_hash"]
+__all__ = [
+  "CKPT_DIRS",
+  "NAME",
+  "OUTPUTS",
+  "SECTIONS",
+  "UPSTREAM",
+  "run",
+  "stage_hash",
+]

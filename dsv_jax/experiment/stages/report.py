@@ -14,6 +14,16 @@ from dsv_jax.experiment.report import (
 NAME = "report"
 UPSTREAM = INPUTS
 CKPT_DIRS = ()
+# What a finished stage leaves (`workdir.output_problem`).
+OUTPUTS = ("report/results.json", "report/report.md")
 run = run_report
 
-__all__ = ["CKPT_DIRS", "NAME", "SECTIONS", "UPSTREAM", "run", "stage_hash"]
+__all__ = [
+  "CKPT_DIRS",
+  "NAME",
+  "OUTPUTS",
+  "SECTIONS",
+  "UPSTREAM",
+  "run",
+  "stage_hash",
+]

@@ -31,6 +31,8 @@ NAME = "retrain"
 SECTIONS = ("seed", "data", "model", "train", "retrain")
 UPSTREAM = ("train", "synthesize", "select")
 CKPT_DIRS = ()
+# What a finished stage leaves (`workdir.output_problem`).
+OUTPUTS = ("retrain/results.json",)
 
 EVAL_SPLITS = ("validation", "test")
 # DSV sets the stage retrains on, by output folder; only `synthesize` is
@@ -295,6 +297,7 @@ __all__ = [
   "CKPT_DIRS",
   "EVAL_SPLITS",
   "NAME",
+  "OUTPUTS",
   "SECTIONS",
   "UPSTREAM",
   "model_fn_of",

@@ -39,6 +39,8 @@ NAME = "select"
 SECTIONS = ("seed", "data", "model", "train", "select")
 UPSTREAM = ("train",)
 CKPT_DIRS = ("select",)
+# What a finished stage leaves (`workdir.output_problem`).
+OUTPUTS = ("select/lambdas.npz", "select/dsv.npz")
 # A fit extends: raising select.max_iters resumes a finished, unconverged
 # fit from its last checkpoint instead of redoing it (`is_current`).
 _EXTENDABLE = (("select", "max_iters"),)
@@ -396,6 +398,7 @@ def _save_selection(
 
 __all__ = [
   "CKPT_DIRS",
+  "OUTPUTS",
   "NAME",
   "SECTIONS",
   "UPSTREAM",

@@ -27,6 +27,8 @@ NAME = "synthesize"
 SECTIONS = ("seed", "data", "model", "train", "kkt", "synth")
 UPSTREAM = ("train",)
 CKPT_DIRS = ("synthesize", "synthesize_lowres")
+# What a finished stage leaves (`workdir.output_problem`).
+OUTPUTS = ("synthesize/dsv.npz",)
 
 
 def stage_hash(
@@ -221,4 +223,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-__all__ = ["CKPT_DIRS", "NAME", "SECTIONS", "UPSTREAM", "run", "stage_hash"]
+__all__ = [
+  "CKPT_DIRS",
+  "NAME",
+  "OUTPUTS",
+  "SECTIONS",
+  "UPSTREAM",
+  "run",
+  "stage_hash",
+]

@@ -25,6 +25,9 @@ NAME = "train"
 SECTIONS = ("seed", "data", "model", "train")
 UPSTREAM = ()
 CKPT_DIRS = ("train", "train_finish")
+# What a finished stage leaves (`workdir.output_problem`); none with a
+# classifier from elsewhere (`sources`), where the stage trains nothing.
+OUTPUTS = ("classifier/meta.json", "classifier/arrays/_METADATA")
 
 
 def stage_hash(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -238,4 +241,12 @@ def _finish(config, workdir, digest, fm, state, ds) -> dict[str, Any]:
   return out
 
 
-__all__ = ["CKPT_DIRS", "NAME", "SECTIONS", "UPSTREAM", "run", "stage_hash"]
+__all__ = [
+  "CKPT_DIRS",
+  "NAME",
+  "OUTPUTS",
+  "SECTIONS",
+  "UPSTREAM",
+  "run",
+  "stage_hash",
+]
