@@ -44,10 +44,15 @@ from ml_collections import config_flags
 
 from dsv_jax import baseline, similarity, synthesize, viz
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "configs/reconstruct.py:<preset>", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.")
+
+def _define_flags():
+  """The script's flags, defined only when it runs as a script: tests
+  import its functions into processes whose absl flags (dsv_jax.main's
+  --config) are already defined."""
+  config = config_flags.DEFINE_config_file(
+    "config", None, "configs/reconstruct.py:<preset>", lock_config=True
+  )
+  return config, flags.DEFINE_string("workdir", None, "Output folder.")
 
 
 def load_two_class(name: str, classes, num_train: int, num_heldout: int, seed):
@@ -325,11 +330,11 @@ def table(result: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
+def main(argv, config_flag, workdir_flag):
   del argv
-  if _WORKDIR.value is None or _CONFIG.value is None:
+  if workdir_flag.value is None or config_flag.value is None:
     raise app.UsageError("--config and --workdir are required.")
-  result = run(_CONFIG.value, _WORKDIR.value)
+  result = run(config_flag.value, workdir_flag.value)
   t = result["train"]
   print(
     f"trained {t['train_steps']} steps: loss {t['train_loss']:.2e}, "
@@ -351,4 +356,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _flags = _define_flags()
+  app.run(lambda argv: main(argv, *_flags))

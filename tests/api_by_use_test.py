@@ -603,6 +603,22 @@ def test_synthesize_helpers_keep_their_inputs():
     synthesize.other_init, KEY, x, 2, src_info=INFO, dst_info=INFO
   )
   assert mapped.shape == (2, *SHAPE) and mapped.dtype == np.float32
+  state = _reused(
+    synthesize.initial_state,
+    x,
+    jnp.zeros(6),
+    mask,
+    x_tx=optax.adam(0.1),
+    lambda_tx=optax.adam(0.1),
+  )
+  assert int(state.step) == 0 and not bool(state.active[5])
+  np.testing.assert_array_equal(state.x, x)
+  w = jax.random.normal(KEY, (int(np.prod(SHAPE)), C))
+  linear = lambda p, xx: xx.reshape(len(xx), -1) @ p
+  loss, metrics = _reused(
+    synthesize.synthesis_loss, linear, w, x, jnp.ones(6), mask, labels, KEY
+  )
+  assert np.isfinite(float(loss)) and "stationarity" in metrics
 
 
 # ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 from dsv_jax import artifacts, configs, synthesize
-from dsv_jax.experiment.report import reproduction
+from dsv_jax.experiment.report import boundary_sections, reproduction
 from dsv_jax.experiment.report import sections as report_sections
 
 C = 3
@@ -208,7 +208,7 @@ def test_decision_p_value_is_two_sided_fisher_of_each_ratio_s_counts(
     calls.append(args)
     return counts[len(calls) - 1]
 
-  monkeypatch.setattr(report_sections, "flip_rates", flip_rates)
+  monkeypatch.setattr(boundary_sections, "flip_rates", flip_rates)
   monkeypatch.setattr(
     artifacts, "load_dsv", lambda path, **kw: (_dsv(C, seed=5), {})
   )
@@ -243,7 +243,9 @@ def test_entropy_protocol_groups_are_the_highest_and_lowest_final_lambdas(
     "lambdas": lambdas,
     "labels": np.arange(n) % C,
   }
-  monkeypatch.setattr(report_sections, "entropy_protocol_run", lambda *a: proto)
+  monkeypatch.setattr(
+    boundary_sections, "entropy_protocol_run", lambda *a: proto
+  )
   run_dir = tmp_path / "run"
   (run_dir / "synthesize").mkdir(parents=True)
   (run_dir / "synthesize" / "metrics.jsonl").write_text(
@@ -252,7 +254,7 @@ def test_entropy_protocol_groups_are_the_highest_and_lowest_final_lambdas(
     )
   )
   monkeypatch.setattr(
-    report_sections,
+    boundary_sections,
     "shot_run",
     lambda cfg, workdir, init, k: (None, {}, str(run_dir)),
   )
@@ -309,13 +311,13 @@ def test_ablation_compares_full_with_the_primal_only_run(
     return primal, {}, dirs["primal"]
 
   monkeypatch.setattr(
-    report_sections,
+    boundary_sections,
     "shot_run",
     lambda cfg, workdir, init, k: (full, {}, dirs["full"]),
   )
-  monkeypatch.setattr(report_sections, "synth_run", synth_run)
+  monkeypatch.setattr(boundary_sections, "synth_run", synth_run)
   monkeypatch.setattr(
-    report_sections, "independent_classifier", lambda cfg, workdir: _clf()
+    boundary_sections, "independent_classifier", lambda cfg, workdir: _clf()
   )
   rows = FakeRows(_ds(), _clf())
   out = tmp_path / "out"
