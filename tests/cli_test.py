@@ -85,6 +85,8 @@ def test_dsv_help_is_the_module_usage(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+# Tens of seconds on 2 cores: with the slow tests (`.ci/run`).
+@pytest.mark.slow
 def test_a_signal_stops_the_run_in_one_line(tmp_path, sig):
   proc = subprocess.Popen(
     [

@@ -170,6 +170,8 @@ def test_cli_config_errors_name_the_key(tmp_path, override, message):
   assert last.startswith("dsv: error:") and message in last, last
 
 
+# Tens of seconds on 2 cores: with the slow tests (`.ci/run`).
+@pytest.mark.slow
 def test_cli_user_errors_are_one_line_and_configs_resolve_by_name(tmp_path):
   a_file = tmp_path / "a_file"
   a_file.write_text("")
@@ -287,6 +289,8 @@ def _latest_step(ckpt_dir):
   return max(steps) if steps else None
 
 
+# Tens of seconds on 2 cores: with the slow tests (`.ci/run`).
+@pytest.mark.slow
 def test_sigkill_resume_equals_uninterrupted(tmp_path):
   steps = 400
   overrides = (
@@ -345,6 +349,8 @@ def _synth_cli(workdir, *overrides, cache, wait=True):
   return _cli(workdir, "--stage=synthesize", *overrides, wait=wait, env=env)
 
 
+# Tens of seconds on 2 cores: with the slow tests (`.ci/run`).
+@pytest.mark.slow
 def test_synthesize_sigkill_resume_equals_uninterrupted(
   tmp_path, tiny_classifier
 ):
@@ -408,6 +414,8 @@ class _Stopped(Exception):
   pass
 
 
+# Tens of seconds on 2 cores: with the slow tests (`.ci/run`).
+@pytest.mark.slow
 def test_synthesis_checkpointed_on_4_devices_resumes_on_2(
   tmp_path, tiny_classifier, monkeypatch
 ):
@@ -446,6 +454,8 @@ def test_synthesis_checkpointed_on_4_devices_resumes_on_2(
     )
 
 
+# Tens of seconds on 2 cores: with the slow tests (`.ci/run`).
+@pytest.mark.slow
 def test_each_init_stage_runs_its_own_recipe(tmp_path, tiny_classifier):
   from dsv_jax import artifacts
 
@@ -647,6 +657,8 @@ def test_retraining_rows_are_keyed_by_the_model_and_data_too():
   assert retrain_stage.row_key(_tiny(), images, labels) == key
 
 
+# Tens of seconds on 2 cores: with the slow tests (`.ci/run`).
+@pytest.mark.slow
 def test_the_python_api_shows_progress_without_library_chatter(tmp_path):
   # From a script or a notebook (no absl flags parsed), run() logs its
   # progress to stderr; progress=False keeps it quiet.
@@ -669,6 +681,8 @@ registry.run(c, {str(tmp_path / "b")!r}, "train", progress=False)
   assert "Stage train" not in quiet
 
 
+# Tens of seconds on 2 cores: with the slow tests (`.ci/run`).
+@pytest.mark.slow
 def test_damaged_training_checkpoints_resume_or_fail_in_one_line(tmp_path):
   import glob
 

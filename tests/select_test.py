@@ -532,6 +532,8 @@ def _config(**select_overrides):
   return c
 
 
+# Tens of seconds on 2 cores: with the slow tests (`.ci/run`).
+@pytest.mark.slow
 def test_stage_outputs_resume_and_mismatch(
   classifier_dir, tmp_path, monkeypatch
 ):

@@ -68,6 +68,8 @@ def test_classes_by_index_or_name(tmp_path):
     common.resolve_classes("10", OFFLINE_INFO, "synth.classes")
 
 
+# Tens of seconds on 2 cores: with the slow tests (`.ci/run`).
+@pytest.mark.slow
 def test_no_data_synthesize_edit_interpolate(tmp_path):
   """The whole pipeline on a classifier without data: what needs data
   skips in one line, synthesis needs none, edits and interpolations start
@@ -128,6 +130,8 @@ def test_edit_without_data_or_dsvs_says_what_to_run(tmp_path):
     registry.run(c, str(tmp_path / "wd"), "edit")
 
 
+# Tens of seconds on 2 cores: with the slow tests (`.ci/run`).
+@pytest.mark.slow
 def test_factory_with_data_runs_select_and_retrain(tmp_path):
   """With its data here, selection explains the factory's classifier and
   retraining measures its DSVs."""
