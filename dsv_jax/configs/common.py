@@ -325,9 +325,10 @@ def apply_tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 3
   c.synth.num_per_class = 2
   c.synth.steps = 6
-  # Image inits, real or other, run synth.steps too.
+  # Image inits, real or other, run synth.steps too, at the real-image
+  # lr; 0-shot falls back to the real-image recipe.
   c.synth.image_steps = c.synth.other_steps = 0
-  c.synth.image_lr_x = c.synth.other_lr_x = 0.0
+  c.synth.other_lr_x = 0.0
   c.synth.other_priors = False
   c.synth.log_every = 2
   c.synth.ckpt_every = 3
