@@ -34,12 +34,17 @@ from dsv_jax.experiment.report.cache import RetrainRows, synth_run
 SSIM_MATCH = 0.4
 
 
+def twice_per_class(train_labels: np.ndarray, num_classes: int) -> int:
+  """Twice the mean training samples per class: the count 0 stands for."""
+  return int(round(2 * len(train_labels) / num_classes))
+
+
 def resolve_counts(
   counts: tuple[int, ...], train_labels: np.ndarray, num_classes: int
 ) -> list[int]:
   """Candidates per class: 0 stands for twice the mean training samples
   per class; duplicates are dropped, the order kept."""
-  twice = int(round(2 * len(train_labels) / num_classes))
+  twice = twice_per_class(train_labels, num_classes)
   out = []
   for c in counts:
     n = twice if c == 0 else int(c)
@@ -188,7 +193,7 @@ def regime_section(
     title="noise-init DSVs against candidates per class",
     xlabel="candidates per class",
   )
-  twice = int(round(2 * len(ds.train["label"]) / info.num_classes))
+  twice = twice_per_class(ds.train["label"], info.num_classes)
   md = (
     "## 8. Candidate-count regime\n\n"
     "DSVs synthesised from noise with the noise recipe at "
