@@ -92,6 +92,7 @@ def _canonical(dsv: DSVSet) -> DSVSet:
   return out
 
 
+@checkpoints.stop_safe
 def save_dsv(
   directory: str | os.PathLike,
   dsv: DSVSet,
@@ -158,6 +159,7 @@ def save_dsv(
   return meta
 
 
+@checkpoints.stop_safe
 def load_dsv(
   path: str | os.PathLike, *, orbax: bool = False
 ) -> tuple[DSVSet, dict[str, Any]]:

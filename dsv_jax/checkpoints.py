@@ -8,8 +8,16 @@ Two kinds of things are stored:
     record of how to rebuild the model (never pickled classes).
 Orbax needs absolute paths (relative ones fail from its background thread),
 so every public function resolves its path first.
+
+A stop (Ctrl-C, SIGTERM) never lands inside Orbax's own I/O: a signal
+handler passes its exception to `raise_stop`, which holds it until the
+checkpoint call under way returns (`stop_safe`). Raised inside Orbax (its
+event loop, its executors) the exception left a half-started save that
+printed tracebacks at exit or hung the exit.
 """
 
+import contextlib
+import functools
 import json
 import logging as std_logging
 import os
@@ -25,6 +33,42 @@ from etils import epath
 
 from dsv_jax import checks
 from dsv_jax.types import PyTree
+
+# Depth of the checkpoint calls under way, and a stop held until they end.
+_io_depth = [0]
+_held_stop: list[BaseException] = []
+
+
+def raise_stop(exc: BaseException) -> None:
+  """Raises `exc` (a signal handler's stop) now, or, inside a checkpoint
+  call, as soon as that call returns."""
+  if _io_depth[0]:
+    if not _held_stop:
+      _held_stop.append(exc)
+    return
+  raise exc
+
+
+@contextlib.contextmanager
+def _stop_safe_section():
+  _io_depth[0] += 1
+  try:
+    yield
+  finally:
+    _io_depth[0] -= 1
+    if not _io_depth[0] and _held_stop:
+      raise _held_stop.pop()
+
+
+def stop_safe(fn):
+  """Decorator: a stop (`raise_stop`) during `fn` waits until it returns."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with _stop_safe_section():
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def abspath(path: str | os.PathLike) -> str:
@@ -63,6 +107,7 @@ class RunCheckpointer:
     max_to_keep: how many of the latest steps to keep.
   """
 
+  @stop_safe
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
     self.directory = abspath(directory)
     self._manager = ocp.CheckpointManager(
@@ -73,9 +118,11 @@ class RunCheckpointer:
     )
     self._last_saved: int | None = None
 
+  @stop_safe
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  @stop_safe
   def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
     """Starts saving `state` at `step`; the writing goes on in the
     background while the run continues (Orbax copies the arrays to host
@@ -104,6 +151,7 @@ class RunCheckpointer:
       )
     self._last_saved = step
 
+  @stop_safe
   def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
     """The JSON record saved with `step` (default: the newest step whose
     record reads), or None when there is none."""
@@ -121,6 +169,7 @@ class RunCheckpointer:
   def _steps_newest_first(self) -> list[int]:
     return sorted(self._manager.all_steps(), reverse=True)
 
+  @stop_safe
   def restore(self, target: PyTree, step: int | None = None):
     """Restores `(step, state, meta)` into the structure of `target`.
 
@@ -209,6 +258,7 @@ class RunCheckpointer:
       return cls(**state, **missing), meta
     return None
 
+  @stop_safe
   def close(self) -> None:
     """Waits for the last save to reach the disk, then releases Orbax."""
     self._manager.close()
@@ -278,6 +328,7 @@ _META = "meta.json"
 _ARRAYS = "arrays"
 
 
+@stop_safe
 def save_classifier(
   path: str | os.PathLike, arrays: PyTree, meta: dict[str, Any]
 ) -> None:
@@ -328,6 +379,7 @@ def read_json(
     raise ValueError(f"The {what} {path} is damaged ({e}); {repair}.") from e
 
 
+@stop_safe
 def load_classifier_arrays(path: str | os.PathLike, target: PyTree) -> PyTree:
   """Restores a classifier's arrays into the structure of `target`.
 
@@ -351,6 +403,8 @@ __all__ = [
   "load_classifier_arrays",
   "load_classifier_meta",
   "abspath",
+  "raise_stop",
   "read_json",
   "save_classifier",
+  "stop_safe",
 ]

@@ -45,12 +45,13 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dsv_jax import configs, distributed
+from dsv_jax import checkpoints, configs, distributed
 from dsv_jax.experiment import registry
 from dsv_jax.experiment import workdir as wd
 
@@ -313,8 +314,45 @@ class Stopped(BaseException):
   """A SIGTERM arrived: unwinds like Ctrl-C (checkpoints close cleanly)."""
 
 
-def _raise_stopped(signum, _):
-  raise Stopped(signum)
+# A signal's exception unwinds the run so that checkpoints close cleanly.
+# But Python raises it wherever the main thread happens to be: inside a
+# finaliser (where it is swallowed) or inside a library's own locking,
+# whose unwinding can then wait forever (a stop that never ends, seen once
+# in CI). So a stop also arms a timer that ends the process this long
+# after the signal, with the same line and status; a second signal ends it
+# at once.
+_UNWIND_GRACE_S = 20
+_stopping: list[signal.Signals] = []
+_stop_reported: list[bool] = []
+
+
+def _on_stop_signal(signum, _):
+  sig = signal.Signals(signum)
+  if _stopping:
+    _hard_stop(_stopping[0])
+  _stopping.append(sig)
+  timer = threading.Timer(_UNWIND_GRACE_S, _hard_stop, args=(sig,))
+  timer.daemon = True
+  timer.start()
+  # Held while a checkpoint call is under way (see `checkpoints`).
+  checkpoints.raise_stop(
+    KeyboardInterrupt() if sig == signal.SIGINT else Stopped(signum)
+  )
+
+
+def _stop_message(sig: signal.Signals) -> str:
+  return (
+    f"dsv: stopped by {sig.name}; the same command resumes the run "
+    "from its last checkpoint."
+  )
+
+
+def _hard_stop(sig: signal.Signals) -> None:
+  """Ends the process now (no unwinding), with the stop's one line."""
+  if not _stop_reported:
+    sys.stderr.write(f"{_stop_message(sig)}\n")
+    sys.stderr.flush()
+  os._exit(_STOPPED[sig])
 
 
 def run_main():
@@ -334,7 +372,8 @@ def run_main():
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(registry.LibraryChatterFilter())
   _define_jax_flags()
-  signal.signal(signal.SIGTERM, _raise_stopped)
+  signal.signal(signal.SIGINT, _on_stop_signal)
+  signal.signal(signal.SIGTERM, _on_stop_signal)
   try:
     app.run(main, argv=argv, flags_parser=_parse_flags)
   except (KeyboardInterrupt, Stopped) as e:
@@ -385,13 +424,11 @@ def _process_index() -> str:
 
 
 def _stop(sig: signal.Signals) -> None:
-  message = (
-    f"dsv: stopped by {sig.name}; the same command resumes the run "
-    "from its last checkpoint."
-  )
+  message = _stop_message(sig)
   if distributed.is_initialized():
     distributed.fail_now(message, status=_STOPPED[sig], prefix="")
   sys.stderr.write(f"{message}\n")
+  _stop_reported.append(True)
   sys.exit(_STOPPED[sig])
 
 

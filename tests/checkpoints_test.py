@@ -168,3 +168,53 @@ def test_saves_run_in_the_background_until_close(tmp_path, monkeypatch):
     restored_step, state, meta = reread.restore({"x": jnp.zeros(3)}, step)
     assert restored_step == step and meta == {"step": step}
     np.testing.assert_array_equal(state["x"], np.full(3, float(step)))
+
+
+class _Stop(BaseException):
+  pass
+
+
+def test_a_stop_during_a_checkpoint_call_waits_until_it_returns(tmp_path):
+  done = []
+
+  @checkpoints.stop_safe
+  def save_like():
+    checkpoints.raise_stop(_Stop())  # As a signal handler would, mid-I/O.
+    done.append("inner")
+    nested()  # A nested call does not release the held stop.
+    done.append("after nested")
+
+  @checkpoints.stop_safe
+  def nested():
+    done.append("nested")
+
+  with pytest.raises(_Stop):
+    save_like()
+  assert done == ["inner", "nested", "after nested"]
+  # Outside any checkpoint call a stop is raised at once, and none is left
+  # held for the next call.
+  with pytest.raises(_Stop):
+    checkpoints.raise_stop(_Stop())
+  nested()
+  assert done[-1] == "nested"
+
+
+def test_a_real_save_interrupted_by_a_stop_completes_and_restores(tmp_path):
+  state = {"w": np.arange(4.0, dtype=np.float32)}
+  ckptr = checkpoints.RunCheckpointer(tmp_path / "ckpt")
+  try:
+    real_save = ckptr._manager.save
+
+    def save_then_signal(*args, **kwargs):
+      checkpoints.raise_stop(_Stop())
+      return real_save(*args, **kwargs)
+
+    ckptr._manager.save = save_then_signal
+    with pytest.raises(_Stop):
+      ckptr.save(3, state, {"note": "x"})
+  finally:
+    ckptr.close()
+  with checkpoints.RunCheckpointer(tmp_path / "ckpt") as again:
+    step, restored, meta = again.restore(state)
+  assert step == 3 and meta == {"note": "x"}
+  np.testing.assert_array_equal(restored["w"], state["w"])

@@ -123,3 +123,56 @@ def test_a_signal_stops_the_run_in_one_line(tmp_path, sig):
     .splitlines()[-1]
     .startswith(f"dsv: stopped by {sig.name}; the same command resumes")
   ), err[-2000:]
+
+
+# A run whose unwinding never ends, as when the signal's exception lands
+# inside a library's own locking and its cleanup then waits forever.
+_HANGS_WHILE_UNWINDING = """
+import signal, threading, time
+from dsv_jax import main
+main._UNWIND_GRACE_S = {grace}
+signal.signal(signal.SIGINT, main._on_stop_signal)
+signal.signal(signal.SIGTERM, main._on_stop_signal)
+print("ready", flush=True)
+try:
+  while True:
+    time.sleep(0.05)
+finally:
+  threading.Event().wait()
+"""
+
+
+def _start_hanging_run(tmp_path, grace):
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _HANGS_WHILE_UNWINDING.format(grace=grace)],
+    cwd=tmp_path,
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+  return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_whose_unwinding_hangs_still_ends_in_one_line(tmp_path, sig):
+  proc = _start_hanging_run(tmp_path, grace=1)
+  t0 = time.monotonic()
+  proc.send_signal(sig)
+  assert proc.wait(timeout=30) == 128 + sig
+  assert time.monotonic() - t0 >= 1  # The grace to unwind came first.
+  err = proc.stderr.read().strip().splitlines()
+  assert err == [
+    f"dsv: stopped by {sig.name}; the same command resumes the run from "
+    "its last checkpoint."
+  ]
+
+
+def test_a_second_signal_ends_a_stopping_run_at_once(tmp_path):
+  proc = _start_hanging_run(tmp_path, grace=600)
+  proc.send_signal(signal.SIGTERM)
+  time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+  assert len(proc.stderr.read().strip().splitlines()) == 1
