@@ -82,10 +82,9 @@ def child(
   if passes:
     one_pass()  # Compile.
 
-  def interleaved_pass(state, row):
+  def interleaved_pass(row):
     # Timed between solver iterations (outside their own timing), so both
     # see the same machine load.
-    del state
     if len(pass_times) < passes and row["step"] >= 1:
       t0 = time.perf_counter()
       one_pass()
@@ -106,7 +105,7 @@ def child(
     tol=0.0,
     chunk_size=chunk_size,
     mesh=mesh,
-    callback=interleaved_pass,
+    on_metrics=interleaved_pass,
   )
   total = time.perf_counter() - t0
   peak = _rss_mib("VmHWM")

@@ -68,7 +68,7 @@ def _worker(args):
 
   multihost_utils.process_allgather = counted
 
-  def callback(state, row):
+  def on_metrics(row):
     # The last iteration's callback stops it: the fit's final gather of
     # every sample's results (once per fit) is not per-iteration traffic.
     counting[0] = row["step"] < args.iters
@@ -83,7 +83,7 @@ def _worker(args):
     max_iters=args.iters,
     tol=0.0,
     chunk_size=args.chunk,
-    callback=callback,
+    on_metrics=on_metrics,
   )
   host = gathered[0]
   layout = select.layout.make_layout(n, args.chunk, mesh, jax.process_index())

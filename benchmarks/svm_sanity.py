@@ -239,10 +239,11 @@ def sweep(name, seed, *, n, slackness_values, mesh):
   for mu in slackness_values:
     got = {}
 
-    def callback(state, row, got=got):
-      if row["step"] in SWEEP_MARKS:
+    def on_state(state, got=got):
+      step = int(state.step)
+      if step in SWEEP_MARKS:
         scores = np.asarray(state.contributions)
-        got[row["step"]] = select.precision_recall_at_k(scores, truth)[1]
+        got[step] = select.precision_recall_at_k(scores, truth)[1]
 
     _, info = select.fit_lambdas(
       linear_apply,
@@ -254,7 +255,7 @@ def sweep(name, seed, *, n, slackness_values, mesh):
       tol=0.0,
       mesh=mesh,
       chunk_size=len(x),
-      callback=callback,
+      on_state=on_state,
     )
     final = select.precision_recall_at_k(info.scores, truth)[1]
     out[mu] = ({m: got.get(m, final) for m in SWEEP_MARKS}, info.residual)

@@ -50,6 +50,7 @@ checkpoint reproduces an uninterrupted one.
 """
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
@@ -408,15 +409,18 @@ def synthesize(
   *,
   steps: int,
   state: SynthState | None = None,
-  callback: Callable[[int, dict], None] | None = None,
+  on_metrics: Callable[[dict], None] | None = None,
   log_every: int = 0,
+  callback: Callable[[int, dict], None] | None = None,
 ) -> SynthState:
   """Runs ``steps`` steps of ``synth`` from ``x0`` (or from ``state``).
 
   The lambda initialisation uses ``fold_in(key, 0)``; step t uses
-  ``fold_in(fold_in(key, 1), t)``. ``callback(step, metrics)`` gets host
-  floats every ``log_every`` steps (and at the last step). The steps
-  donate only the library's own buffers: ``x0``, ``targets`` and a given
+  ``fold_in(fold_in(key, 1), t)``. ``on_metrics(row)`` gets the step's
+  metrics as host floats with its ``"step"`` every ``log_every`` steps
+  and at the last step, as every loop of the library reports
+  (``callback(step, metrics)`` is its deprecated form). The steps donate
+  only the library's own buffers: ``x0``, ``targets`` and a given
   ``state`` stay usable.
 
   Returns:
@@ -427,6 +431,14 @@ def synthesize(
       image NaN, silently); `check_images` checks ``x0``.
   """
   checks.check_finite("params", params)
+  if callback is not None:
+    warnings.warn(
+      "synthesize(callback=...) is deprecated: use on_metrics=..., which "
+      "gets one row with the step under 'step'.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    on_metrics = _step_and_metrics(callback)
   targets = jnp.asarray(targets)
   if state is None:
     state = synth.init_fn(jax.random.fold_in(key, 0), params, x0, targets)
@@ -438,11 +450,20 @@ def synthesize(
   start = int(state.step)
   for t in range(start + 1, steps + 1):
     state, metrics = synth.step(state, params, targets, step_key)
-    if callback is not None and (
+    if on_metrics is not None and (
       (log_every and t % log_every == 0) or t == steps
     ):
-      callback(t, {k: float(v) for k, v in metrics.items()})
+      on_metrics({"step": t, **{k: float(v) for k, v in metrics.items()}})
   return state
+
+
+def _step_and_metrics(callback: Callable[[int, dict], None]):
+  """The deprecated ``callback(step, metrics)`` as an ``on_metrics``."""
+
+  def on_metrics(row: dict) -> None:
+    callback(row["step"], {k: v for k, v in row.items() if k != "step"})
+
+  return on_metrics
 
 
 def edit(

@@ -117,7 +117,7 @@ def run(args, hp):
     x0,
     labels,
     steps=args.steps,
-    callback=lambda t, m: curve.append({"step": t, **m}),
+    on_metrics=curve.append,
     log_every=max(1, args.steps // 10),
   )
   jax.block_until_ready(state.x)

@@ -90,7 +90,7 @@ def test_iterations_gather_nothing(monkeypatch):
     max_iters=3,
     tol=0.0,
     chunk_size=64,
-    callback=lambda state, row: iterating.append(row["step"]),
+    on_state=lambda state: iterating.append(int(state.step)),
   )
   assert info.iterations == 3 and iterating == [1, 2, 3]
   assert gathered == []

@@ -21,6 +21,7 @@ from dsv_jax import (
 from dsv_jax.experiment import common, registry
 from dsv_jax.experiment import workdir as wdir
 from dsv_jax.experiment.stages import select as select_stage
+from dsv_jax.select import progress
 
 
 def _linear(p, x):
@@ -366,7 +367,7 @@ def test_checkpoint_resumes_on_another_device_count(tmp_path, before, after):
   with checkpoints.RunCheckpointer(tmp_path / "ckpt") as ckptr:
     ckptr.save(3, fit(before, 3)[1].state, {})
   with checkpoints.RunCheckpointer(tmp_path / "ckpt") as ckptr:
-    step, state, _ = ckptr.restore(select_stage._state_target(params, 30))
+    step, state, _ = ckptr.restore(progress.checkpoint_target(params, 30))
   assert step == 3
   resumed, info = fit(after, 6, state)
   assert info.iterations == 6 and len(info.history) == 3
@@ -392,7 +393,7 @@ def test_resume_from_converged_state_does_no_iteration():
     labels,
     max_iters=300,
     state=info.state,
-    callback=lambda state, row: rows.append(row),
+    on_metrics=rows.append,
     **kwargs,
   )
   assert rows == [] and again.history == []
@@ -541,13 +542,12 @@ def test_stage_outputs_resume_and_mismatch(
   killed = _workdir(classifier_dir, tmp_path / "killed")
   fit = select.fit_lambdas
 
-  def interrupted(*args, callback, **kwargs):
-    def stop_after_4(state, row):
-      callback(state, row)
-      if row["step"] == 4:
+  def interrupted(*args, **kwargs):
+    def stop_after_4(state):
+      if int(state.step) == 4:
         raise KeyboardInterrupt
 
-    return fit(*args, callback=stop_after_4, **kwargs)
+    return fit(*args, on_state=stop_after_4, **kwargs)
 
   monkeypatch.setattr(select, "fit_lambdas", interrupted)
   with pytest.raises(KeyboardInterrupt):
@@ -688,3 +688,67 @@ def test_a_finished_unconverged_fit_extends_under_all(classifier_dir, tmp_path):
   # A converged fit is current whatever the budget.
   record["results"]["converged"] = True
   assert select_stage.is_current(record, _config(max_iters=500))
+
+
+def test_fit_reports_rows_states_and_checkpoints_like_every_loop(tmp_path):
+  # The library's one convention: on_metrics(row) with the row's "step"
+  # every log_every steps and at the last; a checkpointer saved every
+  # ckpt_every steps and at the end, and resumed from.
+  params, x, labels = _linear_problem()
+  kw = {"tol": 0.0, "chunk_size": 16, "mesh": parallel.make_mesh(1)}
+  whole, whole_info = select.fit_lambdas(
+    _linear, params, x, labels, max_iters=7, **kw
+  )
+  rows, steps = [], []
+  with checkpoints.RunCheckpointer(tmp_path / "ckpt") as ckptr:
+    _, info = select.fit_lambdas(
+      _linear,
+      params,
+      x,
+      labels,
+      max_iters=5,
+      on_metrics=rows.append,
+      log_every=2,
+      on_state=lambda s: steps.append(int(s.step)),
+      checkpointer=ckptr,
+      ckpt_every=3,
+      ckpt_meta={"run": "a"},
+      **kw,
+    )
+    assert ckptr._manager.all_steps() == [3, 5]
+    assert ckptr.read_meta() == {"run": "a"}
+  assert steps == [1, 2, 3, 4, 5]
+  assert [r["step"] for r in rows] == [2, 4, 5]
+  assert rows == [info.history[i] for i in (1, 3, 4)]
+  with checkpoints.RunCheckpointer(tmp_path / "ckpt") as ckptr:
+    resumed, again = select.fit_lambdas(
+      _linear, params, x, labels, max_iters=7, checkpointer=ckptr, **kw
+    )
+  assert again.iterations == 7 and len(again.history) == 2
+  np.testing.assert_allclose(resumed, whole, rtol=1e-5, atol=1e-8)
+  assert whole_info.iterations == 7
+
+
+def test_fit_callback_is_a_deprecated_alias():
+  params, x, labels = _linear_problem()
+  got = []
+  with pytest.warns(DeprecationWarning, match="on_state"):
+    _, info = select.fit_lambdas(
+      _linear,
+      params,
+      x,
+      labels,
+      max_iters=3,
+      tol=0.0,
+      chunk_size=16,
+      callback=lambda state, row: got.append((int(state.step), row)),
+    )
+  assert got == [(i + 1, row) for i, row in enumerate(info.history)]
+
+
+@pytest.mark.parametrize("kwargs", [{"log_every": 0}, {"ckpt_every": -1}])
+def test_fit_rejects_bad_reporting_intervals(kwargs):
+  params, x, labels = _linear_problem()
+  name = next(iter(kwargs))
+  with pytest.raises(ValueError, match=name):
+    select.fit_lambdas(_linear, params, x, labels, max_iters=1, **kwargs)

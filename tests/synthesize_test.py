@@ -601,3 +601,52 @@ def test_checkpoint_resumes_on_another_device_count(
   assert resumed_from == 3
   for u, v in zip(resumed, full, strict=True):
     np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_metrics_rows_every_log_every_and_at_the_last_step(synth, params):
+  key = jax.random.key(4)
+  rows = []
+  state = sz.synthesize(
+    synth,
+    params,
+    key,
+    _x0(8),
+    LABELS,
+    steps=5,
+    on_metrics=rows.append,
+    log_every=2,
+  )
+  assert [r["step"] for r in rows] == [2, 4, 5]
+  assert all(
+    isinstance(v, float) for r in rows for k, v in r.items() if k != "step"
+  )
+  # The last row's loss is that of the last step: rerunning its 4 steps
+  # and taking one more step by hand gives the same value.
+  four = sz.synthesize(synth, params, key, _x0(8), LABELS, steps=4)
+  _, metrics = synth.step(
+    jax.tree.map(jnp.copy, four),
+    params,
+    jnp.asarray(LABELS),
+    jax.random.fold_in(key, 1),
+  )
+  assert set(rows[-1]) == {"step", *metrics}
+  for k, v in metrics.items():
+    np.testing.assert_allclose(rows[-1][k], float(v), rtol=1e-6, atol=1e-8)
+  assert int(state.step) == 5
+
+
+def test_callback_is_a_deprecated_alias_of_on_metrics(synth, params):
+  got = []
+  with pytest.warns(DeprecationWarning, match="on_metrics"):
+    sz.synthesize(
+      synth,
+      params,
+      jax.random.key(4),
+      _x0(8),
+      LABELS,
+      steps=3,
+      callback=lambda t, m: got.append((t, m)),
+      log_every=1,
+    )
+  assert [t for t, _ in got] == [1, 2, 3]
+  assert all(m and "step" not in m for _, m in got)

@@ -70,8 +70,10 @@ closed over in ``apply_fn`` (see `dsv_jax.kkt`), or use models without them.
 The package, one idea per module: `layout` (which rows each process
 holds), `operator` (the streamed products with G), `invariance` (which
 parameters can be represented), `fista` (the solver state and one
-iteration), `fit` (`fit_lambdas`, its phases and `select_dsvs`) and
-`ranking` (scores, per-class ranking, metrics). Import from
+iteration), `fit` (`fit_lambdas`, its phases and `select_dsvs`),
+`progress` (its hooks, checkpoints and resume), `residuals`
+(`stationarity_residuals`) and `ranking` (scores, per-class ranking,
+metrics). Import from
 ``dsv_jax.select``: the names below are the public API.
 """
 
@@ -88,7 +90,6 @@ from dsv_jax.select.fit import (
   Selection,
   fit_lambdas,
   select_dsvs,
-  stationarity_residuals,
 )
 from dsv_jax.select.invariance import (
   DEFAULT_INVARIANCE_TOL,
@@ -117,6 +118,7 @@ from dsv_jax.select.ranking import (
   scores,
   top_per_class,
 )
+from dsv_jax.select.residuals import stationarity_residuals
 
 __all__ = [
   "DEFAULT_INVARIANCE_TOL",

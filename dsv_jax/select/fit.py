@@ -10,7 +10,7 @@ the first or resumed state (`_start_state`), FISTA iterations
 
 import time
 from collections.abc import Callable
-from typing import Literal, NamedTuple, get_args
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dsv_jax import checks, kkt, parallel
-from dsv_jax.select import fista
+from dsv_jax.select import fista, progress
 from dsv_jax.select.fista import SolverState, sq_norm, vdot
 from dsv_jax.select.invariance import (
   Represented,
@@ -41,6 +41,9 @@ from dsv_jax.select.ranking import (
   top_per_class,
 )
 from dsv_jax.types import ApplyFn, Params, PyTree
+
+if TYPE_CHECKING:
+  from dsv_jax.checkpoints import RunCheckpointer
 
 Init = Literal["uniform", "zero"]
 DISTANCES = kkt.DISTANCES
@@ -450,28 +453,26 @@ def fit_lambdas(
   l1_smoothing: float = 0.05,
   mesh: Mesh | None = None,
   state: SolverState | None = None,
-  callback: Callable[[SolverState, dict[str, float]], None] | None = None,
+  on_metrics: Callable[[dict[str, float]], None] | None = None,
+  log_every: int = 1,
+  on_state: Callable[[SolverState], None] | None = None,
+  checkpointer: "RunCheckpointer | None" = None,
+  ckpt_every: int = 0,
+  ckpt_meta: dict[str, Any] | None = None,
   strategy: Strategy = "auto",
   num_samples: int | None = None,
+  callback: Callable[[SolverState, dict[str, float]], None] | None = None,
 ) -> tuple[np.ndarray, FitInfo]:
   """Fits ``lambda >= 0`` with ``theta* ~= -sum_i lambda_i grad L_i``.
 
-  Minimises ``F(lambda) = D(theta*, -G lambda) / D(theta*, 0) - slackness *
-  sum_i lambda_i ||p_i - y_i|| / W_ref`` over ``lambda >= 0`` (see
-  `dsv_jax.select`) by FISTA with backtracking and adaptive restart, never
-  forming G. The variables are the contributions ``mu_i = lambda_i
-  ||p_i - y_i||`` (a diagonal preconditioning). Stops when a step is below
-  ``tol`` times the largest step so far (or, with ``slackness == 0``, when
-  the relative residual is below ``tol``), or after ``max_iters``
-  iterations in total.
-
-  The defaults are the validated recipe (`DEFAULT_DISTANCE`,
-  `DEFAULT_SLACKNESS`, `DEFAULT_INIT`). Rank samples by
-  `FitInfo.scores` (the contribution), not by the returned lambdas: a
-  confident sample's gradient is tiny, so its lambda can be huge without
-  it mattering (ranking lambda recovers no SVM support vector, see
-  benchmarks/README.md). `select_dsvs` does the fit and the ranking in one
-  call.
+  Minimises the objective F of `dsv_jax.select` by FISTA with
+  backtracking and adaptive restart, never forming G, over the
+  contributions ``mu_i = lambda_i ||p_i - y_i||`` (a diagonal
+  preconditioning); ``tol`` says when it stops. The defaults are the
+  validated recipe. Rank samples by `FitInfo.scores` (the contribution),
+  not by the lambdas: a confident sample's tiny gradient lets its lambda
+  be huge without mattering (see benchmarks/README.md); `select_dsvs` fits
+  and ranks in one call.
 
   Only the represented parameters take part (``wrt``, see
   `represented_leaves`): stationarity, the residual and the distance are
@@ -504,7 +505,15 @@ def fit_lambdas(
       converged one (``state.converged``) is returned as it is, with no
       further iteration, whatever ``tol`` and ``max_iters`` (to go on with
       a smaller ``tol``: ``state._replace(converged=np.array(False))``).
-    callback: called after every iteration with the state and its metrics.
+      None: the newest step of ``checkpointer``, if any, else a new fit.
+    on_metrics, log_every: ``on_metrics(row)`` gets an iteration's metrics
+      (host floats and its ``"step"``) every ``log_every`` iterations and
+      at ``max_iters``, as every loop of the library reports.
+    on_state: gets the solver state after every iteration (this
+      process's rows, see below).
+    checkpointer, ckpt_every, ckpt_meta: resume from the newest step of a
+      `checkpoints.RunCheckpointer`, and save the whole state to it every
+      ``ckpt_every`` iterations (0: only at the end), with ``ckpt_meta``.
     strategy: how the passes over the samples run: ``"host"`` streams
       chunks from host memory (the set never resides on the device; the
       fastest on CPU), ``"device"`` keeps the set on the devices and runs
@@ -516,10 +525,11 @@ def fit_lambdas(
       processes, each then loads and streams only its own share (``wrt``
       must then be given as a mask: "auto" would probe each process's own
       rows).
+    callback: deprecated ``callback(state, row)``; use the hooks above.
 
   Several processes: each keeps its own rows' per-sample vectors; the
   only traffic per iteration is the all-reduce of ``G lambda`` (P floats)
-  and a few scalars (benchmarks/README.md). The callback's state holds
+  and a few scalars (benchmarks/README.md). The ``on_state`` state holds
   this process's rows (`gather_state` makes the whole one); the returned
   lambdas, `FitInfo` vectors and state are gathered once, at the end.
 
@@ -535,9 +545,17 @@ def fit_lambdas(
   _check_args(
     distance, init, slackness, max_iters, tol, chunk_size, l1_smoothing
   )
+  report = progress.reporter(
+    on_metrics, log_every, on_state, callback, max_iters
+  )
   mesh = parallel.make_mesh() if mesh is None else mesh
   x, targets, n, layout, represented = _local_problem(
     apply_fn, params, x, targets, wrt, num_samples, chunk_size, mesh
+  )
+  if state is None and checkpointer is not None:
+    state = progress.restore(checkpointer, params, n, max_iters)
+  save = progress.saver(
+    checkpointer, ckpt_every, ckpt_meta, n=n, chunk_size=chunk_size, mesh=mesh
   )
   op = _operator(apply_fn, params, x, targets, layout, mesh, strategy)
   params_all = parallel.put(params, parallel.replicated_sharding(mesh))
@@ -553,32 +571,36 @@ def fit_lambdas(
   zeros = jax.tree.map(jnp.zeros_like, built.problem.restrict(params_all))
   state = _start_state(built, state, init, n, layout, mesh, zeros)
 
+  state, done, history = _iterate(
+    built.problem, state, max_iters, tol, slackness, save, report
+  )
+  lambdas, info = _fit_info(
+    built, state, done, n, chunk_size, mesh, represented, history, t_start
+  )
+  save(info.iterations, info.state, final=True)
+  return lambdas, info
+
+
+def _iterate(problem, state, max_iters, tol, slackness, save, report):
+  """FISTA iterations to ``max_iters`` or convergence: ``(state, converged,
+  metrics rows)``."""
   history = []
   # A state that already converged (e.g. a checkpoint of a finished fit)
   # stays converged: no iteration, the same lambdas.
   done = bool(state.converged)
   while int(state.step) < max_iters and not done:
-    state, row = fista.step(built.problem, state)
+    state, row = fista.step(problem, state)
     done = fista.converged(row, tol=tol, slackness=slackness)
     state = state._replace(converged=jnp.asarray(done))
     history.append(row)
-    if callback is not None:
-      callback(state, row)
-  return _fit_info(
-    built,
-    state,
-    done,
-    n=n,
-    chunk_size=chunk_size,
-    mesh=mesh,
-    represented=represented,
-    history=history,
-    t_start=t_start,
-  )
+    # Saved first: a hook that stops the fit loses no iteration.
+    save(row["step"], state, final=False)
+    report(state, row)
+  return state, done, history
 
 
 def _fit_info(
-  built, state, done, *, n, chunk_size, mesh, represented, history, t_start
+  built, state, done, n, chunk_size, mesh, represented, history, t_start
 ) -> tuple[np.ndarray, FitInfo]:
   """The lambdas and `FitInfo` of every sample, on every process."""
   mu = np.asarray(state.contributions, np.float32)
@@ -609,67 +631,6 @@ def _fit_info(
     history=history,
   )
   return lambdas, info
-
-
-@kkt.full_precision
-def stationarity_residuals(
-  apply_fn: ApplyFn,
-  params: Params,
-  x: jax.typing.ArrayLike,
-  targets: jax.typing.ArrayLike,
-  lambdas: jax.typing.ArrayLike,
-  *,
-  mask: PyTree | None = None,
-  chunk_size: int = 1024,
-  mesh: Mesh | None = None,
-  strategy: Strategy = "auto",
-) -> tuple[float, float]:
-  """Relative residuals ``||theta* + G lambda|| / ||theta*||`` of a lambda.
-
-  One streamed backward pass. The anchor every fit should be read
-  against: at a stationary point of the training objective mean CE +
-  ``(wd / 2) ||theta||^2`` (coupled weight decay ``wd``) the uniform
-  ``lambda_i = 1 / (N wd)`` gives exactly 0, so its
-  residual measures how far the classifier is from that point.
-
-  Args:
-    apply_fn, params, x, targets: as in `fit_lambdas`.
-    lambdas: ``float[N]``, ``>= 0`` (dual feasibility; a negative entry
-      raises a ``ValueError``).
-    mask: a pytree of bools like ``params`` (`Represented.mask`): the
-      parameters of the first residual; None: all.
-    chunk_size: samples per pass.
-    mesh: a ``data`` mesh; all devices if None.
-    strategy: as in `fit_lambdas`.
-
-  Returns:
-    ``(residual over the masked parameters, residual over all)``.
-  """
-  x, targets = checks.host_float32_images(x), np.asarray(targets)
-  lambdas = np.asarray(lambdas, np.float32)
-  if lambdas.shape != (len(x),):
-    raise ValueError(
-      f"lambdas must have shape [N] = ({len(x)},), got {lambdas.shape}."
-    )
-  checks.check_nonnegative_lambdas(lambdas)
-  mesh = parallel.make_mesh() if mesh is None else mesh
-  layout = make_layout(len(x), chunk_size, mesh, jax.process_index())
-  if jax.process_count() > 1:  # Each process streams its own rows.
-    x, targets = x[layout.rows], targets[layout.rows]
-    lambdas = lambdas[layout.rows]
-  op = _operator(apply_fn, params, x, targets, layout, mesh, strategy)
-  g = op.matvec(lambdas)
-  restrict = masker(mask if mask is not None else params)
-
-  def rel(p, gg):
-    r = jax.tree.map(jnp.add, p, gg)
-    return float(jnp.sqrt(sq_norm(r) / sq_norm(p)))
-
-  params = parallel.put(params, parallel.replicated_sharding(mesh))
-  if mask is None:
-    both = rel(params, g)
-    return both, both
-  return rel(restrict(params), restrict(g)), rel(params, g)
 
 
 class Selection(NamedTuple):

@@ -25,7 +25,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -109,24 +108,6 @@ def _check_class_counts(labels: np.ndarray, num_classes: int, k: int) -> None:
         "class to select or draw (select.num_per_class, "
         "select.num_random_per_class)."
       )
-
-
-def _state_target(params, n: int) -> select.SolverState:
-  """A zero `SolverState` with the structure a checkpoint restores into."""
-  zeros = jax.tree.map(jnp.zeros_like, params)
-  vec = jnp.zeros(n, jnp.float32)
-  one = jnp.float32(0)
-  return select.SolverState(
-    step=jnp.int32(0),
-    contributions=vec,
-    contributions_prev=vec,
-    g=zeros,
-    g_prev=zeros,
-    momentum=one,
-    lipschitz=one,
-    objective=one,
-    max_step=one,
-  )
 
 
 def _ranking(scores: np.ndarray, labels: np.ndarray, num_classes: int):
@@ -250,18 +231,10 @@ def _fit(s, clf, x, labels, mesh, workdir, out_dir, digest):
   ckpt_dir = os.path.join(workdir, "ckpt", "select")
   with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
     wd.check_resumable(ckptr, ckpt_dir, digest, "selection")
-    state = None
-    resumed = 0
-    restored = ckptr.restore(_state_target(clf.params, n))
-    if restored is not None:
-      resumed, state, _ = restored
-      logging.info(
-        "Resumed selection from iteration %d of %d.", resumed, s.max_iters
-      )
-    on_metrics = wd.jsonl_writer(
-      os.path.join(out_dir, "metrics.jsonl"), keep_through_step=resumed
+    write_row = wd.jsonl_writer(
+      os.path.join(out_dir, "metrics.jsonl"),
+      keep_through_step=ckptr.latest_step() or 0,
     )
-    meta = {"config_hash": digest}
     logging.info(
       "Selecting from %d training samples (%s, slackness %g, chunk %d) on %d "
       "device(s).",
@@ -272,26 +245,19 @@ def _fit(s, clf, x, labels, mesh, workdir, out_dir, digest):
       parallel.num_shards(mesh),
     )
 
-    def callback(st, row):
-      step = row["step"]
-      if step % s.log_every == 0 or step == s.max_iters:
-        logging.info(
-          "select iteration %d/%d: residual %.4g, objective %.6g, "
-          "contribution %.4g, nonzero %d, %.2f s/iter",
-          step,
-          s.max_iters,
-          row["residual"],
-          row["objective"],
-          row["contribution"],
-          row["nonzero"],
-          row["s_per_iter"],
-        )
-        on_metrics(row)
-      if s.ckpt_every and step % s.ckpt_every == 0:
-        # The state holds this process's rows: gathered for the checkpoint
-        # only (every ckpt_every iterations).
-        full = select.gather_state(st, n, chunk_size=s.chunk_size, mesh=mesh)
-        ckptr.save(step, full, meta)
+    def on_metrics(row):
+      logging.info(
+        "select iteration %d/%d: residual %.4g, objective %.6g, "
+        "contribution %.4g, nonzero %d, %.2f s/iter",
+        row["step"],
+        s.max_iters,
+        row["residual"],
+        row["objective"],
+        row["contribution"],
+        row["nonzero"],
+        row["s_per_iter"],
+      )
+      write_row(row)
 
     represented = select.resolve_wrt(s.wrt, clf.apply_fn, clf.params, x, labels)
     logging.info(
@@ -319,10 +285,14 @@ def _fit(s, clf, x, labels, mesh, workdir, out_dir, digest):
       chunk_size=s.chunk_size,
       l1_smoothing=s.l1_smoothing,
       mesh=mesh,
-      state=state,
-      callback=callback,
+      on_metrics=on_metrics,
+      log_every=s.log_every,
+      checkpointer=ckptr,
+      ckpt_every=s.ckpt_every,
+      ckpt_meta={"config_hash": digest},
     )
-    ckptr.save(fit.iterations, fit.state, meta)
+  # The iterations before this call's: those of the resumed checkpoint.
+  resumed = fit.iterations - len(fit.history)
   return lambdas, fit, represented, resumed
 
 
