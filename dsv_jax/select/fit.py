@@ -31,7 +31,6 @@ from dsv_jax.select.operator import (
   Operator,
   Strategy,
   make_operator,
-  resolve_strategy,
 )
 from dsv_jax.select.ranking import (
   DEFAULT_SCORE,
@@ -182,18 +181,6 @@ def _local_problem(
   if several and not given:
     x, targets = x[layout.rows], targets[layout.rows]
   return x, targets, n, layout, represented
-
-
-def _operator(apply_fn, params, x, targets, layout, mesh, strategy) -> Operator:
-  return make_operator(
-    apply_fn,
-    params,
-    x,
-    targets,
-    layout=layout,
-    mesh=mesh,
-    strategy=resolve_strategy(strategy),
-  )
 
 
 def _inverse_weights(weights: np.ndarray) -> np.ndarray:
@@ -557,7 +544,7 @@ def fit_lambdas(
   save = progress.saver(
     checkpointer, ckpt_every, ckpt_meta, n=n, chunk_size=chunk_size, mesh=mesh
   )
-  op = _operator(apply_fn, params, x, targets, layout, mesh, strategy)
+  op = make_operator(apply_fn, params, x, targets, layout, mesh, strategy)
   params_all = parallel.put(params, parallel.replicated_sharding(mesh))
   built = _build_problem(
     op,

@@ -141,10 +141,9 @@ def make_operator(
   params: Params,
   x: np.ndarray,
   targets: np.ndarray,
-  *,
   layout: Layout,
   mesh: Mesh,
-  strategy: str,
+  strategy: Strategy = "auto",
 ) -> Operator:
   """Products with G, chunk by chunk, each chunk split over ``mesh``.
 
@@ -162,7 +161,8 @@ def make_operator(
   """
   fns = _chunk_fns(apply_fn, mesh)
   params = parallel.put(params, parallel.replicated_sharding(mesh))
-  build = _device_operator if strategy == "device" else _host_operator
+  device = resolve_strategy(strategy) == "device"
+  build = _device_operator if device else _host_operator
   return build(fns, params, x, targets, layout, mesh)
 
 

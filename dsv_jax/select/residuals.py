@@ -10,7 +10,7 @@ from dsv_jax import checks, kkt, parallel
 from dsv_jax.select.fista import sq_norm
 from dsv_jax.select.invariance import masker
 from dsv_jax.select.layout import make_layout
-from dsv_jax.select.operator import Strategy, make_operator, resolve_strategy
+from dsv_jax.select.operator import Strategy, make_operator
 from dsv_jax.types import ApplyFn, Params, PyTree
 
 
@@ -60,15 +60,7 @@ def stationarity_residuals(
   if jax.process_count() > 1:  # Each process streams its own rows.
     x, targets = x[layout.rows], targets[layout.rows]
     lambdas = lambdas[layout.rows]
-  op = make_operator(
-    apply_fn,
-    params,
-    x,
-    targets,
-    layout=layout,
-    mesh=mesh,
-    strategy=resolve_strategy(strategy),
-  )
+  op = make_operator(apply_fn, params, x, targets, layout, mesh, strategy)
   g = op.matvec(lambdas)
   restrict = masker(mask if mask is not None else params)
 
