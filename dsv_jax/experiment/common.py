@@ -23,11 +23,12 @@ from dsv_jax import (
   data,
   judges,
   models,
+  parallel,
   synthesize,
   train,
 )
 from dsv_jax.data import imagenet
-from dsv_jax.experiment import sources
+from dsv_jax.experiment import sources, synthesis_loop
 from dsv_jax.experiment import workdir as wd
 from dsv_jax.experiment.classifiers import (
   Classifier,
@@ -423,6 +424,39 @@ def start_digest(config, workdir) -> dict[str, str | None]:
   return {"start": "dsv", "synthesize": wd.record_digest(workdir, "synthesize")}
 
 
+def start_synthesis_hash(config, workdir, sections: tuple[str, ...]) -> str:
+  """The hash of a stage that optimises `start_images` (edit, interpolate):
+  its `sections` under the image recipe, the classifier, and the DSVs it
+  starts from where there is no data (`start_digest`)."""
+  return synthesis_hash(
+    config, workdir, sections, "real", start_digest(config, workdir)
+  )
+
+
+def synthesize_from(config, clf, key, x0, targets, *, steps: int, name: str):
+  """`x0` optimised towards `targets` for `steps` steps of the config's
+  synthesis (`synth_kwargs`): the edit and interpolate stages' run.
+
+  Short enough to need no checkpoint; logged once, at the last step, as
+  `name`. Returns the images as numpy, gathered whole on every process
+  (the candidates are sharded over every process's devices).
+  """
+  synth = synthesize.make_synthesizer(
+    clf.apply_fn, **synth_kwargs(config, clf.info)
+  )
+  state, n, _, _ = synthesis_loop.run_synthesis_loop(
+    synth,
+    clf.params,
+    key,
+    x0,
+    targets,
+    steps=steps,
+    log_every=steps,
+    name=name,
+  )
+  return parallel.to_host(state.x)[:n]
+
+
 # Classical judges fitted per training split (data config and seed name
 # it): a report fits them once, not once per synthesis sub-run (25 s each
 # on Fashion-MNIST, 2 cores).
@@ -546,6 +580,8 @@ __all__ = [
   "skipped",
   "start_digest",
   "start_images",
+  "start_synthesis_hash",
+  "synthesize_from",
   "try_load_data",
   "save_described_dsv",
   "synth_kwargs",

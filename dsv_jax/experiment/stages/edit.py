@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from dsv_jax import checkpoints, distributed, models, parallel, synthesize, viz
-from dsv_jax.experiment import common, synthesis_loop
+from dsv_jax import checkpoints, distributed, models, viz
+from dsv_jax.experiment import common, stages
 from dsv_jax.experiment import workdir as wd
 
 NAME = "edit"
@@ -27,11 +27,8 @@ OUTPUTS = ("edit/edit.npz",)
 
 
 def stage_hash(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Its sections under the image recipe, the classifier, and the DSVs it
-  starts from where there is no data (`common.start_digest`)."""
-  return common.synthesis_hash(
-    config, workdir, SECTIONS, "real", common.start_digest(config, workdir)
-  )
+  """`common.start_synthesis_hash` of its sections."""
+  return common.start_synthesis_hash(config, workdir, SECTIONS)
 
 
 def _pairs(spec: str, info) -> tuple[np.ndarray, np.ndarray]:
@@ -74,21 +71,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   images, index, start = common.start_images(
     config, workdir, src, jax.random.fold_in(key, 2)
   )
-  synth = synthesize.make_synthesizer(
-    clf.apply_fn, **common.synth_kwargs(config, info)
+  edited = common.synthesize_from(
+    config, clf, key, images, new, steps=ed.steps, name="edit"
   )
-  state, n, _, _ = synthesis_loop.run_synthesis_loop(
-    synth,
-    clf.params,
-    key,
-    images,
-    new,
-    steps=ed.steps,
-    log_every=ed.steps,
-    name="edit",
-  )
-  # Sharded over every process's devices: gathered whole on each.
-  edited = parallel.to_host(state.x)[:n]
+  n = len(edited)
   pred_before = models.predict(clf.apply_fn, clf.params, images).argmax(-1)
   pred_after = models.predict(clf.apply_fn, clf.params, edited).argmax(-1)
   out_dir = os.path.join(workdir, "edit")
@@ -129,12 +115,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-__all__ = [
-  "CKPT_DIRS",
-  "NAME",
-  "OUTPUTS",
-  "SECTIONS",
-  "UPSTREAM",
-  "run",
-  "stage_hash",
-]
+__all__ = list(stages.FACE)

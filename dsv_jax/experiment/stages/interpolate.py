@@ -13,8 +13,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from dsv_jax import checkpoints, distributed, models, parallel, synthesize, viz
-from dsv_jax.experiment import common, synthesis_loop
+from dsv_jax import checkpoints, distributed, models, synthesize, viz
+from dsv_jax.experiment import common, stages
 from dsv_jax.experiment import workdir as wd
 
 NAME = "interpolate"
@@ -26,11 +26,8 @@ OUTPUTS = ("interpolate/interpolate.npz",)
 
 
 def stage_hash(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Its sections under the image recipe, the classifier, and the DSVs it
-  starts from where there is no data (`common.start_digest`)."""
-  return common.synthesis_hash(
-    config, workdir, SECTIONS, "real", common.start_digest(config, workdir)
-  )
+  """`common.start_synthesis_hash` of its sections."""
+  return common.start_synthesis_hash(config, workdir, SECTIONS)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -72,21 +69,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
   )
   x0 = np.repeat(image, it.num_deltas, axis=0)
-  synth = synthesize.make_synthesizer(
-    clf.apply_fn, **common.synth_kwargs(config, info)
+  x = common.synthesize_from(
+    config, clf, key, x0, targets, steps=it.steps, name="interpolate"
   )
-  state, n, _, _ = synthesis_loop.run_synthesis_loop(
-    synth,
-    clf.params,
-    key,
-    x0,
-    targets,
-    steps=it.steps,
-    log_every=it.steps,
-    name="interpolate",
-  )
-  # Sharded over every process's devices: gathered whole on each.
-  x = parallel.to_host(state.x)[:n]
   probs = np.asarray(
     jax.nn.softmax(models.predict(clf.apply_fn, clf.params, x), -1)
   )
@@ -125,12 +110,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-__all__ = [
-  "CKPT_DIRS",
-  "NAME",
-  "OUTPUTS",
-  "SECTIONS",
-  "UPSTREAM",
-  "run",
-  "stage_hash",
-]
+__all__ = list(stages.FACE)

@@ -4,26 +4,15 @@ The work lives in `dsv_jax.experiment.report` (sub-runs, sections, the
 reproduction table); this module gives the registry the stage's spec.
 """
 
-from dsv_jax.experiment.report import (
-  INPUTS,
-  SECTIONS,
-  run_report,
-  stage_hash,
-)
+from dsv_jax.experiment import report, stages
 
 NAME = "report"
-UPSTREAM = INPUTS
+SECTIONS = report.SECTIONS
+UPSTREAM = report.INPUTS
 CKPT_DIRS = ()
 # What a finished stage leaves (`workdir.output_problem`).
 OUTPUTS = ("report/results.json", "report/report.md")
-run = run_report
+stage_hash = report.stage_hash
+run = report.run_report
 
-__all__ = [
-  "CKPT_DIRS",
-  "NAME",
-  "OUTPUTS",
-  "SECTIONS",
-  "UPSTREAM",
-  "run",
-  "stage_hash",
-]
+__all__ = list(stages.FACE)

@@ -24,7 +24,7 @@ from absl import logging
 from etils import epath
 
 from dsv_jax import artifacts, checkpoints, data, models, retrain, synthesize
-from dsv_jax.experiment import common, sources
+from dsv_jax.experiment import common, sources, stages
 from dsv_jax.experiment import workdir as wd
 
 NAME = "retrain"
@@ -294,18 +294,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 __all__ = [
-  "CKPT_DIRS",
+  *stages.FACE,
   "EVAL_SPLITS",
-  "NAME",
-  "OUTPUTS",
-  "SECTIONS",
-  "UPSTREAM",
   "model_fn_of",
   "random_like",
   "retrain_sets",
   "row_key",
-  "run",
-  "stage_hash",
   "set_rows",
   "validate_retrain_config",
 ]

@@ -31,7 +31,7 @@ from absl import logging
 from etils import epath
 
 from dsv_jax import checkpoints, distributed, parallel, select, synthesize, viz
-from dsv_jax.experiment import common, sources
+from dsv_jax.experiment import common, sources, stages
 from dsv_jax.experiment import workdir as wd
 
 NAME = "select"
@@ -366,14 +366,4 @@ def _save_selection(
   return desc
 
 
-__all__ = [
-  "CKPT_DIRS",
-  "OUTPUTS",
-  "NAME",
-  "SECTIONS",
-  "UPSTREAM",
-  "is_current",
-  "run",
-  "stage_hash",
-  "validate_select_config",
-]
+__all__ = [*stages.FACE, "is_current", "validate_select_config"]

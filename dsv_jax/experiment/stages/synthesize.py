@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 
 from dsv_jax import checkpoints, distributed, parallel, synthesize, viz
-from dsv_jax.experiment import common, synthesis_loop
+from dsv_jax.experiment import common, stages, synthesis_loop
 from dsv_jax.experiment import workdir as wd
 
 NAME = "synthesize"
@@ -223,12 +223,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-__all__ = [
-  "CKPT_DIRS",
-  "NAME",
-  "OUTPUTS",
-  "SECTIONS",
-  "UPSTREAM",
-  "run",
-  "stage_hash",
-]
+__all__ = list(stages.FACE)

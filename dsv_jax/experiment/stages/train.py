@@ -18,7 +18,7 @@ from absl import logging
 from etils import epath
 
 from dsv_jax import checkpoints, distributed, models, parallel, select, train
-from dsv_jax.experiment import common, sources
+from dsv_jax.experiment import common, sources, stages
 from dsv_jax.experiment import workdir as wd
 
 NAME = "train"
@@ -241,12 +241,4 @@ def _finish(config, workdir, digest, fm, state, ds) -> dict[str, Any]:
   return out
 
 
-__all__ = [
-  "CKPT_DIRS",
-  "NAME",
-  "OUTPUTS",
-  "SECTIONS",
-  "UPSTREAM",
-  "run",
-  "stage_hash",
-]
+__all__ = list(stages.FACE)
