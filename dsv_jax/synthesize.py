@@ -196,21 +196,19 @@ def describe_logits(
 # The objective (Eq. 9) and the factory.
 
 
-def _kkt_term(apply_fn, params, x, lam, active, targets, **kkt_kw):
-  """``L_kkt`` and its aux; with ``beta_stationarity == 0`` the primal
-  term alone, without any stationarity computation."""
-  if kkt_kw["beta_stationarity"] == 0:
+def _kkt_term(apply_fn, params, x, lam, active, targets, *, deepkkt, only):
+  """``L_kkt`` (``deepkkt``, `kkt.make_deepkkt_loss`) and its aux; with
+  ``only = (gated, beta_primal)``, the primal term alone, without any
+  stationarity computation (``beta_stationarity == 0``)."""
+  if only is not None:
+    gated, beta_primal = only
     logits = apply_fn(params, x)
-    primal = kkt.primal_loss(
-      logits, targets, gated=kkt_kw["gated"], active=active
-    )
+    primal = kkt.primal_loss(logits, targets, gated=gated, active=active)
     aux = describe_logits(logits, targets)
     aux["stationarity"] = jnp.zeros(())
     aux["correct"] = aux["prediction"] == target_labels(targets)
-    return kkt_kw["beta_primal"] * primal, {**aux, "primal": primal}
-  return kkt.deepkkt_loss(
-    apply_fn, params, x, targets, lam, active=active, **kkt_kw
-  )
+    return beta_primal * primal, {**aux, "primal": primal}
+  return deepkkt(params, x, targets, lam, active)
 
 
 def synthesis_loss(
@@ -246,12 +244,16 @@ def synthesis_loss(
     ``(total, aux)``: scalar metrics of every term, without gradient.
   """
   kkt_kw = {
-    "beta_stationarity": beta_stationarity,
-    "beta_primal": beta_primal,
-    "gated": gated,
-    "distance": distance,
-    "method": method,
-    "chunk_size": chunk_size,
+    "deepkkt": kkt.make_deepkkt_loss(
+      apply_fn,
+      beta_stationarity=beta_stationarity,
+      beta_primal=beta_primal,
+      gated=gated,
+      distance=distance,
+      method=method,
+      chunk_size=chunk_size,
+    ),
+    "only": (gated, beta_primal) if beta_stationarity == 0 else None,
   }
   clean, aux_c = _kkt_term(
     apply_fn, params, x, lambdas, active, targets, **kkt_kw

@@ -650,3 +650,20 @@ def test_callback_is_a_deprecated_alias_of_on_metrics(synth, params):
     )
   assert [t for t, _ in got] == [1, 2, 3]
   assert all(m and "step" not in m for _, m in got)
+
+
+def test_synthesis_loss_and_make_synthesizer_share_their_defaults():
+  # synthesis_loss is Eq. 9 for direct callers; make_synthesizer is the
+  # same objective behind an optimiser. The same keyword must mean the same
+  # default in both, or the two entry points optimise different losses.
+  import inspect
+
+  loss = inspect.signature(sz.synthesis_loss).parameters
+  synth = inspect.signature(sz.make_synthesizer).parameters
+  shared = [
+    n for n, p in loss.items() if p.kind is p.KEYWORD_ONLY and n in synth
+  ]
+  assert len(shared) >= 10, shared
+  assert {n: loss[n].default for n in shared} == {
+    n: synth[n].default for n in shared
+  }
