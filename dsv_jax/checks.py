@@ -165,6 +165,18 @@ def check_target_values(targets: Any, num_classes: int) -> None:
       )
 
 
+def check_class_sizes(
+  sizes: Sequence[int], k: int, purpose: str, *, what: str = "samples"
+) -> None:
+  """Raises a ValueError naming the first class with fewer than ``k``
+  ``what``: "class 3 has 2 samples, fewer than the 5 ``purpose``"."""
+  for c, size in enumerate(sizes):
+    if size < k:
+      raise ValueError(
+        f"class {c} has {size} {what}, fewer than the {k} {purpose}."
+      )
+
+
 def check_floating_images(x: Any, name: str = "x") -> None:
   """Raises unless ``x`` is floating point (works on tracers: dtype only).
 

@@ -76,13 +76,11 @@ def herding(
     raise ValueError(f"k must be >= 1, got {k}.")
   norms = np.linalg.norm(features, axis=1, keepdims=True)
   phi = features / np.maximum(norms, 1e-12)
+  sizes = [np.count_nonzero(labels == c) for c in range(num_classes)]
+  checks.check_class_sizes(sizes, k, "to pick")
   out = []
   for c in range(num_classes):
     idx = np.flatnonzero(labels == c)
-    if len(idx) < k:
-      raise ValueError(
-        f"class {c} has {len(idx)} samples, fewer than the {k} to pick."
-      )
     f = phi[idx]
     mu = f.mean(0)
     total = np.zeros_like(mu)

@@ -335,12 +335,7 @@ def barrier(name: str) -> None:
   try:
     _client().wait_at_barrier(key, int(_timeout_s * 1000))
   except jax.errors.JaxRuntimeError as e:
-    raise PeerTimeout(
-      f"distributed run failed on process {jax.process_index()}: not every "
-      f"process reached {name!r} within {_timeout_s:.0f} s "
-      f"({BARRIER_TIMEOUT_FACTOR} x --distributed_timeout): one stopped, "
-      "hangs or runs something else."
-    ) from e
+    raise _peer_timeout(f"not every process reached {name!r}", "one") from e
 
 
 def primary_value(name: str, fn: Callable[[], Any]) -> Any:
@@ -366,12 +361,17 @@ def primary_value(name: str, fn: Callable[[], Any]) -> Any:
       _client().blocking_key_value_get(key, int(_timeout_s * 1000))
     )
   except jax.errors.JaxRuntimeError as e:
-    raise PeerTimeout(
-      f"distributed run failed on process {jax.process_index()}: process 0 "
-      f"did not reach {name!r} within {_timeout_s:.0f} s "
-      f"({BARRIER_TIMEOUT_FACTOR} x --distributed_timeout): it stopped, "
-      "hangs or runs something else."
-    ) from e
+    raise _peer_timeout(f"process 0 did not reach {name!r}", "it") from e
+
+
+def _peer_timeout(what: str, who: str) -> PeerTimeout:
+  """The one line of a wait that timed out: ``what`` did not happen, and
+  ``who`` (a process) stopped, hangs or runs something else."""
+  return PeerTimeout(
+    f"distributed run failed on process {jax.process_index()}: {what} "
+    f"within {_timeout_s:.0f} s ({BARRIER_TIMEOUT_FACTOR} x "
+    f"--distributed_timeout): {who} stopped, hangs or runs something else."
+  )
 
 
 def describe() -> str:

@@ -690,18 +690,14 @@ def select_dsvs(
   num_classes = jax.eval_shape(apply_fn, params, x[:1]).shape[-1]
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}.")
-  counts = np.bincount(labels, minlength=num_classes)
-  short = np.flatnonzero(counts < k)
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     raise ValueError(
       f"labels must lie in [0, {num_classes}), got values in "
       f"[{labels.min()}, {labels.max()}]."
     )
-  if short.size:
-    c = int(short[0])
-    raise ValueError(
-      f"class {c} has {counts[c]} samples, fewer than the k = {k} to select."
-    )
+  checks.check_class_sizes(
+    np.bincount(labels, minlength=num_classes), k, "to select"
+  )
   lambdas, fit = fit_lambdas(apply_fn, params, x, labels, **fit_kwargs)
   s = scores(lambdas, fit.weights, score=score, rankable=fit.rankable)
   top = top_per_class(s, labels, num_classes, k)

@@ -69,10 +69,7 @@ def top_per_class(
   for c, idx in enumerate(ranking):
     if len(idx) == 0:
       raise ValueError(f"class {c} has no samples: nothing to select.")
-    if len(idx) < k:
-      raise ValueError(
-        f"class {c} has {len(idx)} samples, fewer than the {k} to select."
-      )
+  checks.check_class_sizes([len(idx) for idx in ranking], k, "to select")
   return np.concatenate([idx[:k] for idx in ranking])
 
 
@@ -81,13 +78,11 @@ def random_per_class(
 ) -> np.ndarray:
   """``k`` random indices of every class (the comparison set)."""
   labels = np.asarray(labels)
+  sizes = [np.count_nonzero(labels == c) for c in range(num_classes)]
+  checks.check_class_sizes(sizes, k, "to draw")
   out = []
   for c in range(num_classes):
     idx = np.flatnonzero(labels == c)
-    if len(idx) < k:
-      raise ValueError(
-        f"class {c} has {len(idx)} samples, fewer than the {k} to draw."
-      )
     perm = np.asarray(
       jax.random.permutation(jax.random.fold_in(key, c), len(idx))
     )

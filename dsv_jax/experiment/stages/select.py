@@ -30,7 +30,15 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from dsv_jax import checkpoints, distributed, parallel, select, synthesize, viz
+from dsv_jax import (
+  checkpoints,
+  checks,
+  distributed,
+  parallel,
+  select,
+  synthesize,
+  viz,
+)
 from dsv_jax.experiment import common, sources, stages
 from dsv_jax.experiment import workdir as wd
 
@@ -102,12 +110,13 @@ def _check_class_counts(labels: np.ndarray, num_classes: int, k: int) -> None:
       raise ValueError(
         f"class {c} has no training samples: nothing to select from."
       )
-    if count < k:
-      raise ValueError(
-        f"class {c} has {count} training samples, fewer than the {k} per "
-        "class to select or draw (select.num_per_class, "
-        "select.num_random_per_class)."
-      )
+  checks.check_class_sizes(
+    counts,
+    k,
+    "per class to select or draw (select.num_per_class, "
+    "select.num_random_per_class)",
+    what="training samples",
+  )
 
 
 def _ranking(scores: np.ndarray, labels: np.ndarray, num_classes: int):
