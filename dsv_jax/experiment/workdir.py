@@ -310,6 +310,23 @@ def check_resumable(ckptr: Any, ckpt_dir: str, digest: str, what: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def resumable(
+  ckpt_dir: str, digest: str, what: str
+) -> Iterator[checkpoints.RunCheckpointer]:
+  """The run checkpointer of ``ckpt_dir``, closed on exit; refused
+  (`check_resumable`) when it holds a run of another config."""
+  with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
+    check_resumable(ckptr, ckpt_dir, digest, what)
+    yield ckptr
+
+
+def metrics_writer(path: str, ckptr: checkpoints.RunCheckpointer) -> Callable:
+  """The `jsonl_writer` of a resumable loop: rows kept through the newest
+  step of its checkpointer."""
+  return jsonl_writer(path, keep_through_step=ckptr.latest_step() or 0)
+
+
 def clear_checkpoints(workdir: str, names: Sequence[str]) -> None:
   if distributed.is_primary():
     for name in names:
@@ -486,10 +503,12 @@ __all__ = [
   "jsonl_writer",
   "lock",
   "mark_done",
+  "metrics_writer",
   "output_problem",
   "record_digest",
   "record_path",
   "relevant_sections",
+  "resumable",
   "savez",
   "stable_results",
   "stage_record",

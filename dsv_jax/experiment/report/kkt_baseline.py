@@ -80,8 +80,7 @@ def run_baseline(
     pixel_max=info.pixel_max,
   )
   ckpt_dir = os.path.join(workdir, "ckpt", "baseline")
-  with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
-    wd.check_resumable(ckptr, ckpt_dir, digest, "baseline")
+  with wd.resumable(ckpt_dir, digest, "baseline") as ckptr:
     mesh = parallel.make_mesh(config.synth.num_devices or None)
     t0 = time.perf_counter()
     state, n, resumed, rows = synthesis_loop.run_synthesis_loop(

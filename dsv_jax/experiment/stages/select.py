@@ -238,12 +238,8 @@ def _fit(s, clf, x, labels, mesh, workdir, out_dir, digest):
   iteration resumed from)``."""
   n = len(labels)
   ckpt_dir = os.path.join(workdir, "ckpt", "select")
-  with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
-    wd.check_resumable(ckptr, ckpt_dir, digest, "selection")
-    write_row = wd.jsonl_writer(
-      os.path.join(out_dir, "metrics.jsonl"),
-      keep_through_step=ckptr.latest_step() or 0,
-    )
+  with wd.resumable(ckpt_dir, digest, "selection") as ckptr:
+    write_row = wd.metrics_writer(os.path.join(out_dir, "metrics.jsonl"), ckptr)
     logging.info(
       "Selecting from %d training samples (%s, slackness %g, chunk %d) on %d "
       "device(s).",

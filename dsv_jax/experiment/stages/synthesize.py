@@ -59,8 +59,7 @@ def _lowres_phase(config, workdir, digest, clf, key, x0, targets, mesh):
     "Low-resolution phase: %d steps at %dx%d.", sy.lowres_steps, *low[:2]
   )
   ckpt_dir = os.path.join(workdir, "ckpt", "synthesize_lowres")
-  with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
-    wd.check_resumable(ckptr, ckpt_dir, digest, "low-resolution synthesis")
+  with wd.resumable(ckpt_dir, digest, "low-resolution synthesis") as ckptr:
     state, n, _, _ = synthesis_loop.run_synthesis_loop(
       synth,
       clf.params,
@@ -107,11 +106,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out_dir = os.path.join(workdir, "synthesize")
   epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
   ckpt_dir = os.path.join(workdir, "ckpt", "synthesize")
-  with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
-    wd.check_resumable(ckptr, ckpt_dir, digest, "synthesis")
-    on_metrics = wd.jsonl_writer(
-      os.path.join(out_dir, "metrics.jsonl"),
-      keep_through_step=ckptr.latest_step() or 0,
+  with wd.resumable(ckpt_dir, digest, "synthesis") as ckptr:
+    on_metrics = wd.metrics_writer(
+      os.path.join(out_dir, "metrics.jsonl"), ckptr
     )
     logging.info(
       "Synthesising %d candidates (%s init, %d steps, lr_x %g, TV %g, norm %g) "

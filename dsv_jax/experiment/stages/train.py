@@ -94,12 +94,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
 
   ckpt_dir = os.path.join(workdir, "ckpt", "train")
-  with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
-    wd.check_resumable(ckptr, ckpt_dir, digest, "training")
+  with wd.resumable(ckpt_dir, digest, "training") as ckptr:
     resume_step = ckptr.latest_step()
-    on_metrics = wd.jsonl_writer(
-      os.path.join(workdir, "train_metrics.jsonl"),
-      keep_through_step=resume_step or 0,
+    on_metrics = wd.metrics_writer(
+      os.path.join(workdir, "train_metrics.jsonl"), ckptr
     )
     t0 = time.perf_counter()
     state, last = train.train_classifier(
@@ -212,8 +210,7 @@ def _finish(config, workdir, digest, fm, state, ds) -> dict[str, Any]:
   if not t.finish_steps:
     return out
   ckpt_dir = os.path.join(workdir, "ckpt", "train_finish")
-  with checkpoints.RunCheckpointer(ckpt_dir) as ckptr:
-    wd.check_resumable(ckptr, ckpt_dir, digest, "finishing")
+  with wd.resumable(ckpt_dir, digest, "finishing") as ckptr:
     logging.info(
       "Finishing phase: full-batch L-BFGS on %d training images over every "
       "leaf but %s (up to %d iterations, target relative gradient %g).",
