@@ -93,7 +93,8 @@ def _training(c: ml_collections.ConfigDict) -> None:
   # un-augmented training objective over the leaves a lambda can represent,
   # until ||grad F|| / (wd ||theta||) -- the residual of the uniform
   # lambda = 1 / (N wd) -- is below finish_tol. DeepKKT assumes theta* is
-  # stationary; minibatch Adam leaves it far from that (0.94 on digits).
+  # stationary; minibatch Adam leaves it far from that (docs/method.md,
+  # choices: finishing phase).
   # 0 steps: off.
   c.train.finish_steps = 100
   c.train.finish_tol = 0.05
@@ -223,11 +224,10 @@ def _evaluation(c: ml_collections.ConfigDict) -> None:
   # every row. The paper's retraining optimiser: Adam, lr 1e-4.
   c.retrain = ml_collections.ConfigDict()
   c.retrain.num_models = 5  # K seeds, trained together in one jitted step.
-  # Chosen on digits' VALIDATION split (10 per class, K=5, mean val acc
-  # DSV / random real): 500 steps 0.63 / 0.84, 1000 steps 0.73 / 0.88
-  # (wd 5e-3); 1000 steps with wd 0: 0.73 / 0.89. More steps were not
-  # tried (2 CPU cores); weight decay made no measurable difference, so
-  # the classifier's 5e-3 is kept (one recipe for classifier and retrain).
+  # The paper's optimiser over 1000 full-batch steps; weight decay made no
+  # measurable difference, so the classifier's is kept. The packaged data
+  # sets override it with the validated recipe (docs/method.md, choices:
+  # retraining recipe).
   c.retrain.steps = 1000
   c.retrain.learning_rate = 1e-4
   # >= the set's size means full batch: every set up to 25 per class of 10
@@ -243,8 +243,8 @@ def _evaluation(c: ml_collections.ConfigDict) -> None:
   c.retrain.soft_targets = False
   # "test" for reported numbers; "validation" for tuning the recipe.
   c.retrain.eval_split = "test"
-  # "auto": "unroll" on CPU (2.4x faster than "vmap" on 2 cores, see
-  # retrain.py), "vmap" on GPU/TPU, where the models split over devices.
+  # "auto": "unroll" on CPU (the faster there, see retrain.py), "vmap" on
+  # GPU/TPU, where the models split over devices.
   c.retrain.vectorize = "auto"
   c.retrain.log_every = 250
 
