@@ -102,7 +102,13 @@ MUTATIONS: tuple[Mutation, ...] = (
   ),
   Mutation(
     "synthesis: the stationarity term is dropped entirely",
-    ((SYN, 'if kkt_kw["beta_stationarity"] == 0:', "if True:"),),
+    (
+      (
+        SYN,
+        '"only": (gated, beta_primal) if beta_stationarity == 0 else None,',
+        '"only": (gated, beta_primal),',
+      ),
+    ),
     (T_ASSEMBLY,),
   ),
   Mutation(

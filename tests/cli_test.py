@@ -133,8 +133,8 @@ from dsv_jax import main
 main._UNWIND_GRACE_S = {grace}
 signal.signal(signal.SIGINT, main._on_stop_signal)
 signal.signal(signal.SIGTERM, main._on_stop_signal)
-print("ready", flush=True)
 try:
+  print("ready", flush=True)  # Inside: a signal may come at once.
   while True:
     time.sleep(0.05)
 finally:
