@@ -52,11 +52,9 @@ def get_config(arg: str | None = None):
   c.select.log_every = 1
   c.select.ckpt_every = 1
   # Retraining recipe, chosen on the validation split from random real
-  # images only (1 and 10 per class, 5 seeds; benchmarks/README.md,
-  # retrain_sweep), so it cannot favour DSVs: Adam lr 1e-3, batch 32, 400
-  # steps reaches 48.9 / 73.6% where the paper's lr 1e-4 reaches
-  # 50.2 / 69.0% (400 steps) and 49.8 / 72.2% (1000 steps). Flips and
-  # 2-pixel shifts as in the classifier's training.
+  # images only, so it cannot favour DSVs (docs/method.md, choices:
+  # retraining recipe). Flips and 2-pixel shifts as in the classifier's
+  # training.
   # EL2N baseline of the coreset table: scored after 10% of training.
   c.report.el2n_steps = 300
   c.retrain.learning_rate = 1e-3
