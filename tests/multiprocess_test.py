@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+from dsv_jax.configs import digits as digits_config
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = (
   "train",
@@ -169,7 +171,18 @@ def test_two_processes_match_one(runs):
       db["lambdas"], da["lambdas"], rtol=1e-4, atol=1e-6
     )
   ea, eb = _npz(single / "edit" / "edit.npz"), _npz(multi / "edit" / "edit.npz")
-  np.testing.assert_allclose(eb["edited"], ea["edited"], rtol=1e-4, atol=1e-5)
+  # Editing takes a few Adam steps from real images, and Adam moves a pixel
+  # by about lr_x per step whatever the size of its gradient: where that
+  # gradient is round-off (a background pixel), 1 x 4 and 2 x 2 devices,
+  # which sum in different orders, can move it differently (seen: 3 of 640
+  # pixels, by 7e-4, with jax 0.10.2). A sharding bug moves whole images
+  # by whole steps.
+  lr_x = digits_config.get_config("tiny").synth.image_lr_x
+  d = np.abs(eb["edited"] - ea["edited"])
+  assert (d > 1e-5).mean() < 0.02 and d.max() < lr_x, (
+    (d > 1e-5).mean(),
+    d.max(),
+  )
   np.testing.assert_array_equal(eb["prediction"], ea["prediction"])
   ia = _npz(single / "interpolate" / "interpolate.npz")
   ib = _npz(multi / "interpolate" / "interpolate.npz")
