@@ -315,12 +315,13 @@ class Stopped(BaseException):
 
 
 # A signal's exception unwinds the run so that checkpoints close cleanly.
-# But Python raises it wherever the main thread happens to be: inside a
-# finaliser (where it is swallowed) or inside a library's own locking,
-# whose unwinding can then wait forever (a stop that never ends, seen once
-# in CI). So a stop also arms a timer that ends the process this long
-# after the signal, with the same line and status; a second signal ends it
-# at once.
+# Python raises it wherever the main thread happens to be: inside Orbax's
+# I/O it left a half-started save whose exit hung (seen in CI), so
+# `checkpoints.raise_stop` holds it until the checkpoint call returns.
+# Anywhere else it could still be swallowed (a finaliser) or land in
+# another library's locking, so a stop also arms a timer that ends the
+# process this long after the signal, with the same line and status; a
+# second signal ends it at once.
 _UNWIND_GRACE_S = 20
 _stopping: list[signal.Signals] = []
 _stop_reported: list[bool] = []
