@@ -52,8 +52,19 @@ def parse_grid(items: list[str], config: ml_collections.ConfigDict):
     if section not in ("synth", "kkt") or field not in config[section]:
       raise SystemExit(f"--grid {item!r}: not a config.synth or kkt key.")
     kind = type(config[section][field])
-    grid.append((key, [kind(v) for v in values.split(",")]))
+    grid.append((key, [_parse(kind, v, item) for v in values.split(",")]))
   return grid
+
+
+def _parse(kind: type, text: str, item: str):
+  """``text`` as a value of ``kind``; booleans by name (``bool("False")``
+  is True)."""
+  if kind is not bool:
+    return kind(text)
+  names = {"true": True, "1": True, "false": False, "0": False}
+  if text.strip().lower() not in names:
+    raise SystemExit(f"--grid {item!r}: {text!r} is not true or false.")
+  return names[text.strip().lower()]
 
 
 def synthesize(config, out_dir):

@@ -1,0 +1,44 @@
+"""benchmarks/synth_sweep.py reads its grid values in the config's types."""
+
+import importlib.util
+import os
+
+import pytest
+
+from dsv_jax import configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script():
+  path = os.path.join(REPO, "benchmarks", "synth_sweep.py")
+  spec = importlib.util.spec_from_file_location("synth_sweep", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_grid_values_take_the_config_types():
+  config = configs.get_config("digits")
+  grid = _script().parse_grid(
+    [
+      "synth.other_priors=False,true,0,1",
+      "synth.steps=50,200",
+      "synth.lr_x=0.03",
+    ],
+    config,
+  )
+  assert grid == [
+    ("synth.other_priors", [False, True, False, True]),
+    ("synth.steps", [50, 200]),
+    ("synth.lr_x", [0.03]),
+  ]
+  assert [type(v) for v in grid[1][1]] == [int, int]
+
+
+def test_bad_grid_items_are_refused():
+  script, config = _script(), configs.get_config("digits")
+  with pytest.raises(SystemExit, match="not true or false"):
+    script.parse_grid(["synth.other_priors=maybe"], config)
+  with pytest.raises(SystemExit, match="not a config.synth or kkt key"):
+    script.parse_grid(["train.steps=5"], config)
