@@ -56,6 +56,23 @@ def parse_grid(items: list[str], config: ml_collections.ConfigDict):
   return grid
 
 
+# An image init's recipe sets the prior weights from synth.image_priors /
+# synth.other_priors (experiment.common.synthesis_recipe), so a grid value
+# of these keys would be overwritten and the point would rerun another.
+_RECIPE_OWNED = ("kkt.beta_tv", "kkt.beta_norm")
+
+
+def check_keys(keys: list[str], init: str) -> None:
+  """Refuses grid keys that ``init``'s recipe overwrites."""
+  owned = [k for k in keys if k in _RECIPE_OWNED]
+  if init != "noise" and owned:
+    switch = "synth.other_priors" if init == "other" else "synth.image_priors"
+    raise SystemExit(
+      f"--grid {', '.join(owned)}: the {init} init's recipe sets the prior "
+      f"weights itself; sweep {switch}=false,true instead."
+    )
+
+
 def _parse(kind: type, text: str, item: str):
   """``text`` as a value of ``kind``; booleans by name (``bool("False")``
   is True)."""
@@ -111,6 +128,7 @@ def main():
   config.retrain.eval_split = "validation"
   grid = parse_grid(args.grid, config)
   keys = [k for k, _ in grid]
+  check_keys(keys, args.init)
   clf = common.load_classifier(args.workdir)
   ds = common.load_data(config)
   r = config.retrain

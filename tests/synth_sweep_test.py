@@ -42,3 +42,12 @@ def test_bad_grid_items_are_refused():
     script.parse_grid(["synth.other_priors=maybe"], config)
   with pytest.raises(SystemExit, match="not a config.synth or kkt key"):
     script.parse_grid(["train.steps=5"], config)
+
+
+def test_prior_weights_are_refused_for_image_inits():
+  script = _script()
+  script.check_keys(["kkt.beta_tv", "kkt.beta_norm"], "noise")
+  script.check_keys(["synth.other_priors"], "other")
+  for init, switch in (("other", "other_priors"), ("real", "image_priors")):
+    with pytest.raises(SystemExit, match=switch):
+      script.check_keys(["synth.steps", "kkt.beta_norm"], init)
