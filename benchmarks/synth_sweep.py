@@ -73,6 +73,29 @@ def check_keys(keys: list[str], init: str) -> None:
     )
 
 
+# Switches the recipe reads (whether the prior weights apply): set before
+# it is derived, since the derived copy has them at neutral values.
+_RECIPE_SWITCHES = ("synth.image_priors", "synth.other_priors")
+
+
+def sub_config(config, init: str, settings: list[tuple[str, object]]):
+  """The config a grid point runs: the recipe the report's sub-runs from
+  ``init`` run, with the point's values (synth.steps is the image recipe's
+  for --init real or other; a priors switch chooses whether the config's
+  prior weights apply)."""
+  base = ml_collections.ConfigDict(config.to_dict())
+  for key, value in settings:
+    if key in _RECIPE_SWITCHES:
+      section, field = key.split(".")
+      base[section][field] = value
+  sub = common.synthesis_recipe(base, init)
+  for key, value in settings:
+    if key not in _RECIPE_SWITCHES:
+      section, field = key.split(".")
+      sub[section][field] = value
+  return sub
+
+
 def _parse(kind: type, text: str, item: str):
   """``text`` as a value of ``kind``; booleans by name (``bool("False")``
   is True)."""
@@ -147,17 +170,11 @@ def main():
   real_rows = {}
   for k in (int(v) for v in args.ipc.split(",")):
     for values in itertools.product(*(v for _, v in grid)):
-      # The recipe the report's sub-runs from this init run; grid values
-      # replace its settings (synth.steps is the image recipe's for --init
-      # real or other).
-      sub = common.synthesis_recipe(config, args.init)
+      settings = list(zip(keys, values, strict=True))
+      sub = sub_config(config, args.init, settings)
       sub.synth.classifier = os.path.abspath(args.workdir)
       sub.synth.init = args.init
       sub.synth.num_per_class = k
-      settings = list(zip(keys, values, strict=True))
-      for key, value in settings:
-        section, field = key.split(".")
-        sub[section][field] = value
       name = "_".join([f"{args.init}_k{k}", *(f"{a}{b}" for a, b in settings)])
       dsv, record = synthesize(sub, os.path.join(args.out, name))
       sets = {"dsv": retrain_stage.set_rows(dsv, soft=False)}

@@ -51,3 +51,15 @@ def test_prior_weights_are_refused_for_image_inits():
   for init, switch in (("other", "other_priors"), ("real", "image_priors")):
     with pytest.raises(SystemExit, match=switch):
       script.check_keys(["synth.steps", "kkt.beta_norm"], init)
+
+
+def test_a_grid_point_runs_its_priors_switch_and_values():
+  script, config = _script(), configs.get_config("fashion_mnist")
+  assert config.kkt.beta_tv == 1.0 and not config.synth.other_priors
+  off = script.sub_config(config, "other", [("synth.steps", 50)])
+  assert (off.kkt.beta_tv, off.kkt.beta_norm, off.synth.steps) == (0, 0, 50)
+  on = script.sub_config(
+    config, "other", [("synth.other_priors", True), ("synth.lr_x", 0.05)]
+  )
+  assert (on.kkt.beta_tv, on.kkt.beta_norm) == (1.0, 1.0)
+  assert (on.synth.steps, on.synth.lr_x) == (config.synth.other_steps, 0.05)
