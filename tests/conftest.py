@@ -23,6 +23,8 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 _HAVE_TORCH = all(
   importlib.util.find_spec(m) is not None for m in ("torch", "torchvision")
 )
@@ -40,3 +42,21 @@ def torch_required():
   if os.environ.get("DSV_REQUIRE_TORCH") == "1":
     pytest.fail("DSV_REQUIRE_TORCH=1 but torch/torchvision are not installed.")
   pytest.skip("torch/torchvision (the [torch] extra) are not installed")
+
+
+@pytest.fixture(scope="session")
+def repo_module():
+  """Loads a repository file outside the package (a benchmark script, a
+  config under configs/) as a module: ``repo_module("benchmarks",
+  "reconstruct.py")``. Each call executes the file afresh."""
+
+  def load(*parts: str):
+    name = os.path.splitext("_".join(parts))[0]
+    spec = importlib.util.spec_from_file_location(
+      name, os.path.join(REPO, *parts)
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+  return load

@@ -5,28 +5,24 @@ of the suite; this checks only that its anchors match the code exactly once
 and that the tests it names exist.
 """
 
-import importlib.util
 import os
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _script():
-  path = os.path.join(REPO, "benchmarks", "mutation_check.py")
-  spec = importlib.util.spec_from_file_location("mutation_check", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+@pytest.fixture(scope="module")
+def script(repo_module):
+  return repo_module("benchmarks", "mutation_check.py")
 
 
-def test_every_mutation_still_applies():
-  script = _script()
+def test_every_mutation_still_applies(script):
   assert script.problems(REPO) == []
   assert len(script.MUTATIONS) >= 19  # Issue 15's nine and ten more.
 
 
-def test_a_stale_mutation_is_reported(tmp_path):
-  script = _script()
+def test_a_stale_mutation_is_reported(script, tmp_path):
   (tmp_path / "a.py").write_text("x = 1\nx = 1\n")
   (tmp_path / "a_test.py").write_text("def test_a():\n  pass\n")
   stale = [

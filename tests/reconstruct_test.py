@@ -2,9 +2,7 @@
 tiny setting, and the baseline's default multipliers on a trained
 homogeneous MLP."""
 
-import importlib.util
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -13,28 +11,15 @@ import pytest
 
 from dsv_jax import baseline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _load(name, *parts):
-  spec = importlib.util.spec_from_file_location(
-    name, os.path.join(REPO, *parts)
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+@pytest.fixture(scope="module")
+def script(repo_module):
+  return repo_module("benchmarks", "reconstruct.py")
 
 
 @pytest.fixture(scope="module")
-def script():
-  return _load("reconstruct", "benchmarks", "reconstruct.py")
-
-
-@pytest.fixture(scope="module")
-def tiny_config():
-  return _load("reconstruct_config", "configs", "reconstruct.py").get_config(
-    "tiny"
-  )
+def tiny_config(repo_module):
+  return repo_module("configs", "reconstruct.py").get_config("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -1,26 +1,18 @@
 """benchmarks/synth_sweep.py reads its grid values in the config's types."""
 
-import importlib.util
-import os
-
 import pytest
 
 from dsv_jax import configs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+@pytest.fixture(scope="module")
+def script(repo_module):
+  return repo_module("benchmarks", "synth_sweep.py")
 
 
-def _script():
-  path = os.path.join(REPO, "benchmarks", "synth_sweep.py")
-  spec = importlib.util.spec_from_file_location("synth_sweep", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_grid_values_take_the_config_types():
+def test_grid_values_take_the_config_types(script):
   config = configs.get_config("digits")
-  grid = _script().parse_grid(
+  grid = script.parse_grid(
     [
       "synth.other_priors=False,true,0,1",
       "synth.steps=50,200",
@@ -36,16 +28,15 @@ def test_grid_values_take_the_config_types():
   assert [type(v) for v in grid[1][1]] == [int, int]
 
 
-def test_bad_grid_items_are_refused():
-  script, config = _script(), configs.get_config("digits")
+def test_bad_grid_items_are_refused(script):
+  config = configs.get_config("digits")
   with pytest.raises(SystemExit, match="not true or false"):
     script.parse_grid(["synth.other_priors=maybe"], config)
   with pytest.raises(SystemExit, match="not a config.synth or kkt key"):
     script.parse_grid(["train.steps=5"], config)
 
 
-def test_prior_weights_are_refused_for_image_inits():
-  script = _script()
+def test_prior_weights_are_refused_for_image_inits(script):
   script.check_keys(["kkt.beta_tv", "kkt.beta_norm"], "noise")
   script.check_keys(["synth.other_priors"], "other")
   for init, switch in (("other", "other_priors"), ("real", "image_priors")):
@@ -53,8 +44,8 @@ def test_prior_weights_are_refused_for_image_inits():
       script.check_keys(["synth.steps", "kkt.beta_norm"], init)
 
 
-def test_a_grid_point_runs_its_priors_switch_and_values():
-  script, config = _script(), configs.get_config("fashion_mnist")
+def test_a_grid_point_runs_its_priors_switch_and_values(script):
+  config = configs.get_config("fashion_mnist")
   assert config.kkt.beta_tv == 1.0 and not config.synth.other_priors
   off = script.sub_config(config, "other", [("synth.steps", 50)])
   assert (off.kkt.beta_tv, off.kkt.beta_norm, off.synth.steps) == (0, 0, 50)
