@@ -73,26 +73,33 @@ def check_keys(keys: list[str], init: str) -> None:
     )
 
 
-# Switches the recipe reads (whether the prior weights apply): set before
-# it is derived, since the derived copy has them at neutral values.
-_RECIPE_SWITCHES = ("synth.image_priors", "synth.other_priors")
+# For an image init, synth.steps / synth.lr_x of a grid point are its
+# recipe's own keys: the synthesize stage derives the recipe from them
+# (common.synthesis_recipe), as it does for the report's sub-runs.
+_RECIPE_KEYS = {
+  "real": {
+    "synth.steps": "synth.image_steps",
+    "synth.lr_x": "synth.image_lr_x",
+  },
+  "other": {
+    "synth.steps": "synth.other_steps",
+    "synth.lr_x": "synth.other_lr_x",
+  },
+}
 
 
 def sub_config(config, init: str, settings: list[tuple[str, object]]):
-  """The config a grid point runs: the recipe the report's sub-runs from
-  ``init`` run, with the point's values (synth.steps is the image recipe's
+  """The config a grid point runs, in the form the report's sub-runs pass
+  to the synthesize stage: not yet derived, so the stage derives ``init``'s
+  recipe from it once (deriving twice would reset a priors switch to its
+  neutral value). synth.steps and synth.lr_x set the image recipe's keys
   for --init real or other; a priors switch chooses whether the config's
-  prior weights apply)."""
-  base = ml_collections.ConfigDict(config.to_dict())
+  prior weights apply."""
+  sub = ml_collections.ConfigDict(config.to_dict())
   for key, value in settings:
-    if key in _RECIPE_SWITCHES:
-      section, field = key.split(".")
-      base[section][field] = value
-  sub = common.synthesis_recipe(base, init)
-  for key, value in settings:
-    if key not in _RECIPE_SWITCHES:
-      section, field = key.split(".")
-      sub[section][field] = value
+    section, field = _RECIPE_KEYS.get(init, {}).get(key, key).split(".")
+    sub[section][field] = value
+  sub.synth.init = init
   return sub
 
 
@@ -173,7 +180,6 @@ def main():
       settings = list(zip(keys, values, strict=True))
       sub = sub_config(config, args.init, settings)
       sub.synth.classifier = os.path.abspath(args.workdir)
-      sub.synth.init = args.init
       sub.synth.num_per_class = k
       name = "_".join([f"{args.init}_k{k}", *(f"{a}{b}" for a, b in settings)])
       dsv, record = synthesize(sub, os.path.join(args.out, name))

@@ -3,6 +3,7 @@
 import pytest
 
 from dsv_jax import configs
+from dsv_jax.experiment import common
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +46,33 @@ def test_prior_weights_are_refused_for_image_inits(script):
 
 
 def test_a_grid_point_runs_its_priors_switch_and_values(script):
+  """What the synthesize stage runs for a grid point (it derives the
+  recipe itself, `common.synthesis_recipe`), for both image inits."""
   config = configs.get_config("fashion_mnist")
   assert config.kkt.beta_tv == 1.0 and not config.synth.other_priors
-  off = script.sub_config(config, "other", [("synth.steps", 50)])
-  assert (off.kkt.beta_tv, off.kkt.beta_norm, off.synth.steps) == (0, 0, 50)
-  on = script.sub_config(
-    config, "other", [("synth.other_priors", True), ("synth.lr_x", 0.05)]
+
+  def runs(init, settings):
+    eff = common.synthesis_recipe(
+      script.sub_config(config, init, settings), init
+    )
+    return eff.kkt.beta_tv, eff.kkt.beta_norm, eff.synth.steps, eff.synth.lr_x
+
+  assert script.sub_config(config, "other", []).synth.init == "other"
+  other = (config.synth.other_steps, config.synth.other_lr_x)
+  assert runs("other", []) == (0, 0, *other)
+  assert runs("other", [("synth.steps", 50)]) == (0, 0, 50, other[1])
+  assert runs(
+    "other", [("synth.other_priors", True), ("synth.lr_x", 0.05)]
+  ) == (1.0, 1.0, other[0], 0.05)
+  assert runs("real", [("synth.lr_x", 0.1)]) == (
+    0,
+    0,
+    config.synth.image_steps,
+    0.1,
   )
-  assert (on.kkt.beta_tv, on.kkt.beta_norm) == (1.0, 1.0)
-  assert (on.synth.steps, on.synth.lr_x) == (config.synth.other_steps, 0.05)
+  assert runs("noise", [("synth.steps", 7), ("kkt.beta_tv", 3.0)]) == (
+    3.0,
+    1.0,
+    7,
+    config.synth.lr_x,
+  )
