@@ -52,10 +52,10 @@ def get_config(arg: str | None = None):
   # Selection over the 54,000 training images: 90 s per FISTA iteration on
   # 2 idle cores, so progress and a checkpoint every iteration. 40
   # iterations: the ranking by contribution settles by the second, but the
-  # paper's ranking by lambda only by the fortieth (its top-k per class at
-  # 10 shares under 2% with 40, at 39 96-100%; docs/method.md, choices: the
-  # Fashion-MNIST pipeline's budget). Raising select.max_iters resumes a
-  # finished fit.
+  # paper's ranking by lambda has not at the tenth (its top-k per class
+  # there shares under 2% with the fortieth, while the 39th and 40th share
+  # 96-100%; benchmarks/docs/select.md, ranking_stability). Raising
+  # select.max_iters resumes a finished fit.
   c.select.max_iters = 40
   c.select.log_every = 1
   c.select.ckpt_every = 1
